@@ -1,0 +1,241 @@
+"""The ``dissect`` command: ``dissect MODEL [options]`` plus subcommands (layers, plugins, backends, ...).
+
+Plugins add subcommands through the ``dissect_register_commands(cli)`` hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from . import __version__
+from .core.errors import DissectionError
+
+log = logging.getLogger("netdissection")
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+class _RunByDefault(click.Group):
+    """``dissect MODEL ...`` means ``dissect run MODEL ...`` unless MODEL names a subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+class _Rate(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:6.1f} images/s" if speed else "   ... images/s", style="cyan")
+
+
+class RichProgress:
+    """The passes' progress as rich bars on stderr: images done, images/s, ETA."""
+
+    def __init__(self, console: Console) -> None:
+        self._progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                                  _Rate(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                  console=console, transient=False)
+        self._task: Any = None
+
+    def start(self, name: str, total: int) -> None:
+        self._progress.start()
+        self._task = self._progress.add_task(name, total=total)
+
+    def advance(self, images: int) -> None:
+        self._progress.advance(self._task, images)
+
+    def finish(self) -> None:
+        self._progress.stop()
+
+
+def _split(values: Sequence[str]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(message)s", handlers=[handler], force=True)
+
+
+@click.group(cls=_RunByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="netdissection")
+def cli() -> None:
+    """Network Dissection: label the units of a vision network with human concepts.
+
+    \b
+      dissect MODEL [options]      dissect a model (same as: dissect run MODEL)
+      dissect layers MODEL         list the layers of a model
+      dissect plugins              list installed plugins
+    """
+
+
+@cli.command("run")
+@click.argument("model")
+@click.option("--backend", help="Backend that loads MODEL (default: detected; see `dissect backends`).")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict or checkpoint file.")
+@click.option("--pretrained", is_flag=True, help="Use the framework's own pretrained weights (needs a network).")
+@click.option("--dataset", help="Concept dataset folder (Broden format, ...). Default: a built-in generated set.")
+@click.option("--dataset-format", help="Dataset format, when it cannot be detected.")
+@click.option("--layer", "layers", multiple=True, help="Layer to dissect (repeatable). Default: the last "
+              "layer with a spatial map.")
+@click.option("--categories", multiple=True, help="Comma-separated categories to use (default: all).")
+@click.option("--quantile", "quantile", type=float, default=0.005, show_default=True,
+              help="Top fraction q: each unit's threshold is its (1 - q) activation quantile.")
+@click.option("--compat", type=click.Choice(["paper", "lite"]), default="paper", show_default=True,
+              help="'lite' reproduces NetDissect-Lite's numbers.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: dissection/MODEL).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--workers", type=int, help="Data loading processes (default: cores - 1, at most 4).")
+@click.option("--top-k", type=int, default=10, show_default=True, help="Top images kept per unit.")
+@click.option("--report", "reporters", multiple=True, help="Report writers to run (default: all defaults).")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images or labels instead of stopping.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def run_command(model: str, backend: str | None, weights: str | None, pretrained: bool, dataset: str | None,
+                dataset_format: str | None, layers: tuple[str, ...], categories: tuple[str, ...],
+                quantile: float, compat: str, out: str | None, batch_size: int, device: str,
+                workers: int | None, top_k: int, reporters: tuple[str, ...], skip_bad: bool,
+                verbose: int) -> None:
+    """Dissect MODEL: a model name (resnet18, ...) or a model file."""
+    from .core.run import dissect
+
+    _setup_logging(verbose + 1)
+    out_dir = Path(out) if out else Path("dissection") / _safe_stem(model)
+    started = time.perf_counter()
+    result = dissect(model, backend=backend, dataset=dataset, dataset_format=dataset_format,
+                     layers=list(layers) or None, categories=_split(categories) or None, quantile=quantile,
+                     compat=compat, out=out_dir, batch_size=batch_size, device=device, workers=workers,
+                     weights=weights, pretrained=pretrained, top_k=top_k, reporters=list(reporters) or None,
+                     skip_bad=skip_bad, progress=RichProgress(err_console), host=_host())
+    from .summary import print_summary
+
+    print_summary(out_console, result, out_dir, time.perf_counter() - started)
+
+
+def _safe_stem(model: str) -> str:
+    from .core.files import layer_dirnames
+
+    return layer_dirnames([Path(model).stem if Path(model).suffix else model])[
+        Path(model).stem if Path(model).suffix else model]
+
+
+@cli.command("layers")
+@click.argument("model")
+@click.option("--backend", help="Backend that loads MODEL (default: detected).")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict or checkpoint file.")
+@click.option("--all", "show_all", is_flag=True, help="Also list layers without a spatial map.")
+def layers_command(model: str, backend: str | None, weights: str | None, show_all: bool) -> None:
+    """List the layers of MODEL that can be dissected, with their output shapes."""
+    from .core.run import make_backend
+    from .core.types import BackendOptions
+
+    _setup_logging(0)
+    name, model_backend = make_backend(_host(), model, backend, BackendOptions(weights=weights))
+    infos = model_backend.layers()
+    spatial = [i for i in infos if i.spatial]
+    default = spatial[-1].name if spatial else None
+    table = Table(title=f"{model} ({name} backend)")
+    table.add_column("layer")
+    table.add_column("kind")
+    table.add_column("units", justify="right")
+    table.add_column("map (h × w)", justify="right")
+    for info in infos if show_all else spatial:
+        grid = f"{info.shape[1]} × {info.shape[2]}" if info.spatial else "-"
+        marker = "  (default)" if info.name == default else ""
+        table.add_row(info.name + marker, info.kind, str(info.shape[0]) if info.shape else "-", grid)
+    out_console.print(table)
+
+
+@cli.command("plugins")
+def plugins_command() -> None:
+    """List every plugin, its version, what it provides, and any load error."""
+    host = _host()
+    table = Table(title="netdissection plugins")
+    for column in ("plugin", "from", "version", "provides", "status"):
+        table.add_column(column)
+    for p in host.plugins:
+        status = Text("error: " + p.error, style="red") if p.error else Text("ok", style="green")
+        table.add_row(p.name, p.source, p.version, "\n".join(p.provides) or "-", status)
+    out_console.print(table)
+
+
+@cli.command("backends")
+def backends_command() -> None:
+    """List the backends and what each accepts."""
+    host = _host()
+    table = Table(title="backends (detection asks plugins in reverse registration order)")
+    for column in ("backend", "plugin", "accepts"):
+        table.add_column(column)
+    for entry in host.catalog("backend"):
+        table.add_row(entry.name, entry.plugin, str(entry.metadata.get("accepts", entry.description)))
+    out_console.print(table)
+
+
+_HOST: Any = None
+
+
+def _host() -> Any:
+    global _HOST
+    if _HOST is None:
+        from .registry import build_host
+
+        _HOST = build_host()
+    return _HOST
+
+
+def build_cli() -> click.Group:
+    """The command group with every plugin's subcommands added."""
+    host = _host()
+    host.hook.dissect_register_commands(cli=cli)
+    return cli
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit status 2."""
+    global _HOST
+    _HOST = None
+    try:
+        group = build_cli()
+        group.main(args=list(argv) if argv is not None else None, prog_name="dissect", standalone_mode=False)
+    except DissectionError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: no result was written")
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,67 @@
+"""A per-layer activation cache at layer resolution: raw float32 records on disk, one per image.
+
+The IoU pass needs every raw map again once the thresholds are known. Recomputing them would cost
+a second forward pass; keeping them in memory would grow with the dataset. Records are written
+and read with plain positioned I/O, so the process's memory stays flat whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class ActivationCache:
+    """Fixed-size records of ``(units, h, w)`` float32, addressed by dataset index."""
+
+    def __init__(self, path: Path, images: int) -> None:
+        self.path = path
+        self.images = images
+        self.record_shape: tuple[int, int, int] | None = None
+        self.present = np.zeros(images, dtype=bool)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    @property
+    def record_bytes(self) -> int:
+        assert self.record_shape is not None
+        return 4 * int(np.prod(self.record_shape))
+
+    def write(self, indices: np.ndarray, activations: torch.Tensor) -> None:
+        shape = tuple(activations.shape[1:])
+        if self.record_shape is None:
+            self.record_shape = shape  # type: ignore[assignment]
+        elif shape != self.record_shape:
+            raise ValueError(f"activation maps changed shape from {self.record_shape} to {shape}")
+        data = activations.detach().to("cpu", torch.float32).contiguous().numpy()
+        for run_start, run_stop in _runs(indices):
+            chunk = data[run_start:run_stop]
+            os.pwrite(self._fd, chunk.tobytes(), int(indices[run_start]) * self.record_bytes)
+        self.present[indices] = True
+
+    def read(self, indices: np.ndarray) -> torch.Tensor:
+        assert self.record_shape is not None
+        out = np.empty((len(indices), *self.record_shape), dtype=np.float32)
+        for run_start, run_stop in _runs(indices):
+            count = run_stop - run_start
+            raw = os.pread(self._fd, count * self.record_bytes, int(indices[run_start]) * self.record_bytes)
+            out[run_start:run_stop] = np.frombuffer(raw, dtype=np.float32).reshape(count, *self.record_shape)
+        return torch.from_numpy(out)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.path.unlink(missing_ok=True)
+
+
+def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
+    """Split positions into runs of consecutive dataset indices: one system call per run."""
+    if len(indices) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(indices)]])
+    return list(zip(starts.tolist(), stops.tolist(), strict=True))

@@ -1,0 +1,42 @@
+"""Errors a user can fix. The CLI prints their message on one line and exits with status 2."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class DissectionError(Exception):
+    """A mistake in the user's input: the message names the thing and the fix."""
+
+
+class UnknownNameError(DissectionError, KeyError):
+    """A name that no catalog, model zoo or graph knows; the message suggests close matches."""
+
+    def __init__(self, kind: str, name: str, known: Iterable[str], hint: str = "") -> None:
+        known = list(known)
+        self.kind, self.name, self.known = kind, name, known
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+        if not close:
+            # Prefix and substring matches catch "layer" → "layer1", "layer2", ... where difflib scores low.
+            close = [k for k in known if name.lower() in k.lower()][:5]
+        message = f"unknown {kind} {name!r}"
+        if close:
+            message += f"; did you mean {', '.join(repr(c) for c in close)}?"
+        elif hint:
+            message += f"; {hint}"
+        elif len(known) <= 12:
+            message += f"; known: {', '.join(known) or '(none)'}"
+        super().__init__(message)
+
+    def __str__(self) -> str:  # KeyError would add quotes around the message
+        return str(self.args[0])
+
+
+class MissingExtraError(DissectionError):
+    """A component needs an optional dependency that is not installed."""
+
+    def __init__(self, component: str, package: str, extra: str) -> None:
+        super().__init__(
+            f"{component} needs the package {package!r}; install it with: pip install 'netdissection[{extra}]'"
+        )

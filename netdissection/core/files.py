@@ -1,0 +1,45 @@
+"""Writing results so that a run stopped half way leaves nothing that looks complete."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``path`` through a temporary sibling renamed into place only once it is complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def layer_dirnames(layers: Iterable[str]) -> dict[str, str]:
+    """A folder name per layer: characters unsafe in paths become ``_``; collisions get a suffix."""
+    names: dict[str, str] = {}
+    used: set[str] = set()
+    for layer in layers:
+        base = _UNSAFE.sub("_", layer).strip("._") or "layer"
+        name, i = base, 2
+        while name in used:
+            name, i = f"{base}_{i}", i + 1
+        used.add(name)
+        names[layer] = name
+    return names

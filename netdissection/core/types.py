@@ -1,0 +1,183 @@
+"""Plain data the host and the plugins exchange: concepts, samples, layers, results."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: The six Broden categories, in Broden's ``category.csv`` order.
+BRODEN_CATEGORIES = ("object", "part", "scene", "material", "texture", "color")
+
+#: A unit is a detector when its best IoU reaches this (the report rule).
+DETECTOR_IOU = 0.04
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One concept of a dataset: its global label number, name and categories.
+
+    ``category`` is the primary category (the one with the largest coverage); ``categories``
+    lists every category the label occurs in, in the dataset's category order.
+    """
+
+    number: int
+    name: str
+    category: str
+    categories: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The concepts of a dataset and its (selected) categories, in report order."""
+
+    categories: tuple[str, ...]
+    concepts: tuple[Concept, ...]
+
+    def __post_init__(self) -> None:
+        numbers = [c.number for c in self.concepts]
+        if len(set(numbers)) != len(numbers):
+            raise ValueError("concept numbers must be unique")
+        if any(n <= 0 for n in numbers):
+            raise ValueError("concept numbers start at 1; 0 means unlabelled")
+        unknown = {c.category for c in self.concepts} - set(self.categories)
+        if unknown:
+            raise ValueError(f"concepts name categories not in the vocabulary: {sorted(unknown)}")
+
+    @property
+    def size(self) -> int:
+        """One more than the largest label number: the length of per-label arrays (index = number)."""
+        return 1 + max((c.number for c in self.concepts), default=0)
+
+    def names(self) -> list[str]:
+        """Name per label number ('' for numbers that are not concepts)."""
+        names = [""] * self.size
+        for c in self.concepts:
+            names[c.number] = c.name
+        return names
+
+    def primary_category_index(self) -> np.ndarray:
+        """Index into ``categories`` of each label number's primary category; -1 for non-concepts."""
+        index = np.full(self.size, -1, dtype=np.int64)
+        position = {name: i for i, name in enumerate(self.categories)}
+        for c in self.concepts:
+            index[c.number] = position[c.category]
+        return index
+
+    def by_number(self) -> dict[int, Concept]:
+        return {c.number: c for c in self.concepts}
+
+
+@dataclass
+class Sample:
+    """One image of a concept dataset with its labels, as the scheduler consumes it.
+
+    ``image`` is RGB uint8 ``(H, W, 3)`` at its stored size. ``layers`` holds every pixel label
+    layer of the selected categories, ``(K, sh, sw)`` global label numbers (0 = unlabelled; K may
+    be 0). ``image_labels`` are image-level labels (scene, texture) that cover every pixel.
+    Either part may be ``None`` when the caller asked only for the other.
+    """
+
+    index: int
+    image: np.ndarray | None
+    layers: np.ndarray | None
+    image_labels: tuple[int, ...]
+    label_shape: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer a backend can dissect. ``shape`` is ``(channels, h, w)`` for spatial maps."""
+
+    name: str
+    kind: str  # "conv" (N, C, h, w), "tokens" (reshaped to a grid), "channels_last", or "vector"
+    shape: tuple[int, ...]
+
+    @property
+    def spatial(self) -> bool:
+        return self.kind != "vector" and len(self.shape) == 3
+
+    @property
+    def units(self) -> int:
+        return self.shape[0]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a backend wants its images: size hint, normalisation and channel order."""
+
+    size: tuple[int, int] | None = None
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    channel_order: str = "RGB"
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What the user said about the model; each backend uses the options that apply to it."""
+
+    weights: str | None = None
+    device: str = "cpu"
+    pretrained: bool = False
+    input_size: tuple[int, int] | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    bgr: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """A named component a plugin registered (shown by ``dissect plugins``)."""
+
+    kind: str
+    name: str
+    plugin: str
+    description: str = ""
+
+
+@dataclass
+class TopImages:
+    """Per unit, the k images with the largest maximum activation (collected in the activation pass).
+
+    ``indices`` and ``scores`` are ``(units, k)`` sorted by descending score (index -1 = empty slot);
+    ``maps`` are the raw activation maps ``(units, k, h, w)`` the report draws masks from.
+    """
+
+    indices: np.ndarray
+    scores: np.ndarray
+    maps: np.ndarray
+
+
+@dataclass
+class LayerResult:
+    """Everything the protocol computes for one layer; every derived number comes from these counts."""
+
+    layer: str
+    vocabulary: Vocabulary
+    thresholds: np.ndarray  # (U,) float64
+    intersection: np.ndarray  # I[u, l]  (U, L) int64
+    truth: np.ndarray  # G[l]     (L,)   int64
+    activation: np.ndarray  # A[u, c]  (U, C) int64, C = len(vocabulary.categories)
+    top_images: TopImages | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def units(self) -> int:
+        return int(self.thresholds.shape[0])
+
+
+@dataclass
+class RunResult:
+    """The results of one run: per layer, in the requested order, and the provenance."""
+
+    layers: dict[str, LayerResult]
+    provenance: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+    images: int = 0
+    written: list[str] = field(default_factory=list)
+
+    def layer_names(self) -> Sequence[str]:
+        return list(self.layers)

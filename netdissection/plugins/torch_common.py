@@ -1,0 +1,152 @@
+"""What every torch-based backend shares: safe checkpoint loading, layer probing, hooked forward passes."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.errors import DissectionError, UnknownNameError
+from ..core.types import LayerInfo
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a checkpoint file, loaded as untrusted data (``weights_only=True``).
+
+    Accepts a bare state dict or the usual wrappers (``state_dict``, ``model``, ``model_state``),
+    and strips the ``module.`` prefix DataParallel adds.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DissectionError(f"weights file {p} does not exist")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DissectionError(f"weights file {p} cannot be read as a torch checkpoint: "
+                              f"{str(exc).splitlines()[0]}") from None
+    for key in ("state_dict", "model", "model_state", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DissectionError(f"weights file {p} holds no state dict of tensors")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_weights(model: nn.Module, path: str | Path, model_name: str) -> None:
+    """Load a checkpoint strictly, with an error that says how far it is from fitting."""
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} of another shape (e.g. {mismatched[0]})")
+        raise DissectionError(f"checkpoint {path} does not fit {model_name}: keys {', '.join(parts)}; "
+                              "is it a checkpoint of this architecture?")
+    model.load_state_dict(state, strict=True)
+
+
+def _kind(output: Any) -> tuple[str, tuple[int, ...]] | None:
+    if not isinstance(output, torch.Tensor):
+        return None
+    shape = tuple(output.shape[1:])
+    if output.ndim == 4:
+        return "conv", shape
+    return "vector", shape
+
+
+class HookedModel:
+    """A torch module whose named submodules' outputs can be captured in one forward pass.
+
+    The forward pass stops as soon as the last call of every requested module has happened, so an
+    early layer does not pay for the rest of the network.
+    """
+
+    def __init__(self, model: nn.Module, probe_input: torch.Tensor) -> None:
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.modules.pop("", None)
+        self.calls: dict[str, int] = {}
+        self.infos: list[LayerInfo] = []
+        self._probe(probe_input)
+
+    def _probe(self, x: torch.Tensor) -> None:
+        order: list[str] = []
+        outputs: dict[str, Any] = {}
+
+        def hook(name: str):  # type: ignore[no-untyped-def]
+            def record(_m: nn.Module, _i: Any, out: Any) -> None:
+                self.calls[name] = self.calls.get(name, 0) + 1
+                if name in outputs:
+                    order.remove(name)
+                order.append(name)  # completion order; a reused module counts where it was last called
+                outputs[name] = out
+            return record
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
+        try:
+            with torch.inference_mode():
+                self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        for name in order:
+            kind = _kind(outputs[name])
+            if kind is not None:
+                self.infos.append(LayerInfo(name, kind[0], kind[1]))
+
+    def layer_names(self) -> list[str]:
+        return [i.name for i in self.infos]
+
+    def check(self, layers: Sequence[str], model_name: str) -> None:
+        known = self.layer_names()
+        for layer in layers:
+            if layer not in known:
+                raise UnknownNameError(f"layer of {model_name}", layer, known,
+                                       hint=f"list them with: dissect layers {model_name}")
+
+    def forward(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        captured: dict[str, torch.Tensor] = {}
+        remaining = {name: self.calls.get(name, 1) for name in layers}
+
+        class _Done(Exception):
+            pass
+
+        def hook(name: str):  # type: ignore[no-untyped-def]
+            def record(_m: nn.Module, _i: Any, out: Any) -> None:
+                captured[name] = out
+                remaining[name] -= 1
+                if all(v <= 0 for v in remaining.values()):
+                    raise _Done
+            return record
+
+        handles = [self.modules[name].register_forward_hook(hook(name)) for name in set(layers)]
+        try:
+            self.model(x)
+        except _Done:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: captured[name] for name in layers}
