@@ -54,10 +54,18 @@ def prepare_labels(layers: torch.Tensor, image_labels: torch.Tensor, category_of
     image_labels[(image_labels < 0) | (image_labels >= size)] = 0
     image_labels[category_of[image_labels] < 0] = 0
     if semantics == "paper":
-        for later in range(1, k):  # a pixel counts once for a label however many layers give it
+        # A pixel counts once for a label however many layers give it, and an image-level label
+        # already covers every pixel.
+        for later in range(1, k):
             for earlier in range(later):
                 same = flat[:, later] == flat[:, earlier]
                 flat[:, later][same] = 0
+        j = image_labels.shape[1]
+        for later in range(j):
+            level = image_labels[:, later]
+            for earlier in range(later):
+                level[level == image_labels[:, earlier]] = 0
+            flat[flat == level.view(n, 1, 1)] = 0
 
     truth = torch.bincount(flat.reshape(-1), minlength=size)
     truth += torch.bincount(image_labels.reshape(-1), minlength=size) * (sh * sw)
