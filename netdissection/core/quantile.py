@@ -35,7 +35,7 @@ def quantile_from_top(top_ascending: np.ndarray, n: int, level: float, method: s
     ``values_needed`` reports). Uses numpy's lerp, including its rounding-symmetric form for
     weights ≥ 0.5, so the result is bit-identical to ``numpy.quantile``.
     """
-    rows, k = top_ascending.shape
+    _rows, k = top_ascending.shape
     if k < values_needed(n, level, method):
         raise ValueError(f"{k} top values cannot give the quantile of {n} values")
     v = virtual_index(n, level, method)
@@ -67,7 +67,7 @@ class StreamingTopK:
 
     def update(self, activations: torch.Tensor) -> None:
         """Take ``(N, units, h, w)`` activations (any spatial size)."""
-        n, units = activations.shape[:2]
+        _n, units = activations.shape[:2]
         if units != self.units:
             raise ValueError(f"expected {self.units} units, got {units}")
         flat = activations.detach().transpose(0, 1).reshape(units, -1).float()

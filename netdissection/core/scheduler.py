@@ -105,7 +105,7 @@ def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = No
     seconds: dict[str, float] = {}
     states = {name: _LayerState(name) for name in plan.layers}
 
-    with tempfile.TemporaryDirectory(prefix="netdissection-cache-", dir=plan.work_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".netdissection-cache-", dir=plan.work_dir) as tmp:
         # ---- Pass 1: activations → thresholds (streaming), top images, cache.
         start = time.perf_counter()
         progress.start("activations", total)

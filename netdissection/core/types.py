@@ -97,7 +97,8 @@ class LayerInfo:
 
     @property
     def spatial(self) -> bool:
-        return self.kind != "vector" and len(self.shape) == 3
+        """A map with more than one position (a globally pooled 1×1 output is not spatial)."""
+        return self.kind != "vector" and len(self.shape) == 3 and self.shape[1] * self.shape[2] > 1
 
     @property
     def units(self) -> int:

@@ -138,6 +138,12 @@ def _pixel_level(root: Path, categories: Sequence[str]) -> set[str]:
     return found
 
 
+def _decode_problem(exc: Exception, path: Path) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a readable image file"
+    return str(exc).replace(str(path), "").strip(" :'") or type(exc).__name__
+
+
 def decode_label_png(path: Path, expected: tuple[int, int]) -> np.ndarray:
     """A Broden label PNG → ``(sh, sw)`` int32 label numbers (R + 256·G)."""
     try:
@@ -146,8 +152,8 @@ def decode_label_png(path: Path, expected: tuple[int, int]) -> np.ndarray:
             rgb = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DissectionError(f"label image {path} is missing") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DissectionError(f"label image {path} is corrupt: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DissectionError(f"label image {path} is corrupt: {_decode_problem(exc, path)}") from None
     if rgb.shape[:2] != expected:
         raise DissectionError(f"label image {path} is {rgb.shape[0]}×{rgb.shape[1]} (h×w) but index.csv says "
                               f"{expected[0]}×{expected[1]}")
@@ -162,8 +168,8 @@ def decode_image(path: Path, expected: tuple[int, int] | None = None) -> np.ndar
             rgb = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DissectionError(f"image {path} is missing") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DissectionError(f"image {path} is corrupt: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DissectionError(f"image {path} is corrupt: {_decode_problem(exc, path)}") from None
     if expected is not None and rgb.shape[:2] != expected:
         raise DissectionError(f"image {path} is {rgb.shape[0]}×{rgb.shape[1]} (h×w) but index.csv says "
                               f"{expected[0]}×{expected[1]}")

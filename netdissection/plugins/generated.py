@@ -12,7 +12,7 @@ Layout written (see ``generate_concept_set``)::
 
 Label PNGs are RGB with ``number = R + 256 * G`` (B = 0), the global number of ``label.csv``; 0 means
 unlabelled. The six categories are all present in any set of at least 3 images (the first images cycle
-through the kinds deterministically), every label is present in any set of at least 9 images.
+through the kinds deterministically), and every label in any set of at least 9 images of 32 px or more.
 """
 
 from __future__ import annotations

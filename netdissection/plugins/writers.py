@@ -64,3 +64,19 @@ def dissect_register_reporters(register) -> None:  # type: ignore[no-untyped-def
     register("tally", TallyWriter, description="<layer>/tally.csv in NetDissect's columns", default=True)
     register("thresholds", ThresholdsWriter, description="<layer>/thresholds.csv (unit,threshold)",
              default=True)
+
+
+def read_tally(path: Path) -> tuple[list[str], list]:  # type: ignore[type-arg]
+    """Read any NetDissect-format tally.csv: its categories (column order) and its rows as UnitScores."""
+    from ..core.scores import UnitScore
+
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        categories = [h[: -len("-label")] for h in header if h.endswith("-label")]
+        rows = [
+            UnitScore(unit=int(r["unit"]), label=r["label"], category=r["category"], score=float(r["score"]),
+                      per_category={c: (r[f"{c}-label"], float(r[f"{c}-iou"])) for c in categories})
+            for r in reader
+        ]
+    return categories, rows

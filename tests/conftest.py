@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .random_broden import write_random_broden
+
+# The tests run offline: never let a library wait on a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture
+def random_broden(tmp_path: Path) -> Callable[..., Path]:
+    """Write a random-label Broden folder under the test's tmp dir: ``random_broden(images=..)``."""
+
+    def make(name: str = "broden", **kwargs: object) -> Path:
+        return write_random_broden(tmp_path / name, **kwargs)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """Run ``dissect ARGS`` in-process; return (exit status, stdout, stderr)."""
+    from netdissection.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
