@@ -22,12 +22,12 @@ def bilinear(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
         sy = max((y + 0.5) * h / out_h - 0.5, 0.0)
         y0 = int(sy)
         y1 = min(y0 + 1, h - 1)
-        ly = sy - y0
+        ly = sy - y0 if y1 != y0 else 0.0  # a clamped edge pixel is exactly the edge value
         for x in range(out_w):
             sx = max((x + 0.5) * w / out_w - 0.5, 0.0)
             x0 = int(sx)
             x1 = min(x0 + 1, w - 1)
-            lx = sx - x0
+            lx = sx - x0 if x1 != x0 else 0.0
             out[y, x] = ((1 - ly) * ((1 - lx) * a[y0, x0] + lx * a[y0, x1])
                          + ly * ((1 - lx) * a[y1, x0] + lx * a[y1, x1]))
     return out

@@ -3,8 +3,9 @@
 Two facts make it fast and still exact:
 
 * Bilinear upsampling is a convex combination of source values, so a unit whose raw map never
-  exceeds its threshold in an image has an empty mask there. Only the (image, unit) pairs whose
-  raw maximum exceeds the threshold are upsampled at all — usually a small fraction.
+  exceeds its threshold in an image has an empty mask there, and within a map only the cells with
+  a corner above the threshold can hold mask pixels (see ``upsample.active_pixels``). Only those
+  cells are evaluated — usually a small fraction of the (image, unit, pixel) space.
 * Intersections are counted with one ``bincount`` over the label ids under the active pixels,
   keyed by (unit, label), instead of comparing masks with every concept.
 """
@@ -14,13 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from .upsample import active_pixels
 
 #: Semantics of the counts: "paper" (the protocol) or "lite" (NetDissect-Lite's numbers).
 SEMANTICS = ("paper", "lite")
 
-#: Upsampled pairs processed at once; bounds the working memory of the pass (~pairs × sh × sw × 9 B).
-PAIR_CHUNK = 512
+#: (image, unit) pairs processed at once; bounds the working memory of the pass.
+PAIR_CHUNK = 4096
 
 
 @dataclass
@@ -116,12 +118,9 @@ class IoUAccumulator:
     def _add_pairs(self, activations: torch.Tensor, labels: LabelBatch, image_idx: torch.Tensor,
                    unit_idx: torch.Tensor) -> None:
         sh, sw = labels.shape
-        maps = activations[image_idx, unit_idx].double().unsqueeze(1)
-        upsampled = F.interpolate(maps, size=(sh, sw), mode="bilinear", align_corners=False)
-        masks = upsampled.reshape(len(image_idx), sh * sw) > self.thresholds[unit_idx].unsqueeze(1)
-        area = masks.sum(dim=1)
-
-        pair, pixel = torch.nonzero(masks, as_tuple=True)
+        maps = activations[image_idx, unit_idx]
+        pair, pixel = active_pixels(maps, self.thresholds[unit_idx], sh, sw)
+        area = torch.bincount(pair, minlength=len(image_idx))
         under = labels.layers[image_idx[pair], :, pixel]  # (active pixels, K) label numbers
         owner = unit_idx[pair].unsqueeze(1).expand_as(under)
         keep = under > 0
