@@ -71,6 +71,25 @@ class RichProgress:
         self._progress.stop()
 
 
+def _numbers(value: str, count: tuple[int, ...], kind: type, what: str) -> tuple:  # type: ignore[type-arg]
+    try:
+        parts = tuple(kind(v) for v in value.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        parts = ()
+    if len(parts) not in count:
+        raise click.BadParameter(f"{value!r} is not {what}")
+    return parts
+
+
+def _size(value: str) -> tuple[int, int]:
+    parts = _numbers(value, (1, 2), int, "a size like 224 or 224,224")
+    return (parts[0], parts[0]) if len(parts) == 1 else parts  # type: ignore[return-value]
+
+
+def _triple(value: str) -> tuple[float, float, float]:
+    return _numbers(value, (3,), float, "three numbers like 0.485,0.456,0.406")  # type: ignore[return-value]
+
+
 def _split(values: Sequence[str]) -> list[str]:
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
@@ -114,23 +133,38 @@ def cli() -> None:
 @click.option("--top-k", type=int, default=10, show_default=True, help="Top images kept per unit.")
 @click.option("--report", "reporters", multiple=True, help="Report writers to run (default: all defaults).")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images or labels instead of stopping.")
+@click.option("--input-size", type=_size, metavar="H,W", help="Model input size H,W or S (models with a fixed input).")
+@click.option("--mean", type=_triple, metavar="R,G,B", help="Input normalisation mean R,G,B (default: the model's own).")
+@click.option("--std", type=_triple, metavar="R,G,B", help="Input normalisation std R,G,B (default: the model's own).")
+@click.option("--bgr", is_flag=True, help="The model takes BGR channel order.")
+@click.option("--image-column", help="Dataset image column (HuggingFace datasets).")
+@click.option("--mask-column", "mask_columns", multiple=True, help="Dataset mask column (repeatable).")
+@click.option("--split", help="Dataset split (HuggingFace datasets).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def run_command(model: str, backend: str | None, weights: str | None, pretrained: bool, dataset: str | None,
                 dataset_format: str | None, layers: tuple[str, ...], categories: tuple[str, ...],
                 quantile: float, compat: str, out: str | None, batch_size: int, device: str,
                 workers: int | None, top_k: int, reporters: tuple[str, ...], skip_bad: bool,
-                verbose: int) -> None:
+                input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
+                std: tuple[float, float, float] | None, bgr: bool, image_column: str | None,
+                mask_columns: tuple[str, ...], split: str | None, verbose: int) -> None:
     """Dissect MODEL: a model name (resnet18, ...) or a model file."""
     from .core.run import dissect
 
     _setup_logging(verbose + 1)
+    backend_options = {k: v for k, v in dict(input_size=input_size, mean=mean, std=std).items() if v is not None}
+    if bgr:
+        backend_options["bgr"] = True
+    dataset_options = {k: v for k, v in dict(image_column=image_column, split=split,
+                                              mask_columns=list(mask_columns) or None).items() if v is not None}
     out_dir = Path(out) if out else Path("dissection") / _safe_stem(model)
     started = time.perf_counter()
     result = dissect(model, backend=backend, dataset=dataset, dataset_format=dataset_format,
                      layers=list(layers) or None, categories=_split(categories) or None, quantile=quantile,
                      compat=compat, out=out_dir, batch_size=batch_size, device=device, workers=workers,
                      weights=weights, pretrained=pretrained, top_k=top_k, reporters=list(reporters) or None,
-                     skip_bad=skip_bad, progress=RichProgress(err_console), host=_host())
+                     skip_bad=skip_bad, progress=RichProgress(err_console), host=_host(),
+                     backend_options=backend_options, dataset_options=dataset_options)
     from .summary import print_summary
 
     print_summary(out_console, result, out_dir, time.perf_counter() - started)

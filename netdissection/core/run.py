@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from .errors import DissectionError, UnknownNameError
 from .files import layer_dirnames
 from .protocols import Backend, ConceptDataset
@@ -159,7 +160,7 @@ def dissect(
         return rule_entry.factory(units, values, q=quantile, compat=compat, device=device)
 
     provenance: dict[str, Any] = {
-        "netdissection": host.plugin_versions().get("writers", ""),
+        "netdissection": __version__,
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": model_name,
         "backend": backend_name,
@@ -190,7 +191,8 @@ def dissect(
             layer_result.seconds = dict(seconds)
             host.hook.dissect_layer_finish(run=provenance, result=layer_result)
         seconds["total"] = time.perf_counter() - started
-        result = RunResult(layers=layer_results, provenance=provenance, seconds=seconds, images=images)
+        result = RunResult(layers=layer_results, provenance=provenance, seconds=seconds, images=images,
+                           dataset=concept_set)
         if out is not None:
             write_reports(host, result, Path(out), reporters)
     except BaseException as exc:

@@ -179,6 +179,8 @@ class RunResult:
     seconds: dict[str, float] = field(default_factory=dict)
     images: int = 0
     written: list[str] = field(default_factory=list)
+    #: The concept dataset of the run when it is at hand (not saved; reports reopen it from provenance).
+    dataset: Any = None
 
     def layer_names(self) -> Sequence[str]:
         return list(self.layers)

@@ -181,7 +181,10 @@ class BrodenDataset:
 
     format = "broden"
 
-    def __init__(self, path: str | Path, categories: Sequence[str] | None = None) -> None:
+    def __init__(self, path: str | Path, categories: Sequence[str] | None = None, **options: Any) -> None:
+        if options:
+            names = ", ".join("--" + k.replace("_", "-") for k in options)
+            raise DissectionError(f"{names} does not apply to a Broden dataset")
         root = Path(path).expanduser()
         if not root.exists():
             raise DissectionError(f"dataset folder {root} does not exist; pass --dataset with a Broden folder "

@@ -77,10 +77,9 @@ class TorchvisionBackend:
         return list(self.hooked.infos)
 
     def input_spec(self) -> InputSpec:
-        spec = InputSpec(size=self.spatial_input)
-        if self.options.mean:
-            spec = InputSpec(size=spec.size, mean=self.options.mean, std=self.options.std or spec.std)
-        return spec
+        default = InputSpec()
+        return InputSpec(size=self.spatial_input, mean=self.options.mean or default.mean,
+                         std=self.options.std or default.std, channel_order="BGR" if self.options.bgr else "RGB")
 
     def activations(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         import torch
