@@ -52,7 +52,10 @@ class _Rate(ProgressColumn):
 
 
 class RichProgress:
-    """The passes' progress as rich bars on stderr: images done, images/s, ETA."""
+    """The passes' progress as rich bars on stderr (images done, images/s, ETA), one bar per pass.
+
+    One live display serves the whole run, so finished bars stay on screen as they were.
+    """
 
     def __init__(self, console: Console) -> None:
         self._progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
@@ -60,15 +63,21 @@ class RichProgress:
                                   console=console, transient=False)
         self._task: Any = None
 
-    def start(self, name: str, total: int) -> None:
+    def __enter__(self) -> RichProgress:
         self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def start(self, name: str, total: int) -> None:
         self._task = self._progress.add_task(name, total=total)
 
     def advance(self, images: int) -> None:
         self._progress.advance(self._task, images)
 
     def finish(self) -> None:
-        self._progress.stop()
+        self._progress.refresh()
 
 
 def _numbers(value: str, count: tuple[int, ...], kind: type, what: str) -> tuple:  # type: ignore[type-arg]
@@ -159,12 +168,13 @@ def run_command(model: str, backend: str | None, weights: str | None, pretrained
                                               mask_columns=list(mask_columns) or None).items() if v is not None}
     out_dir = Path(out) if out else Path("dissection") / _safe_stem(model)
     started = time.perf_counter()
-    result = dissect(model, backend=backend, dataset=dataset, dataset_format=dataset_format,
-                     layers=list(layers) or None, categories=_split(categories) or None, quantile=quantile,
-                     compat=compat, out=out_dir, batch_size=batch_size, device=device, workers=workers,
-                     weights=weights, pretrained=pretrained, top_k=top_k, reporters=list(reporters) or None,
-                     skip_bad=skip_bad, progress=RichProgress(err_console), host=_host(),
-                     backend_options=backend_options, dataset_options=dataset_options)
+    with RichProgress(err_console) as progress:
+        result = dissect(model, backend=backend, dataset=dataset, dataset_format=dataset_format,
+                         layers=list(layers) or None, categories=_split(categories) or None, quantile=quantile,
+                         compat=compat, out=out_dir, batch_size=batch_size, device=device, workers=workers,
+                         weights=weights, pretrained=pretrained, top_k=top_k, reporters=list(reporters) or None,
+                         skip_bad=skip_bad, progress=progress, host=_host(),
+                         backend_options=backend_options, dataset_options=dataset_options)
     from .summary import print_summary
 
     print_summary(out_console, result, out_dir, time.perf_counter() - started)

@@ -56,7 +56,7 @@ def resolve_dataset(host: Any, dataset: Any, dataset_format: str | None,
         from ..plugins.generated import default_concept_set
 
         path = default_concept_set()
-        log.warning("No --dataset given: using the built-in generated concept set at %s "
+        log.info("No --dataset given: using the built-in generated concept set at %s "
                     "(pass --dataset PATH for Broden or your own data)", path)
         return catalog.get("broden").factory(path, categories=categories, **options)
     if not isinstance(dataset, str | Path):
