@@ -123,3 +123,31 @@ def test_errors_through_the_console_script(data: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "netdissection.cli", "resnet18", "--layer", "layer9",
                            "--dataset", str(data)], capture_output=True, text=True, timeout=120)
     _one_line_error(proc.returncode, proc.stderr, "layer9")
+
+
+def test_a_run_killed_half_way_leaves_nothing_complete(tmp_path: Path) -> None:
+    """SIGKILL in the middle of the passes: no tally.csv, no summary.json; a rerun then completes."""
+    import os
+    import signal
+    import time
+
+    from netdissection.plugins.generated import generate_concept_set
+
+    data = generate_concept_set(tmp_path / "set", images=400, image_size=64, seed=0)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "netdissection.cli", "resnet18", "--dataset", str(data), "--out", str(out),
+               "--layer", "layer3", "--layer", "layer4", "--batch-size", "8", "--workers", "0"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(out.glob(".netdissection-cache-*/*")):
+        time.sleep(0.05)
+    time.sleep(0.5)  # well inside the passes
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    _no_results(out)
+    assert not list(out.rglob("thresholds.csv"))
+
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert (out / "layer3" / "tally.csv").is_file() and (out / "summary.json").is_file()

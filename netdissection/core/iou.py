@@ -49,38 +49,37 @@ def prepare_labels(layers: torch.Tensor, image_labels: torch.Tensor, category_of
     """
     n, k, sh, sw = layers.shape
     size = category_of.shape[0]
-    flat = layers.reshape(n, k, sh * sw).clone()
-    flat[(flat < 0) | (flat >= size)] = 0
-    flat[category_of[flat] < 0] = 0  # labels outside the selected vocabulary are ignored
-    image_labels = image_labels.clone()
-    image_labels[(image_labels < 0) | (image_labels >= size)] = 0
-    image_labels[category_of[image_labels] < 0] = 0
+    # Label numbers outside the vocabulary (or of unselected categories) count as unlabelled.
+    # category_of[0] is -1, so a 0 stays 0.
+    flat = layers.reshape(n, k, sh * sw)
+    flat = torch.where((flat > 0) & (flat < size), flat, 0)
+    flat = torch.where(category_of[flat] >= 0, flat, 0)
+    image_labels = torch.where((image_labels > 0) & (image_labels < size), image_labels, 0)
+    image_labels = torch.where(category_of[image_labels] >= 0, image_labels, 0)
     if semantics == "paper":
         # A pixel counts once for a label however many layers give it, and an image-level label
         # already covers every pixel.
         for later in range(1, k):
             for earlier in range(later):
-                same = flat[:, later] == flat[:, earlier]
-                flat[:, later][same] = 0
-        j = image_labels.shape[1]
-        for later in range(j):
+                flat[:, later].masked_fill_(flat[:, later] == flat[:, earlier], 0)
+        for later in range(image_labels.shape[1]):
             level = image_labels[:, later]
             for earlier in range(later):
-                level[level == image_labels[:, earlier]] = 0
-            flat[flat == level.view(n, 1, 1)] = 0
+                level.masked_fill_(level == image_labels[:, earlier], 0)
+            flat.masked_fill_(flat == level.view(n, 1, 1), 0)
 
-    truth = torch.bincount(flat.reshape(-1), minlength=size)
-    truth += torch.bincount(image_labels.reshape(-1), minlength=size) * (sh * sw)
-    truth[0] = 0
+    # Per image, how many pixels carry each label: the truth counts G and which categories it has.
+    image_of = torch.arange(n, device=layers.device).view(n, 1) * size
+    per_image = torch.bincount((flat.reshape(n, -1) + image_of).reshape(-1), minlength=n * size)
+    per_image += torch.bincount((image_labels + image_of).reshape(-1), minlength=n * size) * (sh * sw)
+    per_image = per_image.view(n, size)
+    per_image[:, 0] = 0
+    truth = per_image.sum(dim=0)
 
     # has_category[x, c]: any label of primary category c occurs in x (pixel or image level).
-    sentinel = categories  # category index for "no concept"
-    present_cats = category_of.clone()
-    present_cats[present_cats < 0] = sentinel
-    has = torch.zeros(n, categories + 1, dtype=torch.bool, device=layers.device)
-    pixel_cats = present_cats[flat.reshape(n, -1)]
-    has.scatter_(1, pixel_cats, True)
-    has.scatter_(1, present_cats[image_labels], True)
+    one_hot = torch.zeros(size, categories + 1, dtype=torch.int64, device=layers.device)
+    one_hot[torch.arange(size, device=layers.device), torch.where(category_of >= 0, category_of, categories)] = 1
+    has = (per_image > 0).long() @ one_hot > 0
     batch = LabelBatch(flat, image_labels, has[:, :categories], (sh, sw))
     return batch, truth
 

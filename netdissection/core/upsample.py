@@ -23,7 +23,7 @@ class AxisPlan:
     lower: torch.Tensor  # (cells,) source index of each cell's lower corner
     upper: torch.Tensor  # (cells,) ... and its upper corner (clamped at the edge)
     positions: torch.Tensor  # (cells, width) output positions of each cell, padded with -1
-    weights: torch.Tensor  # (cells, width) float64 weight of the upper corner at each position
+    weights: torch.Tensor  # (cells, width) float64 weight of the upper corner; NaN at padding
 
 
 @lru_cache(maxsize=64)
@@ -41,7 +41,9 @@ def axis_plan(size_in: int, size_out: int) -> AxisPlan:
     cells = torch.unique(lower)
     width = int(torch.bincount(lower).max())
     positions = torch.full((len(cells), width), -1, dtype=torch.long)
-    weights = torch.zeros((len(cells), width), dtype=torch.float64)
+    # NaN weights at padded positions make their values NaN, and NaN > threshold is False: padding
+    # never hits, with no separate validity mask to compute.
+    weights = torch.full((len(cells), width), torch.nan, dtype=torch.float64)
     for row, cell in enumerate(cells.tolist()):
         members = torch.nonzero(lower == cell).flatten()
         positions[row, : len(members)] = members
@@ -71,12 +73,12 @@ def active_pixels(maps: torch.Tensor, thresholds: torch.Tensor, out_h: int, out_
 
     wy = rows.weights.to(device)[ci][:, :, None]  # (cells, R, 1)
     wx = cols.weights.to(device)[cj][:, None, :]  # (cells, 1, C)
-    top = c00[pair, ci, cj].view(-1, 1, 1) * (1 - wx) + c01[pair, ci, cj].view(-1, 1, 1) * wx
-    bottom = c10[pair, ci, cj].view(-1, 1, 1) * (1 - wx) + c11[pair, ci, cj].view(-1, 1, 1) * wx
-    values = top * (1 - wy) + bottom * wy
-    ys = rows.positions.to(device)[ci][:, :, None]
-    xs = cols.positions.to(device)[cj][:, None, :]
-    hit = (values > thresholds[pair].view(-1, 1, 1)) & (ys >= 0) & (xs >= 0)
+    corners = [c[pair, ci, cj].view(-1, 1, 1) for c in (c00, c01, c10, c11)]
+    top = corners[0] * (1 - wx) + corners[1] * wx  # (cells, 1, C): interpolate along x first
+    bottom = corners[2] * (1 - wx) + corners[3] * wx
+    values = torch.addcmul(top, bottom - top, wy)  # then along y, in one pass over (cells, R, C)
+    hit = values > thresholds[pair].view(-1, 1, 1)
     cell, r, c = torch.nonzero(hit, as_tuple=True)
-    pixel = ys[cell, r, 0] * out_w + xs[cell, 0, c]
-    return pair[cell], pixel
+    ys = rows.positions.to(device)[ci[cell], r]
+    xs = cols.positions.to(device)[cj[cell], c]
+    return pair[cell], ys * out_w + xs
