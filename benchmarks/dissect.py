@@ -64,7 +64,7 @@ def measure_dissection(model: str, layers: list[str], images: int, size: int, ba
     import torchvision  # noqa: F401  (imports are not part of either timing)
 
     import netdissection
-    import netdissection.core.run  # noqa: F401
+    import netdissection.core.run
 
     data = _dataset(images, size)
     with tempfile.TemporaryDirectory() as out:
