@@ -220,7 +220,7 @@ def plugins_command() -> None:
     host = _host()
     table = Table(title="netdissection plugins")
     for column in ("plugin", "from", "version", "provides", "status"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # an error message must be readable whole
     for p in host.plugins:
         status = Text("error: " + p.error, style="red") if p.error else Text("ok", style="green")
         table.add_row(p.name, p.source, p.version, "\n".join(p.provides) or "-", status)
@@ -252,9 +252,25 @@ def _host() -> Any:
 
 
 def build_cli() -> click.Group:
-    """The command group with every plugin's subcommands added."""
+    """The command group with every plugin's subcommands added.
+
+    Each plugin's hook is called on its own so that its commands are attributed to it in
+    ``dissect plugins`` and a plugin whose hook raises is recorded without breaking the CLI.
+    """
     host = _host()
-    host.hook.dissect_register_commands(cli=cli)
+    records = {r.name: r for r in host.plugins}
+    for impl in host.hook.dissect_register_commands.get_hookimpls():
+        before = set(cli.commands)
+        record = records.get(impl.plugin_name)
+        try:
+            impl.function(cli=cli)
+        except Exception as exc:
+            log.warning("plugin %s failed to add commands: %s", impl.plugin_name, exc)
+            if record is not None:
+                record.error = f"{type(exc).__name__} in dissect_register_commands: {exc}"
+            continue
+        if record is not None:
+            record.provides.extend(f"command:{name}" for name in sorted(set(cli.commands) - before))
     return cli
 
 

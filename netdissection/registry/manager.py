@@ -26,6 +26,9 @@ BUILTIN_PLUGINS = (
     "netdissection.plugins.broden",
     "netdissection.plugins.quantile",
     "netdissection.plugins.writers",
+    "netdissection.plugins.html_report",
+    "netdissection.plugins.plots",
+    "netdissection.plugins.report_command",
 )
 
 COMPONENT_KINDS = {
@@ -127,7 +130,7 @@ def _collect(pm: pluggy.PluginManager, kind: str, hook_name: str, catalog: Catal
     """Call each plugin's registration hook on its own, so a component is attributed to its plugin
     and a plugin whose registration raises is recorded without losing the others."""
     caller = getattr(pm.hook, hook_name)
-    for impl in reversed(caller.get_hookimpls()):  # registration order
+    for impl in caller.get_hookimpls():  # registration order (pluggy calls them in reverse)
         plugin_name = impl.plugin_name
         record = records.get(plugin_name)
 
