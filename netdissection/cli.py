@@ -220,11 +220,14 @@ def plugins_command() -> None:
     host = _host()
     table = Table(title="netdissection plugins")
     for column in ("plugin", "from", "version", "provides", "status"):
-        table.add_column(column, overflow="fold")  # an error message must be readable whole
+        table.add_column(column)
     for p in host.plugins:
-        status = Text("error: " + p.error, style="red") if p.error else Text("ok", style="green")
+        status = Text("error (below)", style="red") if p.error else Text("ok", style="green")
         table.add_row(p.name, p.source, p.version, "\n".join(p.provides) or "-", status)
     out_console.print(table)
+    for p in host.plugins:
+        if p.error:  # in full, outside the table, so that no column width cuts it
+            out_console.print(Text(f"{p.name} ({p.source}): {p.error}", style="red"), soft_wrap=True)
 
 
 @cli.command("backends")
