@@ -109,7 +109,7 @@ def test_lifecycle_hooks_fire_in_order(concept_set: Path, tmp_path: Path) -> Non
     events.clear()
     (concept_set / "images" / "gen" / "000003.jpg").rename(concept_set / "missing.jpg")
     try:
-        with pytest.raises(netdissection.DissectionError, match="000003.jpg"):
+        with pytest.raises(netdissection.DissectionError, match=r"000003\.jpg"):
             netdissection.dissect(model, dataset=str(concept_set), layers=["0"], host=host, workers=0)
     finally:
         (concept_set / "missing.jpg").rename(concept_set / "images" / "gen" / "000003.jpg")
