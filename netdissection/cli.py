@@ -149,6 +149,8 @@ def cli() -> None:
 @click.option("--image-column", help="Dataset image column (HuggingFace datasets).")
 @click.option("--mask-column", "mask_columns", multiple=True, help="Dataset mask column (repeatable).")
 @click.option("--split", help="Dataset split (HuggingFace datasets).")
+@click.option("--concepts", type=click.Path(dir_okay=False),
+              help="Concepts file naming label ids: id,name,category CSV or id2label JSON (HuggingFace datasets).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def run_command(model: str, backend: str | None, weights: str | None, pretrained: bool, dataset: str | None,
                 dataset_format: str | None, layers: tuple[str, ...], categories: tuple[str, ...],
@@ -156,7 +158,7 @@ def run_command(model: str, backend: str | None, weights: str | None, pretrained
                 workers: int | None, top_k: int, reporters: tuple[str, ...], skip_bad: bool,
                 input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                 std: tuple[float, float, float] | None, bgr: bool, image_column: str | None,
-                mask_columns: tuple[str, ...], split: str | None, verbose: int) -> None:
+                mask_columns: tuple[str, ...], split: str | None, concepts: str | None, verbose: int) -> None:
     """Dissect MODEL: a model name (resnet18, ...) or a model file."""
     from .core.run import dissect
 
@@ -164,7 +166,7 @@ def run_command(model: str, backend: str | None, weights: str | None, pretrained
     backend_options = {k: v for k, v in dict(input_size=input_size, mean=mean, std=std).items() if v is not None}
     if bgr:
         backend_options["bgr"] = True
-    dataset_options = {k: v for k, v in dict(image_column=image_column, split=split,
+    dataset_options = {k: v for k, v in dict(image_column=image_column, split=split, concepts=concepts,
                                               mask_columns=list(mask_columns) or None).items() if v is not None}
     out_dir = Path(out) if out else Path("dissection") / _safe_stem(model)
     started = time.perf_counter()
@@ -232,13 +234,23 @@ def plugins_command() -> None:
 
 @cli.command("backends")
 def backends_command() -> None:
-    """List the backends and what each accepts."""
+    """List the backends, what each accepts, and the order in which they claim a MODEL."""
+    import importlib.util
+
     host = _host()
-    table = Table(title="backends (detection asks plugins in reverse registration order)")
-    for column in ("backend", "plugin", "accepts"):
+    # pluggy calls tryfirst, then normal (latest registered first), then trylast implementations.
+    asked = [impl.plugin_name for impl in reversed(host.hook.dissect_detect_backend.get_hookimpls())]
+    table = Table(title="backends: without --backend, the first to claim MODEL loads it (order column); "
+                        ".onnx → onnx, torchvision names → torchvision, other timm names → timm")
+    for column in ("order", "backend", "plugin", "accepts", "needs"):
         table.add_column(column)
-    for entry in host.catalog("backend"):
-        table.add_row(entry.name, entry.plugin, str(entry.metadata.get("accepts", entry.description)))
+    entries = sorted(host.catalog("backend"), key=lambda e: asked.index(e.plugin) if e.plugin in asked else len(asked))
+    for entry in entries:
+        order = str(asked.index(entry.plugin) + 1) if entry.plugin in asked else "-"
+        needs = [f"{package} {'ok' if importlib.util.find_spec(package) else 'missing'}"
+                 for package in entry.metadata.get("requires", ())]
+        table.add_row(order, entry.name, entry.plugin, str(entry.metadata.get("accepts", entry.description)),
+                      ", ".join(needs) or "-")
     out_console.print(table)
 
 

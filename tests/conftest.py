@@ -3,10 +3,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from .random_broden import write_random_broden
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .report_data import SmallRun
 
 # The tests run offline: never let a library wait on a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,3 +43,12 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str,
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> SmallRun:
+    """One real dissection (resnet18 layer2+layer3, seeded weights, 12 generated 64 px images) shared by the
+    report tests; its output folder is read-only by convention: copy it before changing anything."""
+    from .report_data import dissect_small
+
+    return dissect_small(tmp_path_factory.mktemp("small-run"))

@@ -44,7 +44,10 @@ def dissect_register_datasets(register: Register) -> None:
     """Register concept dataset formats: ``register(name, factory, description=..., detect=...)``.
 
     ``factory(path, categories=None, **options) -> ConceptDataset``. ``detect(path) -> bool`` (optional)
-    lets ``--dataset PATH`` find the format without ``--dataset-format``.
+    lets ``--dataset PATH`` find the format without ``--dataset-format``. Optional too, for ``dissect data``:
+    ``validate(path, progress=None)`` returning a report with ``problems`` (a thorough check; without it,
+    ``validate`` loads every sample) and ``writer(dataset, dest, progress=None) -> Path`` (makes the format
+    a ``convert --format`` target).
     """
 
 
@@ -76,6 +79,9 @@ def dissect_detect_backend(model_ref: str) -> str | None:
 
     The first non-None answer wins; plugins are asked in reverse registration order (pluggy's
     rule: later plugins first), so a third-party plugin can claim a reference before the built-ins.
+    Among the built-ins the order is: ``.onnx`` files → onnx; an ``nn.Module`` or a torchvision model
+    name → torchvision; any other ``timm.list_models()`` name → timm (its hook is ``trylast``, so a name
+    both know, such as ``resnet18``, stays torchvision's). ``--backend`` overrides detection.
     """
 
 

@@ -6,7 +6,7 @@ import datetime as _dt
 import logging
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,23 @@ def resolve_backend(host: Any, model: Any, backend: str | None) -> str:
         if not Path(model).exists():
             raise DissectionError(f"model file {model} does not exist")
         raise DissectionError(f"no backend loads {model}; pass --backend NAME (see: dissect plugins)")
-    # A bare name nobody claims: let the first name-based backend say which names are close.
+    # A bare name nobody claims: close matches from every name-based backend (those registered with
+    # ``names=``, a callable listing the names they take), or the name's owner if it did not detect it.
+    known: list[str] = []
+    for entry in catalog:
+        names = entry.metadata.get("names")
+        if names is None or not isinstance(model, str):
+            continue
+        try:
+            listed = list(names())
+        except DissectionError:  # a backend whose framework is not installed
+            continue
+        if model in listed:
+            return entry.name
+        known.extend(listed)
+    if known:
+        raise UnknownNameError("model", str(model), dict.fromkeys(known),
+                               hint="list the backends with: dissect backends")
     fallback = "torchvision" if "torchvision" in catalog else catalog.names()[0]
     return fallback
 
@@ -98,10 +114,11 @@ def check_layers(infos: list[LayerInfo], requested: Sequence[str] | None, model_
     return layers
 
 
-def _reporters(host: Any, names: Sequence[str] | None) -> list[tuple[str, Any]]:
+def _reporters(host: Any, names: Sequence[str] | None,
+               options: Mapping[str, Mapping[str, Any]] | None = None) -> list[tuple[str, Any]]:
     catalog = host.catalog("reporter")
     chosen = list(names) if names else [e.name for e in catalog if e.metadata.get("default", False)]
-    return [(n, catalog.get(n).factory()) for n in chosen]
+    return [(n, catalog.get(n).factory(**(options or {}).get(n, {}))) for n in chosen]
 
 
 def dissect(
@@ -237,14 +254,16 @@ def summary_of(result: RunResult) -> dict[str, Any]:
     }
 
 
-def write_reports(host: Any, result: RunResult, out: Path, reporters: Sequence[str] | None = None) -> list[Path]:
+def write_reports(host: Any, result: RunResult, out: Path, reporters: Sequence[str] | None = None,
+                  options: Mapping[str, Mapping[str, Any]] | None = None) -> list[Path]:
     """Run the report writers, then save the counts and the summary — the summary last, as the mark
-    of a complete run."""
+    of a complete run. ``options`` gives writers their factory's keyword arguments, by writer name
+    (e.g. ``{"html": {"top_k": 5}}``)."""
     folders = layer_dirnames(result.layers)
     written: list[Path] = []
     for name, layer in result.layers.items():
         written.append(save_counts(layer, out / folders[name] / COUNTS))
-    for _name, writer in _reporters(host, reporters):
+    for _name, writer in _reporters(host, reporters, options):
         written.extend(writer.write(result, out))
     result.written = [str(p.relative_to(out)) for p in written] + [SUMMARY]
     write_summary(out / SUMMARY, summary_of(result))

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..core.errors import DissectionError, UnknownNameError
 from ..core.types import LayerInfo
+from .layouts import VECTOR_LAYOUT, Layout, detect, token_hints
 
 
 def file_sha256(path: str | Path) -> str:
@@ -67,20 +68,25 @@ def load_weights(model: nn.Module, path: str | Path, model_name: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def _kind(output: Any) -> tuple[str, tuple[int, ...]] | None:
-    if not isinstance(output, torch.Tensor):
+def _layer_info(name: str, output: Any, batch: int, input_hw: tuple[int, int], prefix: int | None,
+                patch: tuple[int, int] | None) -> tuple[LayerInfo, Layout] | None:
+    """A module output's layer info (shape after conversion to a map) and layout; None for non-tensors.
+
+    An output whose first dimension is not the batch (Swin's window-batched attention) is no per-image map.
+    """
+    if not isinstance(output, torch.Tensor) or output.ndim < 1:
         return None
     shape = tuple(output.shape[1:])
-    if output.ndim == 4:
-        return "conv", shape
-    return "vector", shape
+    layout = detect(shape, input_hw, prefix=prefix, patch=patch) if output.shape[0] == batch else VECTOR_LAYOUT
+    return LayerInfo(name, layout.kind, layout.map_shape(shape, input_hw)), layout
 
 
 class HookedModel:
     """A torch module whose named submodules' outputs can be captured in one forward pass.
 
     The forward pass stops as soon as the last call of every requested module has happened, so an
-    early layer does not pay for the rest of the network.
+    early layer does not pay for the rest of the network. Token and channels-last outputs come out as
+    ``(N, C, h, w)`` maps (see ``layouts``); their layout is decided on the probe pass.
     """
 
     def __init__(self, model: nn.Module, probe_input: torch.Tensor) -> None:
@@ -89,6 +95,7 @@ class HookedModel:
         self.modules.pop("", None)
         self.calls: dict[str, int] = {}
         self.infos: list[LayerInfo] = []
+        self.layouts: dict[str, Layout] = {}
         self._probe(probe_input)
 
     def _probe(self, x: torch.Tensor) -> None:
@@ -111,10 +118,13 @@ class HookedModel:
         finally:
             for h in handles:
                 h.remove()
+        prefix, patch = token_hints(self.model)
+        input_hw = (int(x.shape[-2]), int(x.shape[-1]))
         for name in order:
-            kind = _kind(outputs[name])
-            if kind is not None:
-                self.infos.append(LayerInfo(name, kind[0], kind[1]))
+            found = _layer_info(name, outputs[name], int(x.shape[0]), input_hw, prefix, patch)
+            if found is not None:
+                self.infos.append(found[0])
+                self.layouts[name] = found[1]
 
     def layer_names(self) -> list[str]:
         return [i.name for i in self.infos]
@@ -149,4 +159,11 @@ class HookedModel:
         finally:
             for h in handles:
                 h.remove()
-        return {name: captured[name] for name in layers}
+        input_hw = (int(x.shape[-2]), int(x.shape[-1]))
+        return {name: self._as_map(name, captured[name], input_hw) for name in layers}
+
+    def _as_map(self, name: str, output: torch.Tensor, input_hw: tuple[int, int]) -> torch.Tensor:
+        layout = self.layouts.get(name)
+        if layout is None or not layout.spatial:
+            return output  # the scheduler says a non-spatial output is no map
+        return layout.to_map(output, input_hw)

@@ -37,6 +37,7 @@ class TorchvisionBackend:
         import torchvision
         from torch import nn
 
+        from .layouts import fit_input
         from .torch_common import HookedModel, file_sha256, load_weights
 
         self.options = options
@@ -62,9 +63,12 @@ class TorchvisionBackend:
             load_weights(model, options.weights, self.model_name)
             self.weights_sha256 = file_sha256(options.weights)
         model.eval().to(self.device)
-        self.spatial_input = options.input_size or DEFAULT_SIZE
+        # torchvision's VisionTransformer takes only its own image_size: batches are resized to it.
+        size = model.image_size if isinstance(model, torchvision.models.VisionTransformer) else None
+        self.fixed_size = (size, size) if size else None
+        self.spatial_input = options.input_size or self.fixed_size or DEFAULT_SIZE
         probe = torch.zeros(1, 3, *self.spatial_input, device=self.device)
-        self.hooked = HookedModel(model, probe)
+        self.hooked = HookedModel(model, fit_input(probe, self.fixed_size))
         self.model = model
         # channels_last runs convolutions about 1.4× faster on CPU; outputs are made contiguous below.
         if self.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
@@ -84,7 +88,10 @@ class TorchvisionBackend:
     def activations(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         import torch
 
+        from .layouts import fit_input
+
         self.hooked.check(layers, self.model_name)
+        images = fit_input(images, self.fixed_size)
         if self._channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
@@ -104,10 +111,13 @@ class TorchvisionBackend:
 def dissect_register_backends(register) -> None:  # type: ignore[no-untyped-def]
     register("torchvision", TorchvisionBackend,
              description="torchvision.models classification models by name, or a torch.nn.Module",
-             accepts="a torchvision model name (resnet18, vgg16, ...) or an nn.Module (Python API)")
+             accepts="a torchvision model name (resnet18, vgg16, ...) or an nn.Module (Python API)",
+             names=classification_models, requires=("torch", "torchvision"))
 
 
-@hookimpl(trylast=True)
+# Normal priority, so that torchvision keeps its own names (resnet18 is a timm name too) against timm's
+# trylast detection; third-party plugins, registered later, are still asked first.
+@hookimpl
 def dissect_detect_backend(model_ref: Any) -> str | None:
     torch = sys.modules.get("torch")  # a module instance implies torch is already imported
     if torch is not None and isinstance(model_ref, torch.nn.Module):

@@ -1,0 +1,124 @@
+"""Reading and writing images and label maps, shared by every concept dataset plugin.
+
+One decoder for every format means a sample is the same array whichever format carried it: the
+dataset formats differ in where files are listed, never in how pixels are read.
+
+Label map encodings (PIL modes) and how they read:
+
+- ``L`` (8-bit), ``I;16`` / ``I;16B`` / ``I`` (16/32-bit grayscale), ``P`` (palette index, as Pascal VOC),
+  ``1`` (binary): the pixel value is the label id.
+- ``RGB``: Broden's encoding, id = R + 256·G (blue unused).
+
+Ids run from 0 (unlabelled) to :data:`MAX_ID`.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..core.errors import DissectionError
+
+#: The largest label id: what a 16-bit grayscale or a Broden RGB (R + 256·G) label map can hold.
+MAX_ID = 65535
+
+#: PIL modes whose pixel value is the label id.
+VALUE_MODES = ("L", "I;16", "I;16B", "I;16L", "I;16N", "I", "P", "1")
+LABEL_MODES = (*VALUE_MODES, "RGB")
+
+Source = Path | bytes
+
+
+def _open(source: Source) -> Image.Image:
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def _problem(exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a readable image file"
+    return str(exc).split(": '/")[0].strip(" :'") or type(exc).__name__
+
+
+def read_size(source: Source, what: str) -> tuple[int, int]:
+    """``(h, w)`` from the file header only (nothing is decoded)."""
+    try:
+        with _open(source) as im:
+            return im.size[1], im.size[0]
+    except FileNotFoundError:
+        raise DissectionError(f"{what} is missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DissectionError(f"{what} is corrupt: {_problem(exc)}") from None
+
+
+def read_format(source: Source) -> str:
+    """A file suffix for an encoded image (``.jpg``, ``.png``, ...), from its header."""
+    with _open(source) as im:
+        fmt = (im.format or "png").lower()
+    return {"jpeg": ".jpg", "tiff": ".tif"}.get(fmt, f".{fmt}")
+
+
+def decode_rgb(source: Source, what: str) -> np.ndarray:
+    """An image → RGB uint8 ``(H, W, 3)``; ``what`` names it in errors (a path, or a row and column)."""
+    try:
+        with _open(source) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DissectionError(f"{what} is missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DissectionError(f"{what} is corrupt: {_problem(exc)}") from None
+
+
+def label_values(im: Image.Image) -> np.ndarray:
+    """The label ids of an opened label map as int64 ``(h, w)``; raises ValueError for other modes."""
+    if im.mode == "RGB":
+        rgb = np.asarray(im)
+        return rgb[..., 0].astype(np.int64) + 256 * rgb[..., 1].astype(np.int64)
+    if im.mode in VALUE_MODES:
+        return np.asarray(im).astype(np.int64)
+    raise ValueError(f"its mode is {im.mode}; label maps are 8/16-bit grayscale (L, I;16), palette (P) "
+                     "or Broden RGB (id = R + 256·G)")
+
+
+def decode_labels(source: Source, what: str) -> np.ndarray:
+    """A label map → int64 ``(h, w)`` ids. Ids outside 0..MAX_ID are an error here: no reader can keep them."""
+    try:
+        with _open(source) as im:
+            im.load()
+            values = label_values(im)
+    except FileNotFoundError:
+        raise DissectionError(f"{what} is missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DissectionError(f"{what} is corrupt: {_problem(exc)}") from None
+    except ValueError as exc:
+        raise DissectionError(f"{what} cannot be read as a label map: {exc}") from None
+    if values.size and (values.min() < 0 or values.max() > MAX_ID):
+        raise DissectionError(f"{what} holds ids outside 0..{MAX_ID}")
+    return values
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """Lossless PNG bytes of a uint8 RGB, uint8 gray or uint16 gray array."""
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def encode_broden_rgb(labels: np.ndarray) -> bytes:
+    """Broden's label PNG: R = id % 256, G = id // 256, B = 0."""
+    labels = np.asarray(labels, dtype=np.int64)
+    rgb = np.zeros((*labels.shape, 3), dtype=np.uint8)
+    rgb[..., 0] = labels & 0xFF
+    rgb[..., 1] = (labels >> 8) & 0xFF
+    return encode_png(rgb)
+
+
+def encode_gray(labels: np.ndarray, max_id: int) -> bytes:
+    """A grayscale label PNG: 8-bit when every id of the vocabulary fits (readable in any viewer), else 16-bit."""
+    labels = np.asarray(labels)
+    if max_id <= 255:
+        return encode_png(labels.astype(np.uint8))
+    return encode_png(labels.astype(np.uint16))

@@ -1,0 +1,334 @@
+"""The timm backend: any ``timm.list_models()`` architecture by name (``dissect convnext_tiny --backend timm``).
+
+Weights: random by default (offline, reproducible under a seed); ``--weights FILE`` loads a local state
+dict strictly; ``--pretrained`` uses timm's own pretrained loading, from the local HuggingFace / torch hub
+caches when they hold the weights, and from the network otherwise — checked first with a short
+connection timeout, so that an offline machine gets one clear error at once instead of timm's ~46 s
+of retries.
+
+Preprocessing (mean, std, input size) comes from ``timm.data.resolve_model_data_config``; the user's
+``--mean/--std/--input-size/--bgr`` override it.
+
+Layers: every module output (probed like torchvision's), plus the stage outputs timm itself names in
+``feature_info`` (what ``features_only`` / ``forward_intermediates`` return) as ``stage:0`` … ``stage:K-1``
+and, counted from the end, ``stage:-K`` … ``stage:-1``. So ``--layer stage:-1`` is "the last stage" of
+any architecture, and it is the default layer.
+
+Input size: ViT-like models are created with ``dynamic_img_size=True`` where timm supports it, so they
+take the dataset's images at their stored size (the position embedding is resampled, an identity at the
+native size). ``--input-size H,W`` also sets the model's ``img_size`` where the architecture has one. A
+model that still insists on a fixed size gets each batch resized bilinearly to it (``layouts.fit_input``);
+the maps are upsampled to the label resolution afterwards anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..core.errors import DissectionError, MissingExtraError, UnknownNameError
+from ..core.hookspecs import hookimpl
+from ..core.types import BackendOptions, InputSpec, LayerInfo
+
+if TYPE_CHECKING:  # torch and timm are imported when a backend is made, not when plugins are listed
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait for a TCP connection to the weights' host before calling the machine offline.
+HUB_TIMEOUT_S = 3.0
+
+STAGE = "stage:"
+#: Size arguments of ViT-like constructors; other architectures reject them by name (a TypeError).
+_SIZE_ARGUMENTS = ("dynamic_img_pad", "dynamic_img_size", "img_size")
+_HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+
+
+def _import_timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise MissingExtraError("the timm backend", "timm", "timm") from None
+    return timm
+
+
+def timm_models() -> list[str]:
+    """Every architecture name timm knows (``timm.list_models()``)."""
+    return list(_import_timm().list_models())
+
+
+def _check_name(timm: Any, name: str) -> None:
+    if name.startswith(_HUB_PREFIXES):
+        return  # a hub or local-dir reference: timm resolves it (and says what is wrong)
+    if not timm.is_model(name):
+        raise UnknownNameError("timm model", name, timm.list_models(),
+                               hint="list them with: python -c 'import timm; print(timm.list_models())'")
+
+
+# ---- pretrained weights without hanging offline -------------------------------------------------------------
+
+def _offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def reachable(host: str, port: int = 443, timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``host:port`` (or the configured HTTPS proxy) opens within ``timeout``."""
+    proxy = urllib.request.getproxies().get("https")
+    if proxy:
+        parsed = urllib.parse.urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = parsed.hostname or host, parsed.port or 3128
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hf_cache_dir() -> str | None:
+    # Read at call time, so that HF_HUB_CACHE / HF_HOME set after huggingface_hub was imported count too.
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
+def _cached_weights(cfg: Any) -> str | None:
+    """A local copy of a pretrained cfg's weights: HuggingFace hub cache, then torch hub's checkpoints."""
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            repo, _, revision = hub_id.partition("@")
+            names = ["model.safetensors", getattr(cfg, "hf_hub_filename", None) or "pytorch_model.bin"]
+            for filename in names:
+                found = try_to_load_from_cache(repo, filename, cache_dir=_hf_cache_dir(), revision=revision or None)
+                if isinstance(found, str) and os.path.isfile(found):
+                    return found
+    url = getattr(cfg, "url", None)
+    if url:
+        import torch
+
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def _pretrained_kwargs(timm: Any, name: str) -> dict[str, Any]:
+    """``create_model`` arguments that load timm's pretrained weights for ``name``, from a local cache when
+    one holds them; a one-line DissectionError when they would need a network that is not there."""
+    if name.startswith(_HUB_PREFIXES):
+        if name.startswith("local-dir:") or (not _offline() and reachable(_hub_host())):
+            return {"pretrained": True}
+        raise DissectionError(f"cannot load the pretrained weights of {name}: no network to reach the "
+                              "HuggingFace hub; pass a local file with --weights FILE")
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError as exc:  # an architecture with a tag it does not have
+        raise DissectionError(f"timm model {name}: {exc}") from None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise DissectionError(f"timm has no pretrained weights for {name}; pass a local file with --weights FILE")
+    if cfg.file:
+        return {"pretrained": True}
+    cached = _cached_weights(cfg)
+    if cached is not None:
+        log.info("pretrained weights of %s from the local cache: %s", name, cached)
+        return {"pretrained": True, "pretrained_cfg_overlay": {"file": cached}}
+    if cfg.hf_hub_id:
+        if _offline():
+            raise DissectionError(f"cannot load the pretrained weights of {name}: HF_HUB_OFFLINE is set and they "
+                                  "are not in the local cache; pass a local file with --weights FILE")
+        host = _hub_host()
+    else:
+        host = urllib.parse.urlparse(cfg.url).hostname or ""
+    if not reachable(host):
+        raise DissectionError(f"cannot download the pretrained weights of {name}: no network ({host} cannot be "
+                              f"reached within {HUB_TIMEOUT_S:g} s); pass a local file with --weights FILE")
+    return {"pretrained": True}
+
+
+def _hub_host() -> str:
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return urllib.parse.urlparse(endpoint).hostname or "huggingface.co"
+
+
+# ---- the model ------------------------------------------------------------------------------------------------
+
+def _create(timm: Any, name: str, options: BackendOptions) -> nn.Module:
+    """``timm.create_model`` with the size arguments the architecture takes, and pretrained weights if asked."""
+    # dynamic_img_pad lets sizes that are no multiple of the patch through (the grid rounds up).
+    kwargs: dict[str, Any] = {"dynamic_img_size": True, "dynamic_img_pad": True}
+    if options.input_size:
+        kwargs["img_size"] = tuple(options.input_size)
+    if options.pretrained and not options.weights:
+        kwargs.update(_pretrained_kwargs(timm, name))
+    while True:
+        try:
+            return timm.create_model(name, **kwargs)
+        except TypeError as exc:
+            dropped = next((k for k in _SIZE_ARGUMENTS if k in kwargs and f"'{k}'" in str(exc)), None)
+            if dropped is None:
+                raise
+            log.debug("%s does not take %s", name, dropped)
+            kwargs.pop(dropped)
+        except (OSError, RuntimeError) as exc:  # a download or checkpoint that failed half way
+            if not kwargs.get("pretrained"):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DissectionError(f"cannot load the pretrained weights of {name} ({first}); pass a local "
+                                  "file with --weights FILE") from None
+
+
+def _fixed_input_size(model: nn.Module, data_config: dict[str, Any]) -> tuple[int, int] | None:
+    """The one input size the model accepts, or None when it takes any size."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and hasattr(patch_embed, "strict_img_size"):
+        if patch_embed.strict_img_size and getattr(patch_embed, "img_size", None) is not None:
+            return (int(patch_embed.img_size[0]), int(patch_embed.img_size[1]))
+        return None
+    if getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False):
+        size = data_config["input_size"]
+        return (int(size[1]), int(size[2]))
+    return None
+
+
+def _stage_modules(model: nn.Module, known: set[str]) -> list[str]:
+    """The module names of timm's ``feature_info`` stages that the probe saw, in stage order."""
+    info = getattr(model, "feature_info", None)
+    entries = getattr(info, "info", info) or []
+    stages = []
+    for entry in entries:
+        module = entry.get("module") if isinstance(entry, dict) else None
+        if not module:
+            continue
+        for candidate in (module, module.replace("_", ".")):
+            if candidate in known:
+                stages.append(candidate)
+                break
+        else:
+            log.debug("feature_info stage %s is no module output the probe saw", module)
+    return stages
+
+
+class TimmBackend:
+    """A timm model by name (random weights unless ``--weights FILE`` or ``--pretrained``)."""
+
+    name = "timm"
+
+    def __init__(self, model_ref: str, options: BackendOptions) -> None:
+        timm = _import_timm()
+        import torch
+        from timm.data import resolve_model_data_config
+        from torch import nn
+
+        from .layouts import fit_input
+        from .torch_common import HookedModel, file_sha256, load_weights
+
+        self.options = options
+        self.model_name = str(model_ref)
+        self.device = torch.device(options.device)
+        self.weights_sha256: str | None = None
+        _check_name(timm, self.model_name)
+        model = _create(timm, self.model_name, options)
+        if options.weights:
+            load_weights(model, options.weights, self.model_name)
+            self.weights_sha256 = file_sha256(options.weights)
+        model.eval().to(self.device)
+        self.model = model
+        self.data_config = resolve_model_data_config(model)
+        self.fixed_size = _fixed_input_size(model, self.data_config)
+        default_size = tuple(int(s) for s in self.data_config["input_size"][1:])
+        self.spatial_input: tuple[int, int] = tuple(options.input_size or self.fixed_size or default_size)
+        probe = torch.zeros(1, 3, *self.spatial_input, device=self.device)
+        self.hooked = HookedModel(model, fit_input(probe, self.fixed_size))
+        self.stages = _stage_modules(model, set(self.hooked.layer_names()))
+        count = len(self.stages)
+        self.aliases = {f"{STAGE}{i}": m for i, m in enumerate(self.stages)}
+        self.aliases.update({f"{STAGE}{i - count}": m for i, m in enumerate(self.stages)})
+        by_module = {i.name: i for i in self.hooked.infos}
+        self.infos = list(self.hooked.infos) + [LayerInfo(alias, by_module[m].kind, by_module[m].shape)
+                                                for alias, m in self.aliases.items()]
+        self._names = {i.name for i in self.infos}
+        # channels_last runs convolutions about 1.4-1.9× faster on CPU; outputs are made contiguous.
+        self._channels_last = self.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        if self._channels_last:
+            model.to(memory_format=torch.channels_last)
+        self._warned_resize = False
+
+    def layers(self) -> list[LayerInfo]:
+        return list(self.infos)
+
+    def input_spec(self) -> InputSpec:
+        mean = self.options.mean or tuple(float(v) for v in self.data_config["mean"])
+        std = self.options.std or tuple(float(v) for v in self.data_config["std"])
+        return InputSpec(size=self.spatial_input, mean=mean, std=std,  # type: ignore[arg-type]
+                         channel_order="BGR" if self.options.bgr else "RGB")
+
+    def activations(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        import torch
+
+        from .layouts import fit_input
+
+        for layer in layers:
+            if layer not in self._names:
+                raise UnknownNameError(f"layer of {self.model_name}", layer, [i.name for i in self.infos],
+                                       hint=f"list them with: dissect layers {self.model_name} --backend timm")
+        if self.fixed_size is not None and tuple(images.shape[-2:]) != self.fixed_size and not self._warned_resize:
+            log.info("%s takes only %d×%d inputs: resizing %d×%d images to it", self.model_name,
+                     *self.fixed_size, *images.shape[-2:])
+            self._warned_resize = True
+        images = fit_input(images, self.fixed_size)
+        if self._channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        modules = list(dict.fromkeys(self.aliases.get(layer, layer) for layer in layers))
+        with torch.inference_mode():
+            out = self.hooked.forward(images, modules)
+        return {layer: out[self.aliases.get(layer, layer)] for layer in layers}
+
+    def describe(self) -> dict[str, Any]:
+        import timm
+        import torch
+
+        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
+        return {"backend": self.name, "model": self.model_name, "weights": self.options.weights,
+                "weights_sha256": self.weights_sha256, "pretrained": self.options.pretrained,
+                "pretrained_source": cfg.get("hf_hub_id") or cfg.get("url") if self.options.pretrained else None,
+                "stages": {f"{STAGE}{i}": m for i, m in enumerate(self.stages)},
+                "input_size": list(self.spatial_input),
+                "fixed_input_size": list(self.fixed_size) if self.fixed_size else None,
+                "timm": timm.__version__, "torch": torch.__version__}
+
+
+@hookimpl
+def dissect_register_backends(register) -> None:  # type: ignore[no-untyped-def]
+    register("timm", TimmBackend,
+             description="timm (PyTorch Image Models) architectures by name",
+             accepts="a timm.list_models() name (convnext_tiny, resnet50.a1_in1k, ...); layers: module "
+                     "names or stage:N",
+             names=timm_models, requires=("torch", "timm"))
+
+
+@hookimpl(trylast=True)
+def dissect_detect_backend(model_ref: Any) -> str | None:
+    """Claim timm names — after every other plugin, so torchvision keeps its own names (resnet18, ...)."""
+    if not isinstance(model_ref, str) or Path(model_ref).suffix.lower() == ".onnx":
+        return None
+    try:
+        timm = _import_timm()
+    except MissingExtraError:
+        return None
+    if model_ref.startswith(_HUB_PREFIXES) or timm.is_model(model_ref):
+        return "timm"
+    return None
