@@ -1,11 +1,13 @@
 """A real headless Chromium for the HTML report tests (Debian's ``chromium`` + ``chromium-driver``).
 
-The driver path is passed explicitly, so selenium never tries to download one. A missing browser is a
-test failure that says how to install it, not a skip: CI installs it.
+The driver path is passed explicitly, so selenium never tries to download one. Where CI runs (``CI`` is
+set) a missing browser is a test failure that says how to install it; on a developer's machine without
+one, the browser tests are skipped with the same instructions.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,13 +21,19 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 INSTALL = "install it with: apt-get install -y chromium chromium-driver (and pip install selenium)"
 
 
+def _missing(message: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def _binary() -> str:
     for path in CHROMIUM:
         if Path(path).is_file():
             return path
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
-        pytest.fail(f"Chromium is not installed; the HTML report is tested in a real browser: {INSTALL}")
+        _missing(f"Chromium is not installed; the HTML report is tested in a real browser: {INSTALL}")
     return found
 
 
@@ -36,10 +44,10 @@ def chromium(width: int = 1280, height: int = 900) -> Iterator[Any]:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        pytest.fail(f"selenium is not installed; {INSTALL}")
+        _missing(f"selenium is not installed; {INSTALL}")
     binary = _binary()
     if not Path(CHROMEDRIVER).is_file():
-        pytest.fail(f"chromedriver is not at {CHROMEDRIVER}; {INSTALL}")
+        _missing(f"chromedriver is not at {CHROMEDRIVER}; {INSTALL}")
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
