@@ -41,7 +41,7 @@ class Row:
 
 
 def concept_set(images: int, size: int) -> Path:
-    from netdissection.plugins.generated import generate_concept_set
+    from netdissection.plugins.datasets.generated import generate_concept_set
 
     root = Path(tempfile.gettempdir()) / f"netdissection-bench-{images}-{size}"
     if not (root / "index.csv").is_file():
@@ -72,7 +72,7 @@ def plain_forward(backend_name: str, model_ref: str, data: Path, batch_size: int
     from netdissection.core import loading
     from netdissection.core.scheduler import preprocess
     from netdissection.core.types import BackendOptions
-    from netdissection.plugins.broden import BrodenDataset
+    from netdissection.plugins.datasets.broden import BrodenDataset
     from netdissection.registry import build_host
 
     backend = build_host().catalog("backend").get(backend_name).factory(model_ref, BackendOptions())

@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _dataset(images: int, size: int) -> Path:
-    from netdissection.plugins.generated import generate_concept_set
+    from netdissection.plugins.datasets.generated import generate_concept_set
 
     root = Path(tempfile.gettempdir()) / f"netdissection-bench-{images}-{size}"
     if not (root / "index.csv").is_file():
@@ -43,8 +43,8 @@ def measure_forward(model: str, images: int, size: int, batch_size: int, workers
     from netdissection.core import loading
     from netdissection.core.scheduler import preprocess
     from netdissection.core.types import BackendOptions
-    from netdissection.plugins.broden import BrodenDataset
-    from netdissection.plugins.torchvision_backend import TorchvisionBackend
+    from netdissection.plugins.backends.torchvision_backend import TorchvisionBackend
+    from netdissection.plugins.datasets.broden import BrodenDataset
 
     backend = TorchvisionBackend(model, BackendOptions())
     dataset = BrodenDataset(_dataset(images, size))

@@ -23,10 +23,10 @@ MODES = {"images+labels": (True, True), "images only": (True, False), "labels on
 
 def concept_set(fmt: str, images: int, size: int) -> str:
     """The generated set in the given format, made once per (images, size) in the temp folder."""
-    from netdissection.plugins.broden import BrodenDataset
-    from netdissection.plugins.folder_writer import write_folder
-    from netdissection.plugins.generated import generate_concept_set
-    from netdissection.plugins.hf_writer import write_hf
+    from netdissection.plugins.datasets.broden import BrodenDataset
+    from netdissection.plugins.datasets.folder_writer import write_folder
+    from netdissection.plugins.datasets.generated import generate_concept_set
+    from netdissection.plugins.datasets.hf_writer import write_hf
 
     base = Path(tempfile.gettempdir()) / f"netdissection-bench-{images}-{size}"
     if not (base / "index.csv").is_file():
@@ -40,9 +40,9 @@ def concept_set(fmt: str, images: int, size: int) -> str:
 
 
 def open_set(ref: str) -> Any:
-    from netdissection.plugins.broden import BrodenDataset
-    from netdissection.plugins.folder_dataset import FolderDataset, is_folder
-    from netdissection.plugins.hf_dataset import HFDataset
+    from netdissection.plugins.datasets.broden import BrodenDataset
+    from netdissection.plugins.datasets.folder_dataset import FolderDataset, is_folder
+    from netdissection.plugins.datasets.hf_dataset import HFDataset
 
     if ref.startswith("hf:"):
         return HFDataset(ref)
@@ -67,7 +67,7 @@ def forward_rates(ref: str, size: int, batch_size: int, workers: int) -> tuple[f
     from netdissection.core import loading
     from netdissection.core.scheduler import preprocess
     from netdissection.core.types import BackendOptions
-    from netdissection.plugins.torchvision_backend import TorchvisionBackend
+    from netdissection.plugins.backends.torchvision_backend import TorchvisionBackend
 
     torch.manual_seed(0)
     backend = TorchvisionBackend("resnet18", BackendOptions())

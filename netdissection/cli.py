@@ -117,6 +117,9 @@ def cli() -> None:
     \b
       dissect MODEL [options]      dissect a model (same as: dissect run MODEL)
       dissect layers MODEL         list the layers of a model
+      dissect report RESULTS_DIR   rebuild the reports of a finished run
+      dissect data ...             download Broden; inspect, validate, convert datasets
+      dissect backends             list backends and what they accept
       dissect plugins              list installed plugins
     """
 

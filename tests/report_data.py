@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from netdissection.core.types import LayerResult, RunResult, TopImages
-from netdissection.plugins.broden import BrodenDataset
-from netdissection.plugins.generated import generate_concept_set
+from netdissection.plugins.datasets.broden import BrodenDataset
+from netdissection.plugins.datasets.generated import generate_concept_set
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 import netdissection
 from netdissection.core.scores import iou_matrix
 from netdissection.core.types import LayerResult
-from netdissection.plugins.generated import generate_concept_set
+from netdissection.plugins.datasets.generated import generate_concept_set
 
 from .test_onnx_backend import export_onnx, resnet18
 

@@ -131,7 +131,7 @@ def test_a_run_killed_half_way_leaves_nothing_complete(tmp_path: Path) -> None:
     import signal
     import time
 
-    from netdissection.plugins.generated import generate_concept_set
+    from netdissection.plugins.datasets.generated import generate_concept_set
 
     data = generate_concept_set(tmp_path / "set", images=400, image_size=64, seed=0)
     out = tmp_path / "out"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import netdissection
-from netdissection.plugins.generated import generate_concept_set
+from netdissection.plugins.datasets.generated import generate_concept_set
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from netdissection.plugins.generated import generate_concept_set
+from netdissection.plugins.datasets.generated import generate_concept_set
 
 from .concept_folders import LABEL_SIZE, make_folder, write_csv, write_png
 
@@ -114,7 +114,7 @@ def test_convert_errors(run_cli, mine: Path, tmp_path: Path) -> None:  # type: i
 
 
 def test_convert_selected_categories_to_broden(run_cli, mine: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from netdissection.plugins.broden import BrodenDataset
+    from netdissection.plugins.datasets.broden import BrodenDataset
 
     code, _, err = run_cli("data", "convert", mine, tmp_path / "b", "--categories", "object,scene")
     assert code == 0, err
@@ -127,8 +127,9 @@ def test_convert_selected_categories_to_broden(run_cli, mine: Path, tmp_path: Pa
 
 def test_plugin_modules_import_no_heavy_package() -> None:
     code = ("import sys\n"
-            "import netdissection.plugins.folder_dataset as f, netdissection.plugins.hf_dataset as h, "
-            "netdissection.plugins.data_commands, netdissection.plugins.download\n"
+            "import netdissection.plugins.datasets.folder_dataset as f, "
+            "netdissection.plugins.datasets.hf_dataset as h, "
+            "netdissection.plugins.datasets.data_commands, netdissection.plugins.datasets.download\n"
             "f.dissect_register_datasets(lambda *a, **k: None); h.dissect_register_datasets(lambda *a, **k: None)\n"
             "print(sorted(m for m in ('torch', 'datasets', 'pyarrow', 'torchvision') if m in sys.modules))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from netdissection.plugins.download import download_broden
-from netdissection.plugins.generated import generate_concept_set
+from netdissection.plugins.datasets.download import download_broden
+from netdissection.plugins.datasets.generated import generate_concept_set
 
 NAME = "broden1_224"
 #: The server stops by itself after this long, whatever the test does.

@@ -11,8 +11,8 @@ from torch import nn
 
 import netdissection
 from netdissection.core.iou import IoUAccumulator, prepare_labels
-from netdissection.plugins.broden import BrodenDataset
-from netdissection.plugins.writers import tally_header
+from netdissection.plugins.datasets.broden import BrodenDataset
+from netdissection.plugins.reports.writers import tally_header
 
 from . import bruteforce
 from .random_broden import write_random_broden

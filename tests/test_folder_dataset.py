@@ -12,10 +12,10 @@ from PIL import Image
 
 from netdissection.core import loading
 from netdissection.core.errors import DissectionError, UnknownNameError
-from netdissection.plugins.broden import BrodenDataset
-from netdissection.plugins.folder_dataset import FolderDataset, is_folder
-from netdissection.plugins.generated import generate_concept_set
-from netdissection.plugins.hf_dataset import HFDataset
+from netdissection.plugins.datasets.broden import BrodenDataset
+from netdissection.plugins.datasets.folder_dataset import FolderDataset, is_folder
+from netdissection.plugins.datasets.generated import generate_concept_set
+from netdissection.plugins.datasets.hf_dataset import HFDataset
 
 from .concept_folders import LABEL_SIZE, label_maps, make_folder, write_png
 

@@ -1,4 +1,4 @@
-"""Tests of the procedural Broden-format concept set (netdissection.plugins.generated)."""
+"""Tests of the procedural Broden-format concept set (netdissection.plugins.datasets.generated)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from netdissection.plugins import generated
-from netdissection.plugins.generated import CATEGORIES, LABELS, PALETTE, generate_concept_set
+from netdissection.plugins.datasets import generated
+from netdissection.plugins.datasets.generated import CATEGORIES, LABELS, PALETTE, generate_concept_set
 
 PIXEL = ("object", "color", "material", "part")
 IMAGE = ("scene", "texture")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from netdissection.core.scores import count_detectors
-from netdissection.plugins.writers import read_tally
+from netdissection.plugins.reports.writers import read_tally
 
 GOLDEN = Path(__file__).parent / "data" / "netdissect-2017"
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from netdissection.core import loading
 from netdissection.core.errors import DissectionError, UnknownNameError
-from netdissection.plugins.hf_dataset import HFDataset, is_hf
+from netdissection.plugins.datasets.hf_dataset import HFDataset, is_hf
 
 datasets = pytest.importorskip("datasets")
 

@@ -18,9 +18,9 @@ from PIL import Image
 from netdissection.core.results import load_run
 from netdissection.core.scores import count_detectors, unit_scores
 from netdissection.core.types import DETECTOR_IOU
-from netdissection.plugins.html_report import FILES, PAGE, HtmlReport
-from netdissection.plugins.overlay import DIM_LEVEL, OUTLINE_RGB, unit_overlay
-from netdissection.plugins.strips import GAP, ImageSource, unit_overlays
+from netdissection.plugins.reports.html_report import FILES, PAGE, HtmlReport
+from netdissection.plugins.reports.overlay import DIM_LEVEL, OUTLINE_RGB, unit_overlay
+from netdissection.plugins.reports.strips import GAP, ImageSource, unit_overlays
 
 from .browser import chromium, console_errors
 from .report_data import SmallRun, generated_set, synthetic_run

@@ -17,9 +17,9 @@ from torch import nn
 import netdissection
 from netdissection.core.errors import MissingExtraError
 from netdissection.core.types import BackendOptions
-from netdissection.plugins.generated import generate_concept_set
-from netdissection.plugins.onnx_backend import OnnxBackend
-from netdissection.plugins.torch_common import file_sha256
+from netdissection.plugins.backends.onnx_backend import OnnxBackend
+from netdissection.plugins.backends.torch_common import file_sha256
+from netdissection.plugins.datasets.generated import generate_concept_set
 
 LAYER3 = "/layer3/layer3.1/relu_1/Relu_output_0"
 LAYER4 = "/layer4/layer4.1/relu_1/Relu_output_0"

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import netdissection
-from netdissection.plugins.broden import BrodenDataset
-from netdissection.plugins.generated import PALETTE, generate_concept_set
+from netdissection.plugins.datasets.broden import BrodenDataset
+from netdissection.plugins.datasets.generated import PALETTE, generate_concept_set
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

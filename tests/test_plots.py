@@ -13,8 +13,16 @@ from PIL import Image
 
 from netdissection.core.scores import UnitScore, count_detectors, unit_scores
 from netdissection.core.types import DETECTOR_IOU, RunResult
-from netdissection.plugins.plots import RULES, PlotsWriter, detector_bars, draw_bars, layer_fractions, plot_data, save
-from netdissection.plugins.writers import read_tally
+from netdissection.plugins.reports.plots import (
+    RULES,
+    PlotsWriter,
+    detector_bars,
+    draw_bars,
+    layer_fractions,
+    plot_data,
+    save,
+)
+from netdissection.plugins.reports.writers import read_tally
 
 from .report_data import SmallRun
 from .test_golden import GOLDEN, TABLE
@@ -125,8 +133,8 @@ def test_one_layer_has_no_cross_layer_plot(small_run: SmallRun, tmp_path: Path) 
 
 def test_report_plugins_import_no_heavy_framework() -> None:
     """Listing plugins stays instant: the report plugins import neither matplotlib nor torch."""
-    code = ("import sys; import netdissection.plugins.plots, netdissection.plugins.html_report, "
-            "netdissection.plugins.report_command; "
+    code = ("import sys; import netdissection.plugins.reports.plots, netdissection.plugins.reports.html_report, "
+            "netdissection.plugins.reports.report_command; "
             "print(sorted(m for m in ('matplotlib', 'torch', 'PIL') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from netdissection.plugins.html_report import FILES, PAGE
-from netdissection.plugins.strips import GAP
+from netdissection.plugins.reports.html_report import FILES, PAGE
+from netdissection.plugins.reports.strips import GAP
 
 from .report_data import SmallRun
 

@@ -16,12 +16,12 @@ import netdissection
 from netdissection.core.errors import UnknownNameError
 from netdissection.core.run import resolve_backend
 from netdissection.core.types import BackendOptions
-from netdissection.plugins.generated import generate_concept_set
+from netdissection.plugins.datasets.generated import generate_concept_set
 from netdissection.registry import build_host
 
 timm = pytest.importorskip("timm")
 
-from netdissection.plugins.timm_backend import TimmBackend, reachable  # noqa: E402
+from netdissection.plugins.backends.timm_backend import TimmBackend, reachable  # noqa: E402
 
 
 def _one_line_error(code: int, err: str, *needles: str) -> None:
@@ -178,7 +178,7 @@ def test_unreachable_host_is_detected_within_the_timeout() -> None:
 
 def test_missing_timm_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     from netdissection.core.errors import MissingExtraError
-    from netdissection.plugins import timm_backend
+    from netdissection.plugins.backends import timm_backend
 
     monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without it looks like
     with pytest.raises(MissingExtraError, match=r"timm.*netdissection\[timm\]"):

@@ -10,9 +10,9 @@ from torch import nn
 
 import netdissection
 from netdissection.core.types import BackendOptions
-from netdissection.plugins import layouts
-from netdissection.plugins.generated import generate_concept_set
-from netdissection.plugins.torchvision_backend import TorchvisionBackend
+from netdissection.plugins.backends import layouts
+from netdissection.plugins.backends.torchvision_backend import TorchvisionBackend
+from netdissection.plugins.datasets.generated import generate_concept_set
 
 PREFIX_VALUE = -1000.0
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .types import BackendOptions, InputSpec, LayerInfo, RunResult, Sample, Vocabulary
+
+if TYPE_CHECKING:  # annotations only: the contracts must not import a framework
+    import numpy as np
+    import torch
 
 
 @runtime_checkable

@@ -22,18 +22,18 @@ ENTRY_POINT_GROUP = "netdissection"
 
 #: Built-in plugin modules, registered exactly as third-party plugins are.
 BUILTIN_PLUGINS = (
-    "netdissection.plugins.torchvision_backend",
-    "netdissection.plugins.timm_backend",
-    "netdissection.plugins.onnx_backend",
-    "netdissection.plugins.broden",
-    "netdissection.plugins.folder_dataset",
-    "netdissection.plugins.hf_dataset",
-    "netdissection.plugins.data_commands",
+    "netdissection.plugins.backends.torchvision_backend",
+    "netdissection.plugins.backends.timm_backend",
+    "netdissection.plugins.backends.onnx_backend",
+    "netdissection.plugins.datasets.broden",
+    "netdissection.plugins.datasets.folder_dataset",
+    "netdissection.plugins.datasets.hf_dataset",
+    "netdissection.plugins.datasets.data_commands",
     "netdissection.plugins.quantile",
-    "netdissection.plugins.writers",
-    "netdissection.plugins.plots",  # before html_report: the page shows the plots when they are there
-    "netdissection.plugins.html_report",
-    "netdissection.plugins.report_command",
+    "netdissection.plugins.reports.writers",
+    "netdissection.plugins.reports.plots",  # before html_report: the page shows the plots when they are there
+    "netdissection.plugins.reports.html_report",
+    "netdissection.plugins.reports.report_command",
 )
 
 COMPONENT_KINDS = {

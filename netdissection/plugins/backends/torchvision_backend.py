@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..core.errors import DissectionError, UnknownNameError
-from ..core.hookspecs import hookimpl
-from ..core.types import BackendOptions, InputSpec, LayerInfo
+from ...core.errors import DissectionError, UnknownNameError
+from ...core.hookspecs import hookimpl
+from ...core.types import BackendOptions, InputSpec, LayerInfo
 
 if TYPE_CHECKING:  # torch is imported when a backend is made, not when plugins are listed
     import torch

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.files import atomic_write, layer_dirnames
-from ..core.hookspecs import hookimpl
-from ..core.scores import DetectorCounts, UnitScore, count_detectors, unit_scores
-from ..core.types import DETECTOR_IOU, RunResult
+from ...core.files import atomic_write, layer_dirnames
+from ...core.hookspecs import hookimpl
+from ...core.scores import DetectorCounts, UnitScore, count_detectors, unit_scores
+from ...core.types import DETECTOR_IOU, RunResult
 from .report_style import category_colours
 
 if TYPE_CHECKING:  # pragma: no cover

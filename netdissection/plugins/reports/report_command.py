@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ..core.hookspecs import hookimpl
+from ...core.hookspecs import hookimpl
 
 
 @hookimpl
@@ -30,8 +30,8 @@ def dissect_register_commands(cli: click.Group) -> None:
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def report_command(results_dir: str, top_k: int | None, reporters: tuple[str, ...], verbose: int) -> None:
     """Rebuild the reports (HTML, plots, tally...) of the finished run in RESULTS_DIR, without the model."""
-    from ..cli import _host, _setup_logging, out_console
-    from ..summary import print_summary
+    from ...cli import _host, _setup_logging, out_console
+    from ...summary import print_summary
 
     _setup_logging(verbose + 1)
     started = time.perf_counter()
@@ -45,9 +45,9 @@ def report_command(results_dir: str, top_k: int | None, reporters: tuple[str, ..
 def rebuild_reports(host: Any, results_dir: Path, *, reporters: list[str] | None = None,
                     top_k: int | None = None) -> Any:
     """Load the run in ``results_dir`` and write its reports again; returns the run (``written`` set)."""
-    from ..core.errors import DissectionError
-    from ..core.results import load_run
-    from ..core.run import write_reports
+    from ...core.errors import DissectionError
+    from ...core.reporting import write_reports
+    from ...core.results import load_run
 
     if not results_dir.exists():
         raise DissectionError(f"results folder {results_dir} does not exist; pass the --out folder of a "

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..core.types import LayerResult
+from ...core.types import LayerResult
 from .overlay import unit_overlay
 
 if TYPE_CHECKING:  # pragma: no cover

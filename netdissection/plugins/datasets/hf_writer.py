@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..core.errors import DissectionError
+from ...core.errors import DissectionError
 from .broden_writer import Progress, image_source, staging, write_csv
 from .folder_dataset import CONCEPTS
 from .folder_writer import concept_rows
 from .labelmaps import MAX_ID, encode_gray, encode_png, read_size
 
 if TYPE_CHECKING:
-    from ..core.protocols import ConceptDataset
+    from ...core.protocols import ConceptDataset
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import csv
 import io
 from pathlib import Path
 
-from ..core.files import atomic_write_text, layer_dirnames
-from ..core.hookspecs import hookimpl
-from ..core.types import LayerResult, RunResult
+from ...core.files import atomic_write_text, layer_dirnames
+from ...core.hookspecs import hookimpl
+from ...core.types import LayerResult, RunResult
 
 TALLY = "tally.csv"
 THRESHOLDS = "thresholds.csv"
@@ -23,7 +23,7 @@ def tally_header(categories: tuple[str, ...]) -> list[str]:
 
 def tally_text(result: LayerResult) -> str:
     """NetDissect's tally: one row per unit (1-based) by descending score, floats at full precision."""
-    from ..core.scores import best_per_category, iou_matrix, unit_scores
+    from ...core.scores import best_per_category, iou_matrix, unit_scores
 
     iou = iou_matrix(result)
     per_cat = best_per_category(result, iou)
@@ -68,7 +68,7 @@ def dissect_register_reporters(register) -> None:  # type: ignore[no-untyped-def
 
 def read_tally(path: Path) -> tuple[list[str], list]:  # type: ignore[type-arg]
     """Read any NetDissect-format tally.csv: its categories (column order) and its rows as UnitScores."""
-    from ..core.scores import UnitScore
+    from ...core.scores import UnitScore
 
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)

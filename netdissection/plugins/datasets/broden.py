@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..core.errors import DissectionError, UnknownNameError
-from ..core.hookspecs import hookimpl
-from ..core.types import Concept, Sample, Vocabulary
+from ...core.errors import DissectionError, UnknownNameError
+from ...core.hookspecs import hookimpl
+from ...core.types import Concept, Sample, Vocabulary
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from ..core.errors import DissectionError, UnknownNameError
-from ..core.hookspecs import hookimpl
+from ...core.errors import DissectionError, UnknownNameError
+from ...core.hookspecs import hookimpl
 
 F = Callable[..., Any]
 
@@ -61,7 +61,7 @@ def open_dataset(path: str, dataset_format: str | None, categories: tuple[str, .
                  mask_columns: tuple[str, ...], split: str | None, concepts: str | None) -> Any:
     """Open a dataset as ``dissect run`` does (core.run.resolve_dataset), without importing core.run: it
     imports torch, seconds of start-up that checking or converting a dataset does not need."""
-    from ..cli import _host, _split
+    from ...cli import _host, _split
 
     options = {k: v for k, v in dict(image_column=image_column, split=split, concepts=concepts,
                                      mask_columns=list(mask_columns) or None).items() if v is not None}
@@ -89,7 +89,7 @@ def _progress(description: str, total: int | None, transfer: bool = False) -> An
         TransferSpeedColumn,
     )
 
-    from ..cli import err_console
+    from ...cli import err_console
 
     counts = (DownloadColumn(), TransferSpeedColumn()) if transfer else (MofNCompleteColumn(),)
     progress = Progress(TextColumn(f"{description:<12}"), BarColumn(), *counts, TimeRemainingColumn(),
@@ -112,7 +112,7 @@ def _progress(description: str, total: int | None, transfer: bool = False) -> An
 def download_command(name: str, dest: str | None, mirror: str | None, keep_zip: bool, retries: int,
                      verbose: int) -> None:
     """Download Broden NAME (broden1_224, broden1_227, broden1_384): resumable, unpacked and verified."""
-    from ..cli import _setup_logging, out_console
+    from ...cli import _setup_logging, out_console
     from .download import default_dest, download_broden
 
     _setup_logging(verbose + 1)
@@ -142,8 +142,8 @@ def info_command(path: str, dataset_format: str | None, categories: tuple[str, .
     """Show the images, concepts and label coverage per category of the concept dataset at PATH."""
     from rich.table import Table
 
-    from ..cli import _setup_logging, out_console
-    from ..core.loading import default_workers
+    from ...cli import _setup_logging, out_console
+    from ...core.loading import default_workers
 
     _setup_logging(verbose)
     dataset = open_dataset(path, dataset_format, categories, image_column, mask_columns, split, concepts)
@@ -170,7 +170,7 @@ def scan_labels(dataset: Any, workers: int) -> tuple[Any, int, set[tuple[int, in
     """Label statistics of every sample (decoded in worker processes); the unreadable ones are counted."""
     import logging
 
-    from ..core import loading
+    from ...core import loading
     from .data_stats import LabelStats
 
     stats = LabelStats(dataset.vocabulary)
@@ -204,7 +204,7 @@ def scan_labels(dataset: Any, workers: int) -> tuple[Any, int, set[tuple[int, in
 def validate_command(path: str, dataset_format: str | None, categories: tuple[str, ...], image_column: str | None,
                      mask_columns: tuple[str, ...], split: str | None, concepts: str | None, verbose: int) -> None:
     """Check the concept dataset at PATH and report every problem at once (exit status 2 if any)."""
-    from ..cli import _host, _setup_logging, out_console
+    from ...cli import _host, _setup_logging, out_console
     from .folder_dataset import CONCEPTS, SAMPLES
 
     _setup_logging(verbose)
@@ -293,7 +293,7 @@ def convert_command(src: str, dest: str, target_format: str, dataset_format: str
                     categories: tuple[str, ...], image_column: str | None, mask_columns: tuple[str, ...],
                     split: str | None, concepts: str | None, verbose: int) -> None:
     """Convert the concept dataset SRC (folder, HuggingFace, Broden) into a new folder DEST."""
-    from ..cli import _host, _setup_logging, out_console
+    from ...cli import _host, _setup_logging, out_console
 
     _setup_logging(verbose + 1)
     write = writer_for(_host(), target_format)

@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .. import __version__
-from ..core.errors import DissectionError, UnknownNameError
+from ... import __version__
+from ...core.errors import DissectionError, UnknownNameError
 
 log = logging.getLogger(__name__)
 

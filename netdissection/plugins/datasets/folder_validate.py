@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import DissectionError
+from ...core.errors import DissectionError
 from .folder_dataset import CONCEPTS, Problem, categories_in_order, read_concepts, read_samples
 from .labelmaps import decode_labels, decode_rgb
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.errors import DissectionError, UnknownNameError
-from ..core.types import LayerInfo
+from ...core.errors import DissectionError, UnknownNameError
+from ...core.types import LayerInfo
 from .layouts import VECTOR_LAYOUT, Layout, detect, token_hints
 
 

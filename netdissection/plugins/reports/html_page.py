@@ -1,4 +1,4 @@
-"""The markup of the HTML report (see :mod:`netdissection.plugins.html_report`).
+"""The markup of the HTML report (see :mod:`netdissection.plugins.reports.html_report`).
 
 Cards carry their sort keys as ``data-`` attributes (unit, iou, label, cat) and the inline script
 reorders and hides them; the markup is kept terse because a 512-unit layer has 512 cards.
@@ -10,9 +10,9 @@ import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..core.files import layer_dirnames
-from ..core.scores import DetectorCounts, UnitScore, count_detectors, unit_scores
-from ..core.types import DETECTOR_IOU, LayerResult, RunResult
+from ...core.files import layer_dirnames
+from ...core.scores import DetectorCounts, UnitScore, count_detectors, unit_scores
+from ...core.types import DETECTOR_IOU, LayerResult, RunResult
 from .html_assets import CSS, JS
 from .html_report import FILES
 from .plots import LAYER_PLOTS, LAYERS_PLOT

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..core.errors import DissectionError
+from ...core.errors import DissectionError
 
 #: The largest label id: what a 16-bit grayscale or a Broden RGB (R + 256·G) label map can hold.
 MAX_ID = 65535

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..core.errors import DissectionError, UnknownNameError
-from ..core.hookspecs import hookimpl
-from ..core.types import Concept, Sample, Vocabulary
+from ...core.errors import DissectionError, UnknownNameError
+from ...core.hookspecs import hookimpl
+from ...core.types import Concept, Sample, Vocabulary
 from .folder_dataset import CATEGORY_NAME, CONCEPTS
 from .labelmaps import MAX_ID, decode_labels, decode_rgb, read_size
 

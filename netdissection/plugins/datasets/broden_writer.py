@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..core.errors import DissectionError
+from ...core.errors import DissectionError
 from .data_stats import LabelStats
 from .labelmaps import MAX_ID, encode_broden_rgb, encode_png, read_format, read_size
 
 if TYPE_CHECKING:  # the protocols module imports torch; writers must not
-    from ..core.protocols import ConceptDataset
+    from ...core.protocols import ConceptDataset
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.types import Vocabulary
+from ...core.types import Vocabulary
 
 
 @dataclass(frozen=True)

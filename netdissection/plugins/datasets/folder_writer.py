@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..core.errors import DissectionError
+from ...core.errors import DissectionError
 from .broden_writer import Progress, staging, stems, write_csv, write_image
 from .folder_dataset import CONCEPTS, SAMPLES
 from .labelmaps import MAX_ID, encode_gray
 
 if TYPE_CHECKING:
-    from ..core.protocols import ConceptDataset
-    from ..core.types import Vocabulary
+    from ...core.protocols import ConceptDataset
+    from ...core.types import Vocabulary
 
 log = logging.getLogger(__name__)
 

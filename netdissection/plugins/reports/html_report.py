@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.errors import DissectionError
-from ..core.files import atomic_write_text, layer_dirnames
-from ..core.hookspecs import hookimpl
-from ..core.types import RunResult
+from ...core.errors import DissectionError
+from ...core.files import atomic_write_text, layer_dirnames
+from ...core.hookspecs import hookimpl
+from ...core.types import RunResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from .strips import Strip
@@ -54,7 +54,7 @@ def reopen_dataset(result: RunResult) -> Any:
     fmt, path = described.get("format"), described.get("path")
     if not fmt or not path:
         return DatasetProblem("the results do not say which dataset the run used")
-    from ..registry import build_host
+    from ...registry import build_host
 
     try:
         dataset = build_host().catalog("dataset").get(fmt).factory(path, categories=described.get("categories"))

@@ -32,9 +32,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.errors import DissectionError, MissingExtraError, UnknownNameError
-from ..core.hookspecs import hookimpl
-from ..core.types import BackendOptions, InputSpec, LayerInfo
+from ...core.errors import DissectionError, MissingExtraError, UnknownNameError
+from ...core.hookspecs import hookimpl
+from ...core.types import BackendOptions, InputSpec, LayerInfo
 
 if TYPE_CHECKING:  # torch and timm are imported when a backend is made, not when plugins are listed
     import torch

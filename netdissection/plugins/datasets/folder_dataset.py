@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ..core.errors import DissectionError, UnknownNameError
-from ..core.hookspecs import hookimpl
-from ..core.types import Concept, Sample, Vocabulary
+from ...core.errors import DissectionError, UnknownNameError
+from ...core.hookspecs import hookimpl
+from ...core.types import Concept, Sample, Vocabulary
 from .labelmaps import MAX_ID, decode_labels, decode_rgb, read_size
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Backends: the frameworks a model comes from (torchvision, timm, ONNX)."""
