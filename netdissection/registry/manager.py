@@ -29,7 +29,7 @@ BUILTIN_PLUGINS = (
     "netdissection.plugins.datasets.folder_dataset",
     "netdissection.plugins.datasets.hf_dataset",
     "netdissection.plugins.datasets.data_commands",
-    "netdissection.plugins.quantile",
+    "netdissection.plugins.thresholds.quantile",
     "netdissection.plugins.reports.writers",
     "netdissection.plugins.reports.plots",  # before html_report: the page shows the plots when they are there
     "netdissection.plugins.reports.html_report",

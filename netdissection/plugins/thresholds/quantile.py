@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..core.hookspecs import hookimpl
+from ...core.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     import numpy as np
@@ -23,7 +23,7 @@ class QuantileRule:
 
     def __init__(self, units: int, values_per_unit: int, *, q: float = DEFAULT_Q, compat: str = "paper",
                  device: str | torch.device = "cpu") -> None:
-        from ..core.quantile import StreamingTopK, values_needed
+        from ...core.quantile import StreamingTopK, values_needed
 
         if not 0 < q < 1:
             raise ValueError(f"quantile q must be between 0 and 1, got {q}")
@@ -40,7 +40,7 @@ class QuantileRule:
         self._top.update(activations)
 
     def finish(self) -> np.ndarray:
-        from ..core.quantile import quantile_from_top
+        from ...core.quantile import quantile_from_top
 
         n = self._top.count
         if n > self.expected:

@@ -1,0 +1,1 @@
+"""Threshold rules: how each unit's activation threshold is set (the paper's exact quantile)."""
