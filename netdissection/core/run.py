@@ -67,12 +67,7 @@ def resolve_dataset(host: Any, dataset: Any, dataset_format: str | None,
     catalog = host.catalog("dataset")
     options = options or {}
     if dataset is None:
-        from ..plugins.datasets.generated import default_concept_set
-
-        path = default_concept_set()
-        log.info("No --dataset given: using the built-in generated concept set at %s "
-                    "(pass --dataset PATH for Broden or your own data)", path)
-        return catalog.get("broden").factory(path, categories=categories, **options)
+        return catalog.get("builtin").factory(None, categories=categories, **options)
     if not isinstance(dataset, str | Path):
         return dataset  # already a dataset object (Python API)
     if dataset_format is not None:

@@ -28,6 +28,7 @@ BUILTIN_PLUGINS = (
     "netdissection.plugins.datasets.broden",
     "netdissection.plugins.datasets.folder_dataset",
     "netdissection.plugins.datasets.hf_dataset",
+    "netdissection.plugins.datasets.generated",
     "netdissection.plugins.datasets.data_commands",
     "netdissection.plugins.thresholds.quantile",
     "netdissection.plugins.reports.writers",

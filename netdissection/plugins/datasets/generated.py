@@ -23,13 +23,16 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["CATEGORIES", "LABELS", "default_concept_set", "generate_concept_set"]
+from ...core.hookspecs import hookimpl
+
+__all__ = ["CATEGORIES", "LABELS", "builtin_dataset", "default_concept_set", "generate_concept_set"]
 
 log = logging.getLogger(__name__)
 
@@ -730,3 +733,19 @@ def default_concept_set(cache_dir: pathlib.Path | None = None) -> pathlib.Path:
         if not (root / "index.csv").exists():
             raise  # something else is in the way, not a concurrent generator's result
     return root
+
+
+def builtin_dataset(path: object = None, categories: Sequence[str] | None = None, **options: object) -> Any:
+    """The ``builtin`` dataset format: the generated default set, read as the Broden folder it is."""
+    from .broden import BrodenDataset
+
+    root = default_concept_set()
+    log.info("No --dataset: using the built-in concept set of %d generated images", DEFAULT_IMAGES)
+    log.debug("built-in concept set: %s (pass --dataset PATH for Broden or your own data)", root)
+    return BrodenDataset(root, categories, **options)
+
+
+@hookimpl
+def dissect_register_datasets(register) -> None:  # type: ignore[no-untyped-def]
+    register("builtin", builtin_dataset,
+             description="the generated concept set used when no --dataset is given (300 images, 6 categories)")
