@@ -114,3 +114,13 @@ def test_lifecycle_hooks_fire_in_order(concept_set: Path, tmp_path: Path) -> Non
     finally:
         (concept_set / "missing.jpg").rename(concept_set / "images" / "gen" / "000003.jpg")
     assert events[-1] == "run_error:DissectionError"
+
+
+def test_random_weights_are_reproducible(concept_set: Path, tmp_path: Path) -> None:
+    """Without weights, the same model name gives the same numbers run after run (seeded init)."""
+    import numpy as np
+
+    first = netdissection.dissect("resnet18", dataset=str(concept_set), layers=["layer2"], workers=0)
+    second = netdissection.dissect("resnet18", dataset=str(concept_set), layers=["layer2"], workers=0)
+    np.testing.assert_array_equal(first.layers["layer2"].thresholds, second.layers["layer2"].thresholds)
+    assert first.provenance["backend_details"]["random_init_seed"] == 0

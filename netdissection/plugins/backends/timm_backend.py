@@ -234,14 +234,15 @@ class TimmBackend:
         from torch import nn
 
         from .layouts import fit_input
-        from .torch_common import HookedModel, file_sha256, load_weights
+        from .torch_common import HookedModel, file_sha256, load_weights, seeded_init
 
         self.options = options
         self.model_name = str(model_ref)
         self.device = torch.device(options.device)
         self.weights_sha256: str | None = None
         _check_name(timm, self.model_name)
-        model = _create(timm, self.model_name, options)
+        with seeded_init():
+            model = _create(timm, self.model_name, options)
         if options.weights:
             load_weights(model, options.weights, self.model_name)
             self.weights_sha256 = file_sha256(options.weights)
@@ -301,10 +302,13 @@ class TimmBackend:
         import timm
         import torch
 
+        from .torch_common import INIT_SEED
+
         cfg = getattr(self.model, "pretrained_cfg", {}) or {}
         return {"backend": self.name, "model": self.model_name, "weights": self.options.weights,
                 "weights_sha256": self.weights_sha256, "pretrained": self.options.pretrained,
                 "pretrained_source": cfg.get("hf_hub_id") or cfg.get("url") if self.options.pretrained else None,
+                "random_init_seed": None if self.options.pretrained or self.options.weights else INIT_SEED,
                 "stages": {f"{STAGE}{i}": m for i, m in enumerate(self.stages)},
                 "input_size": list(self.spatial_input),
                 "fixed_input_size": list(self.fixed_size) if self.fixed_size else None,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +168,16 @@ class HookedModel:
         if layout is None or not layout.spatial:
             return output  # the scheduler says a non-spatial output is no map
         return layout.to_map(output, input_hw)
+
+
+#: Random weights are drawn from this seed, so that dissecting the same model name twice without
+#: weights gives the same numbers (the caller's own random state is left as it was).
+INIT_SEED = 0
+
+
+@contextmanager
+def seeded_init(seed: int = INIT_SEED) -> Iterator[None]:
+    """Build a model with reproducible random weights without touching the global random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

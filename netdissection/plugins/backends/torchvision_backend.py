@@ -38,11 +38,12 @@ class TorchvisionBackend:
         from torch import nn
 
         from .layouts import fit_input
-        from .torch_common import HookedModel, file_sha256, load_weights
+        from .torch_common import INIT_SEED, HookedModel, file_sha256, load_weights, seeded_init
 
         self.options = options
         self.device = torch.device(options.device)
         self.weights_sha256: str | None = None
+        self.random_init_seed: int | None = None  # set when the weights are the seeded random init
         if isinstance(model_ref, nn.Module):
             model, self.model_name = model_ref, type(model_ref).__name__
         else:
@@ -54,7 +55,10 @@ class TorchvisionBackend:
                                             "print(torchvision.models.list_models())'")
             weights = "DEFAULT" if options.pretrained and not options.weights else None
             try:
-                model = torchvision.models.get_model(self.model_name, weights=weights)
+                with seeded_init():
+                    model = torchvision.models.get_model(self.model_name, weights=weights)
+                if weights is None and not options.weights:
+                    self.random_init_seed = INIT_SEED
             except (OSError, RuntimeError) as exc:  # urllib errors are OSErrors
                 raise DissectionError(
                     f"cannot download the pretrained weights of {self.model_name} ({exc}); without a network, "
@@ -104,6 +108,7 @@ class TorchvisionBackend:
 
         return {"backend": self.name, "model": self.model_name, "weights": self.options.weights,
                 "weights_sha256": self.weights_sha256, "pretrained": self.options.pretrained,
+                "random_init_seed": self.random_init_seed,
                 "torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
