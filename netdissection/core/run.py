@@ -193,11 +193,13 @@ def dissect(
         for layer_result in layer_results.values():
             layer_result.seconds = dict(seconds)
             host.hook.dissect_layer_finish(run=provenance, result=layer_result)
-        seconds["total"] = time.perf_counter() - started
+        seconds["passes"] = time.perf_counter() - started
         result = RunResult(layers=layer_results, provenance=provenance, seconds=seconds, images=images,
                            dataset=concept_set)
         if out is not None:
+            started = time.perf_counter()
             write_reports(host, result, Path(out), reporters)
+            seconds["reports"] = time.perf_counter() - started
     except BaseException as exc:
         host.hook.dissect_run_error(run=provenance, error=exc)
         raise
