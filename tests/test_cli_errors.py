@@ -9,16 +9,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    # Progress bars may have been drawn before the error; the error itself is the one last line.
-    lines = [line for line in err.strip().splitlines() if line.strip() and "images/s" not in line]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, err)
+from .cli_checks import assert_one_line_error
 
 
 def _no_results(out: Path) -> None:
@@ -33,33 +24,33 @@ def data(random_broden) -> Path:  # type: ignore[no-untyped-def]
 
 def test_unknown_model_suggests_close_names(run_cli, data: Path) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run_cli("resnet188", "--dataset", data)
-    _one_line_error(code, err, "resnet188", "resnet18")
+    assert_one_line_error(code, err, "resnet188", "resnet18")
 
 
 def test_unknown_backend(run_cli, data: Path) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run_cli("resnet18", "--backend", "torchvison", "--dataset", data)
-    _one_line_error(code, err, "torchvison", "torchvision")
+    assert_one_line_error(code, err, "torchvison", "torchvision")
 
 
 def test_unknown_layer_suggests_close_names(run_cli, data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run_cli("resnet18", "--layer", "layer5", "--dataset", data, "--out", tmp_path / "o")
-    _one_line_error(code, err, "layer5", "layer4")
+    assert_one_line_error(code, err, "layer5", "layer4")
     _no_results(tmp_path / "o")
 
 
 def test_layer_without_spatial_map(run_cli, data: Path) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run_cli("resnet18", "--layer", "fc", "--dataset", data)
-    _one_line_error(code, err, "'fc'", "no spatial map")
+    assert_one_line_error(code, err, "'fc'", "no spatial map")
 
 
 def test_missing_dataset_folder(run_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run_cli("resnet18", "--dataset", tmp_path / "nowhere")
-    _one_line_error(code, err, "nowhere", "does not exist")
+    assert_one_line_error(code, err, "nowhere", "does not exist")
 
 
 def test_unknown_category(run_cli, data: Path) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run_cli("resnet18", "--dataset", data, "--categories", "object,colour")
-    _one_line_error(code, err, "colour", "color")
+    assert_one_line_error(code, err, "colour", "color")
 
 
 def test_malformed_index_csv(run_cli, data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -69,7 +60,7 @@ def test_malformed_index_csv(run_cli, data: Path, tmp_path: Path) -> None:  # ty
     with index.open("w", newline="") as f:
         csv.writer(f).writerows(rows)
     code, _, err = run_cli("resnet18", "--dataset", data, "--out", tmp_path / "o")
-    _one_line_error(code, err, "index.csv", "sh")
+    assert_one_line_error(code, err, "index.csv", "sh")
 
 
 def test_non_integer_size_in_index_csv(run_cli, data: Path) -> None:  # type: ignore[no-untyped-def]
@@ -80,20 +71,20 @@ def test_non_integer_size_in_index_csv(run_cli, data: Path) -> None:  # type: ig
     text[2] = ",".join(fields)
     index.write_text("\n".join(text) + "\n")
     code, _, err = run_cli("resnet18", "--dataset", data)
-    _one_line_error(code, err, "index.csv line 3", "sixteen")
+    assert_one_line_error(code, err, "index.csv line 3", "sixteen")
 
 
 def test_corrupt_image(run_cli, data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (data / "images" / "img004.png").write_bytes(b"not a png at all")
     code, _, err = run_cli("resnet18", "--dataset", data, "--out", tmp_path / "o", "--workers", "0")
-    _one_line_error(code, err, "img004.png", "corrupt", "--skip-bad")
+    assert_one_line_error(code, err, "img004.png", "corrupt", "--skip-bad")
     _no_results(tmp_path / "o")
 
 
 def test_corrupt_label_png(run_cli, data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (data / "images" / "img003_part_2.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     code, _, err = run_cli("resnet18", "--dataset", data, "--out", tmp_path / "o", "--workers", "1")
-    _one_line_error(code, err, "img003_part_2.png", "corrupt")
+    assert_one_line_error(code, err, "img003_part_2.png", "corrupt")
     _no_results(tmp_path / "o")
 
 
@@ -102,7 +93,7 @@ def test_label_size_disagrees_with_index(run_cli, data: Path, tmp_path: Path) ->
 
     Image.new("RGB", (15, 16)).save(data / "images" / "img001_object.png")
     code, _, err = run_cli("resnet18", "--dataset", data, "--out", tmp_path / "o", "--workers", "0")
-    _one_line_error(code, err, "img001_object.png", "16×15", "16×16")
+    assert_one_line_error(code, err, "img001_object.png", "16×15", "16×16")
     _no_results(tmp_path / "o")
 
 
@@ -122,7 +113,7 @@ def test_errors_through_the_console_script(data: Path) -> None:
     """The installed command itself: exit status 2 and a single line on stderr."""
     proc = subprocess.run([sys.executable, "-m", "netdissection.cli", "resnet18", "--layer", "layer9",
                            "--dataset", str(data)], capture_output=True, text=True, timeout=120)
-    _one_line_error(proc.returncode, proc.stderr, "layer9")
+    assert_one_line_error(proc.returncode, proc.stderr, "layer9")
 
 
 def test_a_run_killed_half_way_leaves_nothing_complete(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import json
 import pickle
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,8 +16,6 @@ from PIL import Image
 from netdissection.core import loading
 from netdissection.core.errors import DissectionError, UnknownNameError
 from netdissection.plugins.datasets.hf_dataset import HFDataset, is_hf
-
-datasets = pytest.importorskip("datasets")
 
 SIZE = 32
 

@@ -21,6 +21,8 @@ from netdissection.plugins.backends.onnx_backend import OnnxBackend
 from netdissection.plugins.backends.torch_common import file_sha256
 from netdissection.plugins.datasets.generated import generate_concept_set
 
+from .cli_checks import assert_one_line_error
+
 LAYER3 = "/layer3/layer3.1/relu_1/Relu_output_0"
 LAYER4 = "/layer4/layer4.1/relu_1/Relu_output_0"
 
@@ -45,14 +47,6 @@ def resnet18(seed: int = 0) -> nn.Module:
     return torchvision.models.resnet18().eval()
 
 
-def _one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip() and "images/s" not in line]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, err)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +170,7 @@ def test_channels_last_input_graph(tmp_path: Path, r18_onnx: Path) -> None:
 
 
 def test_vit_onnx_token_layers_become_grids(tmp_path: Path, concept_set: Path) -> None:
-    timm = pytest.importorskip("timm")
+    import timm
     torch.manual_seed(0)
     vit = timm.create_model("vit_small_patch16_224", img_size=64, depth=4)
     path = export_onnx(vit, tmp_path / "vit.onnx", dynamic_size=False)
@@ -197,29 +191,29 @@ def test_file_that_is_not_onnx(run_cli: Callable[..., tuple[int, str, str]], tmp
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"this is not a protobuf \x00\xff\xfe at all" * 10)
     code, _, err = run_cli(bad, "--dataset", concept_set)
-    _one_line_error(code, err, str(bad), "not an ONNX model")
+    assert_one_line_error(code, err, str(bad), "not an ONNX model")
     bad.write_bytes(b"")
     code, _, err = run_cli("layers", bad)
-    _one_line_error(code, err, "not an ONNX model")
+    assert_one_line_error(code, err, "not an ONNX model")
 
 
 def test_missing_onnx_file(run_cli: Callable[..., tuple[int, str, str]], tmp_path: Path) -> None:
     code, _, err = run_cli("layers", tmp_path / "nowhere.onnx")
-    _one_line_error(code, err, "nowhere.onnx", "does not exist")
+    assert_one_line_error(code, err, "nowhere.onnx", "does not exist")
 
 
 def test_unknown_tensor_suggests_close_names(run_cli: Callable[..., tuple[int, str, str]], r18_onnx: Path,
                                             concept_set: Path, tmp_path: Path) -> None:
     code, _, err = run_cli(r18_onnx, "--layer", "/layer4/layer4.1/relu_2/Relu_output_0", "--dataset", concept_set,
                            "--out", tmp_path / "o")
-    _one_line_error(code, err, "relu_2", LAYER4)
+    assert_one_line_error(code, err, "relu_2", LAYER4)
     assert not (tmp_path / "o" / "summary.json").exists()
 
 
 def test_tensor_without_spatial_map(run_cli: Callable[..., tuple[int, str, str]], r18_onnx: Path,
                                     concept_set: Path) -> None:
     code, _, err = run_cli(r18_onnx, "--layer", "logits", "--dataset", concept_set)
-    _one_line_error(code, err, "'logits'", "no spatial map")
+    assert_one_line_error(code, err, "'logits'", "no spatial map")
 
 
 def test_missing_onnxruntime_names_the_extra(monkeypatch: pytest.MonkeyPatch, r18_onnx: Path) -> None:

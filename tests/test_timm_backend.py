@@ -10,28 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 import netdissection
 from netdissection.core.errors import UnknownNameError
 from netdissection.core.run import resolve_backend
 from netdissection.core.types import BackendOptions
+from netdissection.plugins.backends.timm_backend import TimmBackend, reachable
 from netdissection.plugins.datasets.generated import generate_concept_set
 from netdissection.registry import build_host
 
-timm = pytest.importorskip("timm")
-
-from netdissection.plugins.backends.timm_backend import TimmBackend, reachable  # noqa: E402
-
-
-def _one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip() and "images/s" not in line]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, err)
+from .cli_checks import assert_one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +133,9 @@ def test_backends_command_lists_order_and_accepts(run_cli: Callable[..., tuple[i
 def test_unknown_timm_name_suggests_close_names(run_cli: Callable[..., tuple[int, str, str]],
                                                 concept_set: Path) -> None:
     code, _, err = run_cli("convnxt_tiny", "--backend", "timm", "--dataset", concept_set)
-    _one_line_error(code, err, "convnxt_tiny", "convnext_tiny")
+    assert_one_line_error(code, err, "convnxt_tiny", "convnext_tiny")
     code, _, err = run_cli("convnxt_tiny", "--dataset", concept_set)  # no --backend: every name-based backend
-    _one_line_error(code, err, "convnxt_tiny", "convnext_tiny")
+    assert_one_line_error(code, err, "convnxt_tiny", "convnext_tiny")
 
 
 def test_checkpoint_of_another_architecture(run_cli: Callable[..., tuple[int, str, str]], tmp_path: Path,
@@ -153,9 +143,9 @@ def test_checkpoint_of_another_architecture(run_cli: Callable[..., tuple[int, st
     weights = tmp_path / "resnet18.pth"
     torch.save(timm.create_model("resnet18").state_dict(), weights)
     code, _, err = run_cli("resnet34", "--backend", "timm", "--weights", weights, "--dataset", concept_set)
-    _one_line_error(code, err, "resnet18.pth", "resnet34", "missing")
+    assert_one_line_error(code, err, "resnet18.pth", "resnet34", "missing")
     code, _, err = run_cli("efficientnet_b0", "--backend", "timm", "--weights", weights, "--dataset", concept_set)
-    _one_line_error(code, err, "efficientnet_b0", "missing", "unexpected")
+    assert_one_line_error(code, err, "efficientnet_b0", "missing", "unexpected")
     assert re.search(r"\d+ missing .* \d+ unexpected", err), err
 
 
@@ -167,7 +157,7 @@ def test_pretrained_offline_fails_fast(run_cli: Callable[..., tuple[int, str, st
     started = time.perf_counter()
     code, _, err = run_cli("resnet50", "--backend", "timm", "--pretrained", "--dataset", concept_set)
     assert time.perf_counter() - started < 20
-    _one_line_error(code, err, "resnet50", "HF_HUB_OFFLINE", "--weights")
+    assert_one_line_error(code, err, "resnet50", "HF_HUB_OFFLINE", "--weights")
 
 
 def test_unreachable_host_is_detected_within_the_timeout() -> None:

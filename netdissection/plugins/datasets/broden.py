@@ -144,36 +144,31 @@ def _decode_problem(exc: Exception, path: Path) -> str:
     return str(exc).replace(str(path), "").strip(" :'") or type(exc).__name__
 
 
-def decode_label_png(path: Path, expected: tuple[int, int]) -> np.ndarray:
-    """A Broden label PNG → ``(sh, sw)`` int32 label numbers (R + 256·G)."""
+def _read_rgb(path: Path, what: str, expected: tuple[int, int] | None) -> np.ndarray:
+    """An image file as RGB uint8 ``(H, W, 3)``, with one-line errors naming the file ("what" it is)."""
     try:
         with Image.open(path) as im:
             im.load()
             rgb = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
-        raise DissectionError(f"label image {path} is missing") from None
+        raise DissectionError(f"{what} {path} is missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DissectionError(f"label image {path} is corrupt: {_decode_problem(exc, path)}") from None
-    if rgb.shape[:2] != expected:
-        raise DissectionError(f"label image {path} is {rgb.shape[0]}×{rgb.shape[1]} (h×w) but index.csv says "
+        raise DissectionError(f"{what} {path} is corrupt: {_decode_problem(exc, path)}") from None
+    if expected is not None and rgb.shape[:2] != expected:
+        raise DissectionError(f"{what} {path} is {rgb.shape[0]}×{rgb.shape[1]} (h×w) but index.csv says "
                               f"{expected[0]}×{expected[1]}")
+    return rgb
+
+
+def decode_label_png(path: Path, expected: tuple[int, int]) -> np.ndarray:
+    """A Broden label PNG → ``(sh, sw)`` int32 label numbers (R + 256·G)."""
+    rgb = _read_rgb(path, "label image", expected)
     return rgb[..., 0].astype(np.int32) + 256 * rgb[..., 1].astype(np.int32)
 
 
 def decode_image(path: Path, expected: tuple[int, int] | None = None) -> np.ndarray:
     """An image file → RGB uint8 ``(H, W, 3)``."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            rgb = np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise DissectionError(f"image {path} is missing") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DissectionError(f"image {path} is corrupt: {_decode_problem(exc, path)}") from None
-    if expected is not None and rgb.shape[:2] != expected:
-        raise DissectionError(f"image {path} is {rgb.shape[0]}×{rgb.shape[1]} (h×w) but index.csv says "
-                              f"{expected[0]}×{expected[1]}")
-    return rgb
+    return _read_rgb(path, "image", expected)
 
 
 class BrodenDataset:

@@ -28,7 +28,7 @@ import numpy as np
 from ...core.errors import DissectionError, UnknownNameError
 from ...core.hookspecs import hookimpl
 from ...core.types import Concept, Sample, Vocabulary
-from .labelmaps import MAX_ID, decode_labels, decode_rgb, read_size
+from .labelmaps import MAX_ID, decode_labels, decode_rgb, read_size, selection_table
 
 log = logging.getLogger(__name__)
 
@@ -252,12 +252,7 @@ class FolderDataset:
     def _table(self) -> np.ndarray:
         """Id → id if the concept is selected, 0 if it is a concept of another category, -1 if unknown."""
         if self._lut is None:
-            lut = np.full(MAX_ID + 1, -1, dtype=np.int32)
-            lut[0] = 0
-            lut[self.known_ids] = 0
-            selected = np.array([c.number for c in self.vocabulary.concepts], dtype=np.int64)
-            lut[selected] = selected
-            self._lut = lut
+            self._lut = selection_table(self.known_ids, [c.number for c in self.vocabulary.concepts])
         return self._lut
 
     def __len__(self) -> int:

@@ -34,7 +34,7 @@ from ...core.errors import DissectionError, UnknownNameError
 from ...core.hookspecs import hookimpl
 from ...core.types import Concept, Sample, Vocabulary
 from .folder_dataset import CATEGORY_NAME, CONCEPTS
-from .labelmaps import MAX_ID, decode_labels, decode_rgb, read_size
+from .labelmaps import MAX_ID, decode_labels, decode_rgb, read_size, selection_table
 
 if TYPE_CHECKING:
     import datasets
@@ -241,12 +241,7 @@ class HFDataset:
     def lut(self) -> np.ndarray:
         """Id → id when selected, 0 for a concept of another category, -1 for an id that is no concept."""
         if self._lut is None:
-            lut = np.full(MAX_ID + 1, -1, dtype=np.int32)
-            lut[0] = 0
-            lut[self.known_ids] = 0
-            selected = np.array([c.number for c in self.vocabulary.concepts], dtype=np.int64)
-            lut[selected] = selected
-            self._lut = lut
+            self._lut = selection_table(self.known_ids, [c.number for c in self.vocabulary.concepts])
         return self._lut
 
     # ---------------------------------------------------------------------------------------- columns

@@ -15,6 +15,7 @@ Ids run from 0 (unlabelled) to :data:`MAX_ID`.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,14 @@ def encode_gray(labels: np.ndarray, max_id: int) -> bytes:
     if max_id <= 255:
         return encode_png(labels.astype(np.uint8))
     return encode_png(labels.astype(np.uint16))
+
+
+def selection_table(known_ids: np.ndarray, selected_ids: Sequence[int]) -> np.ndarray:
+    """A lookup table over every possible id: the id itself when its concept is selected, 0 for a concept
+    of an unselected category (read as unlabelled), -1 for an id that is no concept (an error to report)."""
+    table = np.full(MAX_ID + 1, -1, dtype=np.int32)
+    table[0] = 0
+    table[known_ids] = 0
+    selected = np.asarray(list(selected_ids), dtype=np.int64)
+    table[selected] = selected
+    return table
