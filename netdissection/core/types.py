@@ -70,6 +70,19 @@ class Vocabulary:
         return {c.number: c for c in self.concepts}
 
 
+def select_categories(available: Sequence[str], requested: Sequence[str] | None) -> tuple[str, ...]:
+    """The requested categories in the dataset's own order (all of them when none are requested); an
+    unknown name fails with close matches."""
+    from .errors import UnknownNameError
+
+    if not requested:
+        return tuple(available)
+    for name in requested:
+        if name not in available:
+            raise UnknownNameError("category", name, available)
+    return tuple(c for c in available if c in requested)
+
+
 @dataclass
 class Sample:
     """One image of a concept dataset with its labels, as the scheduler consumes it.

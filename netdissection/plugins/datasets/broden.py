@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ...core.errors import DissectionError, UnknownNameError
+from ...core.errors import DissectionError
 from ...core.hookspecs import hookimpl
-from ...core.types import Concept, Sample, Vocabulary
+from ...core.types import Concept, Sample, Vocabulary, select_categories
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +190,7 @@ class BrodenDataset:
             raise DissectionError(f"{root} is not a Broden dataset: it has no index.csv")
         self.root = root
         available = read_categories(root)
-        if categories:
-            for c in categories:
-                if c not in available:
-                    raise UnknownNameError("category", c, available)
-            selected = [c for c in available if c in categories]
-        else:
-            selected = available
-        self.categories = tuple(selected)
+        self.categories = select_categories(available, categories)
         self.vocabulary = read_vocabulary(root, self.categories)
         self.rows = read_index(root, self.categories, _pixel_level(root, self.categories))
 

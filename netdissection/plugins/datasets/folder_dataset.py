@@ -27,7 +27,7 @@ import numpy as np
 
 from ...core.errors import DissectionError, UnknownNameError
 from ...core.hookspecs import hookimpl
-from ...core.types import Concept, Sample, Vocabulary
+from ...core.types import Concept, Sample, Vocabulary, select_categories
 from .labelmaps import MAX_ID, decode_labels, decode_rgb, read_size, selection_table
 
 log = logging.getLogger(__name__)
@@ -227,13 +227,7 @@ class FolderDataset:
             raise DissectionError(f"{problems[0].located(root)}{extra}; list them all with: "
                                   f"dissect data validate {root}")
         available = categories_in_order(concepts)
-        if categories:
-            for c in categories:
-                if c not in available:
-                    raise UnknownNameError("category", c, available)
-            selected = tuple(c for c in available if c in categories)
-        else:
-            selected = available
+        selected = select_categories(available, categories)
         self.categories = selected
         self.vocabulary = Vocabulary(selected, tuple(sorted((c for c in concepts if c.category in selected),
                                                             key=lambda c: c.number)))

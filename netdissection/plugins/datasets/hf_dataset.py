@@ -32,7 +32,7 @@ import numpy as np
 
 from ...core.errors import DissectionError, UnknownNameError
 from ...core.hookspecs import hookimpl
-from ...core.types import Concept, Sample, Vocabulary
+from ...core.types import Concept, Sample, Vocabulary, select_categories
 from .folder_dataset import CATEGORY_NAME, CONCEPTS
 from .labelmaps import MAX_ID, decode_labels, decode_rgb, read_size, selection_table
 
@@ -169,13 +169,7 @@ class HFDataset:
         self.columns = self._pick_label_columns(ds.features, mask_columns, concepts_path is not None)
         vocab, self.class_maps = self._vocabulary(ds.features, concepts_path)
         available = tuple(dict.fromkeys(c.category for c in vocab.concepts.values()))
-        if categories:
-            for c in categories:
-                if c not in available:
-                    raise UnknownNameError("category", c, available)
-            selected = tuple(c for c in available if c in categories)
-        else:
-            selected = available
+        selected = select_categories(available, categories)
         chosen = tuple(sorted((c for c in vocab.concepts.values() if c.category in selected), key=lambda c: c.number))
         self.vocabulary = Vocabulary(selected, chosen)
         self.categories = selected
