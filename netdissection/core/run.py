@@ -52,8 +52,7 @@ def resolve_backend(host: Any, model: Any, backend: str | None) -> str:
     if known:
         raise UnknownNameError("model", str(model), dict.fromkeys(known),
                                hint="list the backends with: dissect backends")
-    fallback = "torchvision" if "torchvision" in catalog else catalog.names()[0]
-    return fallback
+    raise DissectionError(f"no backend takes the model {model!r}; pass --backend NAME (see: dissect backends)")
 
 
 def make_backend(host: Any, model: Any, backend: str | None, options: BackendOptions) -> tuple[str, Backend]:
