@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DissectionError
-from .files import atomic_write, atomic_write_text, layer_dirnames
+from .files import atomic_write, atomic_write_text
 from .types import Concept, LayerResult, RunResult, TopImages, Vocabulary
 
 SUMMARY = "summary.json"
@@ -79,7 +79,3 @@ def load_run(out_dir: str | Path) -> RunResult:
         raise DissectionError(f"{root} holds an unreadable run ({exc}); run the dissection again") from None
     return RunResult(layers=layers, provenance=summary["provenance"], seconds=summary.get("seconds", {}),
                      images=int(summary.get("images", 0)))
-
-
-def layer_folders(result: RunResult) -> dict[str, str]:
-    return layer_dirnames(result.layers)

@@ -131,7 +131,7 @@ def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = No
                         state.units = acts.shape[1]
                         values = total * acts.shape[2] * acts.shape[3]
                         state.rule = plan.make_rule(state.units, values)
-                        state.cache = ActivationCache(Path(tmp) / f"layer{len(seen_layers(states))}.f32", total)
+                        state.cache = ActivationCache(Path(tmp) / f"layer{list(states).index(name)}.f32", total)
                         state.top = TopImagesTracker(state.units, plan.top_k)
                     assert state.cache is not None and state.top is not None
                     try:
@@ -206,7 +206,3 @@ def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = No
         )
         log.debug("%s: upsampled %d of %d (image, unit) pairs", name, acc.pairs_upsampled, acc.pairs_seen)
     return results, counted, seconds
-
-
-def seen_layers(states: dict[str, _LayerState]) -> list[str]:
-    return [name for name, s in states.items() if s.cache is not None]

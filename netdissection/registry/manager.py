@@ -7,7 +7,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
-from types import ModuleType
 from typing import Any
 
 import pluggy
@@ -153,7 +152,3 @@ def _collect(pm: pluggy.PluginManager, kind: str, hook_name: str, catalog: Catal
             if record is not None:
                 record.error = message
             log.warning("plugin %s: %s", plugin_name, message)
-
-
-def plugin_module(name: str) -> ModuleType:
-    return importlib.import_module(name)
