@@ -142,3 +142,13 @@ def test_a_run_killed_half_way_leaves_nothing_complete(tmp_path: Path) -> None:
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     assert (out / "layer3" / "tally.csv").is_file() and (out / "summary.json").is_file()
+
+
+def test_device_errors(run_cli, data: Path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    if not torch.cuda.is_available():
+        code, _, err = run_cli("resnet18", "--dataset", data, "--device", "cuda")
+        assert_one_line_error(code, err, "--device cuda", "no CUDA device")
+    code, _, err = run_cli("resnet18", "--dataset", data, "--device", "tpu")
+    assert_one_line_error(code, err, "--device", "'tpu'")
