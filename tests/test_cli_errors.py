@@ -139,9 +139,12 @@ def test_a_run_killed_half_way_leaves_nothing_complete(tmp_path: Path) -> None:
     _no_results(out)
     assert not list(out.rglob("thresholds.csv"))
 
+    assert list(out.glob(".netdissection-cache-*"))  # the killed run could not clean up after itself
+
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     assert (out / "layer3" / "tally.csv").is_file() and (out / "summary.json").is_file()
+    assert not list(out.glob(".netdissection-cache-*"))  # ... and the next run removed what it left
 
 
 def test_device_errors(run_cli, data: Path) -> None:  # type: ignore[no-untyped-def]

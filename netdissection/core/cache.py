@@ -7,11 +7,44 @@ and read with plain positioned I/O, so the process's memory stays flat whatever 
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
+
+CACHE_PREFIX = ".netdissection-cache-"
+
+
+def cache_prefix() -> str:
+    """The prefix of this process's cache folders: it names the process, so a later run can tell the
+    folders of a run that was killed (its process is gone) from those of a run still going."""
+    return f"{CACHE_PREFIX}{os.getpid()}-"
+
+
+def remove_stale_caches(folder: Path | None) -> None:
+    """Delete cache folders left in ``folder`` by runs whose process no longer exists."""
+    if folder is None or not folder.is_dir():
+        return
+    for path in folder.glob(f"{CACHE_PREFIX}*"):
+        pid = path.name[len(CACHE_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing the activation cache of a run that stopped: %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class ActivationCache:

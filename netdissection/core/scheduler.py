@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import loading
-from .cache import ActivationCache
+from .cache import ActivationCache, cache_prefix, remove_stale_caches
 from .errors import DissectionError
 from .iou import IoUAccumulator, prepare_labels
 from .protocols import Backend, ConceptDataset, ThresholdRule
@@ -105,7 +105,8 @@ def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = No
     seconds: dict[str, float] = {}
     states = {name: _LayerState(name) for name in plan.layers}
 
-    with tempfile.TemporaryDirectory(prefix=".netdissection-cache-", dir=plan.work_dir) as tmp:
+    remove_stale_caches(plan.work_dir)
+    with tempfile.TemporaryDirectory(prefix=cache_prefix(), dir=plan.work_dir) as tmp:
         # ---- Pass 1: activations → thresholds (streaming), top images, cache.
         start = time.perf_counter()
         progress.start("activations", total)
