@@ -160,3 +160,8 @@ def test_dissect_run_through_the_cli(run_cli, saved: Path, tmp_path: Path) -> No
     assert header.endswith("object-iou,scene-label,scene-truth,scene-activation,scene-intersect,scene-iou")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["provenance"]["dataset"]["format"] == "hf" and summary["images"] == 4
+    # The reports rebuilt from the saved results reopen the same split and columns for the image strips.
+    code, _, err = run_cli("report", out, "--report", "html")
+    assert code == 0, err
+    assert "without image strips" not in err
+    assert len(list((out / "report_files").rglob("unit*.jpg"))) == 64

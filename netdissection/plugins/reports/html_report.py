@@ -57,7 +57,10 @@ def reopen_dataset(result: RunResult) -> Any:
     from ...registry import build_host
 
     try:
-        dataset = build_host().catalog("dataset").get(fmt).factory(path, categories=described.get("categories"))
+        # "options" holds what else the format needs to reopen the same samples (an HF split and columns).
+        options = {k: v for k, v in (described.get("options") or {}).items() if v is not None}
+        dataset = build_host().catalog("dataset").get(fmt).factory(path, categories=described.get("categories"),
+                                                                   **options)
     except (DissectionError, OSError, ValueError) as exc:
         return DatasetProblem(f"the {fmt} dataset at {path} cannot be reopened ({exc})")
     expected = described.get("images")
