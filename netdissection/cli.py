@@ -186,10 +186,11 @@ def run_command(model: str, backend: str | None, weights: str | None, pretrained
 
 
 def _safe_stem(model: str) -> str:
+    """The default output folder's name: a model file's stem or a model name, made safe for paths."""
     from .core.files import layer_dirnames
 
-    return layer_dirnames([Path(model).stem if Path(model).suffix else model])[
-        Path(model).stem if Path(model).suffix else model]
+    stem = Path(model).stem if Path(model).suffix else model
+    return layer_dirnames([stem])[stem]
 
 
 @cli.command("layers")

@@ -40,3 +40,10 @@ class MissingExtraError(DissectionError):
         super().__init__(
             f"{component} needs the package {package!r}; install it with: pip install 'netdissection[{extra}]'"
         )
+
+
+def refuse_options(options: dict[str, object], what: str) -> None:
+    """Fail when options that ``what`` does not take were given, naming them as the CLI spells them."""
+    if options:
+        names = ", ".join("--" + k.replace("_", "-") for k in options)
+        raise DissectionError(f"{names} does not apply to {what}")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ...core.errors import DissectionError
+from ...core.errors import DissectionError, refuse_options
 from ...core.hookspecs import hookimpl
 from ...core.types import Concept, Sample, Vocabulary, select_categories
 
@@ -177,9 +177,7 @@ class BrodenDataset:
     format = "broden"
 
     def __init__(self, path: str | Path, categories: Sequence[str] | None = None, **options: Any) -> None:
-        if options:
-            names = ", ".join("--" + k.replace("_", "-") for k in options)
-            raise DissectionError(f"{names} does not apply to a Broden dataset")
+        refuse_options(options, "a Broden dataset")
         root = Path(path).expanduser()
         if not root.exists():
             raise DissectionError(f"dataset folder {root} does not exist; pass --dataset with a Broden folder "

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ...core.errors import DissectionError, UnknownNameError
+from ...core.errors import DissectionError, UnknownNameError, refuse_options
 from ...core.hookspecs import hookimpl
 from ...core.types import Concept, Sample, Vocabulary, select_categories
 from .labelmaps import MAX_ID, decode_labels, decode_rgb, read_size, selection_table
@@ -211,9 +211,7 @@ class FolderDataset:
     format = "folder"
 
     def __init__(self, path: str | Path, categories: Sequence[str] | None = None, **options: Any) -> None:
-        if options:
-            names = ", ".join("--" + k.replace("_", "-") for k in options)
-            raise DissectionError(f"{names} does not apply to a folder dataset")
+        refuse_options(options, "a folder dataset")
         root = Path(path).expanduser()
         if not root.is_dir():
             raise DissectionError(f"dataset folder {root} does not exist" if not root.exists()

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...core.errors import DissectionError, UnknownNameError
+from ...core.errors import DissectionError, UnknownNameError, refuse_options
 from ...core.hookspecs import hookimpl
 from ...core.types import Concept, Sample, Vocabulary, select_categories
 from .folder_dataset import CATEGORY_NAME, CONCEPTS
@@ -144,9 +144,7 @@ class HFDataset:
     def __init__(self, path: str | Path, categories: Sequence[str] | None = None, *,
                  image_column: str | None = None, mask_columns: Sequence[str] | None = None,
                  split: str | None = None, concepts: str | Path | None = None, **options: Any) -> None:
-        if options:
-            names = ", ".join("--" + k.replace("_", "-") for k in options)
-            raise DissectionError(f"{names} does not apply to a HuggingFace dataset")
+        refuse_options(options, "a HuggingFace dataset")
         self.ref = strip_prefix(path)
         local = Path(self.ref).expanduser()
         self.saved = is_saved(local)
