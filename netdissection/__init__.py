@@ -1,14 +1,22 @@
 """netdissection: label the units of vision networks with human concepts (Network Dissection).
 
-The public API: :func:`dissect`, :data:`hookimpl` for plugins, and the result types.
+The public API — what users and third-party plugins import:
+
+- :func:`dissect`, :func:`load_results`, :func:`write_reports`, :func:`open_dataset`, :func:`build_host`;
+- :data:`hookimpl` to mark a plugin's hook implementations (the hooks: ``netdissection.core.hookspecs``);
+- the component protocols a plugin implements (:class:`Backend`, :class:`ConceptDataset`,
+  :class:`ThresholdRule`, :class:`ReportWriter`) and the data they exchange (``netdissection.core.types``);
+- :class:`DissectionError`, the one-line error for a user's mistake.
+
+Importing it loads no framework: torch loads when a run starts.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+from .api import build_host, dissect, load_results, open_dataset, write_reports
 from .core.errors import DissectionError
 from .core.hookspecs import hookimpl
+from .core.protocols import Backend, ConceptDataset, ReportWriter, ThresholdRule
 from .core.types import (
     BackendOptions,
     Concept,
@@ -19,36 +27,27 @@ from .core.types import (
     Sample,
     Vocabulary,
 )
-
-__version__ = "0.1.0"
-
-
-def dissect(model: Any, **kwargs: Any) -> RunResult:
-    """Dissect a model; see :func:`netdissection.core.run.dissect` for the options."""
-    from .core.run import dissect as _dissect
-
-    return _dissect(model, **kwargs)
-
-
-def load_results(path: Any) -> RunResult:
-    """Load a finished run from its output folder."""
-    from .core.results import load_run
-
-    return load_run(path)
-
+from .core.version import __version__
 
 __all__ = [
+    "Backend",
     "BackendOptions",
     "Concept",
+    "ConceptDataset",
     "DissectionError",
     "InputSpec",
     "LayerInfo",
     "LayerResult",
+    "ReportWriter",
     "RunResult",
     "Sample",
+    "ThresholdRule",
     "Vocabulary",
     "__version__",
+    "build_host",
     "dissect",
     "hookimpl",
     "load_results",
+    "open_dataset",
+    "write_reports",
 ]

@@ -5,10 +5,13 @@ Plugins add subcommands through the ``dissect_register_commands(cli)`` hook.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +31,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
 from .core.errors import DissectionError
+from .core.version import __version__
 
 log = logging.getLogger("netdissection")
 err_console = Console(stderr=True)
@@ -103,10 +106,78 @@ def _split(values: Sequence[str]) -> list[str]:
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
 
+def _number(value: str) -> Any:
+    """A --threshold-param value: an int or a float when it reads as one, else the string."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _params(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", ctx=ctx, param=param)
+        params[key.strip()] = _number(value.strip())
+    return params
+
+
+class _OneLineWarning(logging.Handler):
+    """Plugin failures as one line each on stderr (never wrapped, so that each failure stays one line)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(Text(f"warning: {record.getMessage()}", style="yellow"), soft_wrap=True)
+
+
 def _setup_logging(verbose: int) -> None:
+    from .registry.failures import failure_log
+
     level = logging.WARNING - 10 * verbose
     handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(message)s", handlers=[handler], force=True)
+    failure_log.handlers[:] = [_OneLineWarning()]
+    failure_log.propagate = False
+
+
+def _verbose_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")(command)
+
+
+def _strict_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--strict-plugins", is_flag=True,
+                        help="Any plugin failure is an error (exit status 2); also NETDISSECTION_STRICT_PLUGINS=1.")(
+        command)
+
+
+@dataclass
+class CliContext:
+    """The context of every ``dissect`` command (``core.hookspecs.CommandContext``): plugin commands get it
+    from ``dissect_register_commands`` and, while they run, as the click context's ``obj``."""
+
+    host: Any
+    out: Console
+    err: Console
+
+    def setup_logging(self, verbose: int) -> None:
+        _setup_logging(verbose)
+
+    def split(self, values: Sequence[str]) -> list[str]:
+        return _split(values)
+
+    def verbose_option(self, command: Callable[..., Any]) -> Callable[..., Any]:
+        return _verbose_option(command)
+
+    def strict_plugins_option(self, command: Callable[..., Any]) -> Callable[..., Any]:
+        return _strict_option(command)
+
+    def print_summary(self, result: Any, out_dir: Any, seconds: float | None = None) -> None:
+        from .summary import print_summary
+
+        print_summary(self.out, result, Path(out_dir), seconds)
 
 
 @click.group(cls=_RunByDefault, context_settings={"help_option_names": ["-h", "--help"]})
@@ -134,8 +205,11 @@ def cli() -> None:
 @click.option("--layer", "layers", multiple=True, help="Layer to dissect (repeatable). Default: the last "
               "layer with a spatial map.")
 @click.option("--categories", multiple=True, help="Comma-separated categories to use (default: all).")
-@click.option("--quantile", "quantile", type=float, default=0.005, show_default=True,
-              help="Top fraction q: each unit's threshold is its (1 - q) activation quantile.")
+@click.option("--threshold", help="Threshold rule (default: quantile, the paper's; see: dissect plugins).")
+@click.option("--threshold-param", "threshold_params", multiple=True, metavar="KEY=VALUE", callback=_params,
+              help="A parameter of the threshold rule (repeatable; numbers are read as numbers).")
+@click.option("--quantile", "quantile", type=float,
+              help="The quantile rule's q (default 0.005): each unit's threshold is its (1 - q) quantile.")
 @click.option("--compat", type=click.Choice(["paper", "lite"]), default="paper", show_default=True,
               help="'lite' reproduces NetDissect-Lite's numbers.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: dissection/MODEL).")
@@ -143,7 +217,8 @@ def cli() -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--workers", type=int, help="Data loading processes (default: cores - 1, at most 4).")
 @click.option("--top-k", type=int, default=10, show_default=True, help="Top images kept per unit.")
-@click.option("--report", "reporters", multiple=True, help="Report writers to run (default: all defaults).")
+@click.option("--report", "reporters", multiple=True,
+              help="Report writers to run: NAME or NAME,NAME (repeatable; default: every default writer).")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images or labels instead of stopping.")
 @click.option("--input-size", type=_size, metavar="H,W", help="Model input size H,W or S (models with a fixed input).")
 @click.option("--mean", type=_triple, metavar="R,G,B", help="Input normalisation mean (default: the model's).")
@@ -154,18 +229,22 @@ def cli() -> None:
 @click.option("--split", help="Dataset split (HuggingFace datasets).")
 @click.option("--concepts", type=click.Path(dir_okay=False),
               help="Concepts file naming label ids: id,name,category CSV or id2label JSON (HuggingFace datasets).")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def run_command(model: str, backend: str | None, weights: str | None, pretrained: bool, dataset: str | None,
-                dataset_format: str | None, layers: tuple[str, ...], categories: tuple[str, ...],
-                quantile: float, compat: str, out: str | None, batch_size: int, device: str,
+@_strict_option
+@_verbose_option
+@click.pass_obj
+def run_command(context: CliContext, model: str, backend: str | None, weights: str | None, pretrained: bool,
+                dataset: str | None, dataset_format: str | None, layers: tuple[str, ...],
+                categories: tuple[str, ...], threshold: str | None, threshold_params: dict[str, Any],
+                quantile: float | None, compat: str, out: str | None, batch_size: int, device: str,
                 workers: int | None, top_k: int, reporters: tuple[str, ...], skip_bad: bool,
                 input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                 std: tuple[float, float, float] | None, bgr: bool, image_column: str | None,
-                mask_columns: tuple[str, ...], split: str | None, concepts: str | None, verbose: int) -> None:
+                mask_columns: tuple[str, ...], split: str | None, concepts: str | None, strict_plugins: bool,
+                verbose: int) -> None:
     """Dissect MODEL: a model name (resnet18, ...) or a model file."""
-    from .core.run import dissect
+    from .api import dissect
 
-    _setup_logging(verbose + 1)
+    context.setup_logging(verbose + 1)
     backend_options = {k: v for k, v in dict(input_size=input_size, mean=mean, std=std).items() if v is not None}
     if bgr:
         backend_options["bgr"] = True
@@ -175,14 +254,13 @@ def run_command(model: str, backend: str | None, weights: str | None, pretrained
     started = time.perf_counter()
     with RichProgress(err_console) as progress:
         result = dissect(model, backend=backend, dataset=dataset, dataset_format=dataset_format,
-                         layers=list(layers) or None, categories=_split(categories) or None, quantile=quantile,
-                         compat=compat, out=out_dir, batch_size=batch_size, device=device, workers=workers,
-                         weights=weights, pretrained=pretrained, top_k=top_k, reporters=list(reporters) or None,
-                         skip_bad=skip_bad, progress=progress, host=_host(),
-                         backend_options=backend_options, dataset_options=dataset_options)
-    from .summary import print_summary
-
-    print_summary(out_console, result, out_dir, time.perf_counter() - started)
+                         layers=list(layers) or None, categories=_split(categories) or None, threshold=threshold,
+                         threshold_params=threshold_params, quantile=quantile, compat=compat, out=out_dir,
+                         batch_size=batch_size, device=device, workers=workers, weights=weights,
+                         pretrained=pretrained, top_k=top_k, reporters=_split(reporters) or None, skip_bad=skip_bad,
+                         progress=progress, host=context.host, backend_options=backend_options,
+                         dataset_options=dataset_options, strict_plugins=strict_plugins or None)
+    context.print_summary(result, out_dir, time.perf_counter() - started)
 
 
 def _safe_stem(model: str) -> str:
@@ -200,7 +278,7 @@ def _safe_stem(model: str) -> str:
 @click.option("--all", "show_all", is_flag=True, help="Also list layers without a spatial map.")
 def layers_command(model: str, backend: str | None, weights: str | None, show_all: bool) -> None:
     """List the layers of MODEL that can be dissected, with their output shapes."""
-    from .core.run import make_backend
+    from .api import make_backend
     from .core.types import BackendOptions
 
     _setup_logging(0)
@@ -221,27 +299,74 @@ def layers_command(model: str, backend: str | None, weights: str | None, show_al
 
 
 @cli.command("plugins")
-def plugins_command() -> None:
-    """List every plugin, its version, what it provides, and any load error."""
-    host = _host()
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON, for scripts.")
+@_strict_option
+@click.pass_obj
+def plugins_command(context: CliContext, as_json: bool, strict_plugins: bool) -> None:
+    """List every plugin, its version, what it provides, and every error: at load, at registration, and in
+    recent runs (a run-time failure is kept until the same hook of the same plugin next runs fine)."""
+    from .registry import strict_plugins as strict_from_env
+    from .registry.failures import PluginFailure, raise_if_strict
+
+    host = context.host
+    runtime: dict[str, list[dict[str, str]]] = {}
+    for entry in host.runtime_failures():
+        runtime.setdefault(entry["plugin"], []).append(entry)
+    if as_json:
+        click.echo(json.dumps(plugins_listing(host, runtime), indent=2))
+    else:
+        _plugins_table(context, runtime)
+    failures = host.load_failures() + [PluginFailure(e["plugin"], e["where"], e["error"])
+                                       for entries in runtime.values() for e in entries]
+    raise_if_strict(failures, strict_from_env(strict_plugins or None))
+
+
+def plugins_listing(host: Any, runtime: dict[str, list[dict[str, str]]]) -> dict[str, Any]:
+    """What ``dissect plugins --json`` prints: every plugin with its errors, and every component by kind."""
+    plugins = []
+    for p in host.plugins:
+        status = "error" if p.failures else "failed at run time" if runtime.get(p.name) else "ok"
+        plugins.append({"name": p.name, "source": p.source, "version": p.version, "status": status,
+                        "provides": list(p.provides),
+                        "errors": [{"where": f.where, "error": f.error} for f in p.failures],
+                        "runtime_errors": [{k: e.get(k) for k in ("where", "error", "when")}
+                                           for e in runtime.get(p.name, [])]})
+    components = {kind: [{"name": e.name, "plugin": e.plugin, "description": e.description,
+                          **({"default": bool(e.metadata.get("default"))} if kind == "reporter" else {})}
+                         for e in catalog]
+                  for kind, catalog in host.catalogs.items()}
+    return {"netdissection": __version__, "plugins": plugins, "components": components}
+
+
+def _plugins_table(context: CliContext, runtime: dict[str, list[dict[str, str]]]) -> None:
     table = Table(title="netdissection plugins")
     for column in ("plugin", "from", "version", "provides", "status"):
         table.add_column(column)
-    for p in host.plugins:
-        status = Text("error (below)", style="red") if p.error else Text("ok", style="green")
+    for p in context.host.plugins:
+        if p.failures:
+            status = Text(f"{len(p.failures)} error(s), below", style="red")
+        elif runtime.get(p.name):
+            status = Text("failed at run time, below", style="yellow")
+        else:
+            status = Text("ok", style="green")
         table.add_row(p.name, p.source, p.version, "\n".join(p.provides) or "-", status)
-    out_console.print(table)
-    for p in host.plugins:
-        if p.error:  # in full, outside the table, so that no column width cuts it
-            out_console.print(Text(f"{p.name} ({p.source}): {p.error}", style="red"), soft_wrap=True)
+    context.out.print(table)
+    for p in context.host.plugins:  # in full, outside the table, so that no column width cuts them
+        for failure in p.failures:
+            context.out.print(Text(f"{p.name} ({p.source}): {failure.where}: {failure.error}", style="red"),
+                              soft_wrap=True)
+        for entry in runtime.get(p.name, []):
+            context.out.print(Text(f"{p.name} ({p.source}): {entry['where']}: {entry['error']} (in a run at "
+                                   f"{entry.get('when', '?')})", style="yellow"), soft_wrap=True)
 
 
 @cli.command("backends")
-def backends_command() -> None:
+@click.pass_obj
+def backends_command(context: CliContext) -> None:
     """List the backends, what each accepts, and the order in which they claim a MODEL."""
     import importlib.util
 
-    host = _host()
+    host = context.host
     # pluggy calls tryfirst, then normal (latest registered first), then trylast implementations.
     asked = [impl.plugin_name for impl in reversed(host.hook.dissect_detect_backend.get_hookimpls())]
     table = Table(title="backends: without --backend, the first to claim MODEL loads it (order column); "
@@ -255,51 +380,62 @@ def backends_command() -> None:
                  for package in entry.metadata.get("requires", ())]
         table.add_row(order, entry.name, entry.plugin, str(entry.metadata.get("accepts", entry.description)),
                       ", ".join(needs) or "-")
-    out_console.print(table)
+    context.out.print(table)
 
 
-_HOST: Any = None
+_CONTEXT: CliContext | None = None
+
+
+def _context() -> CliContext:
+    """The context of this CLI invocation (a fresh plugin host per ``main``)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        from .registry import build_host
+
+        _CONTEXT = CliContext(host=build_host(), out=out_console, err=err_console)
+    return _CONTEXT
 
 
 def _host() -> Any:
-    global _HOST
-    if _HOST is None:
-        from .registry import build_host
-
-        _HOST = build_host()
-    return _HOST
+    return _context().host
 
 
-def build_cli() -> click.Group:
-    """The command group with every plugin's subcommands added.
+def build_cli(context: CliContext | None = None) -> click.Group:
+    """The command group with every plugin's subcommands added, on a copy of the built-in group (so that
+    building it again starts from the built-ins).
 
-    Each plugin's hook is called on its own so that its commands are attributed to it in
-    ``dissect plugins`` and a plugin whose hook raises is recorded without breaking the CLI.
+    Each plugin's hook is called on its own so that its commands are attributed to it in ``dissect plugins``
+    and a plugin whose hook raises is recorded without breaking the CLI.
     """
-    host = _host()
-    records = {r.name: r for r in host.plugins}
+    context = context if context is not None else _context()
+    host = context.host
+    group = copy.copy(cli)
+    group.commands = dict(cli.commands)
     for impl in host.hook.dissect_register_commands.get_hookimpls():
-        before = set(cli.commands)
-        record = records.get(impl.plugin_name)
-        try:
-            impl.function(cli=cli)
-        except Exception as exc:
-            log.warning("plugin %s failed to add commands: %s", impl.plugin_name, exc)
-            if record is not None:
-                record.error = f"{type(exc).__name__} in dissect_register_commands: {exc}"
+        if impl.hookwrapper or impl.wrapper:
             continue
+        before = set(group.commands)
+        arguments = {"cli": group, "context": context}
+        try:
+            impl.function(*[arguments[name] for name in impl.argnames])
+        except Exception as exc:
+            host.record_failure(impl.plugin_name, "dissect_register_commands", exc)
+            continue
+        record = host.record(impl.plugin_name)
         if record is not None:
-            record.provides.extend(f"command:{name}" for name in sorted(set(cli.commands) - before))
-    return cli
+            record.provides.extend(f"command:{name}" for name in sorted(set(group.commands) - before))
+    return group
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit status 2."""
-    global _HOST
-    _HOST = None
+    global _CONTEXT
+    _CONTEXT = None
     try:
-        group = build_cli()
-        group.main(args=list(argv) if argv is not None else None, prog_name="dissect", standalone_mode=False)
+        context = _context()
+        group = build_cli(context)
+        group.main(args=list(argv) if argv is not None else None, prog_name="dissect", standalone_mode=False,
+                   obj=context)
     except DissectionError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -36,7 +36,8 @@ def test_dissect_writes_netdissect_results(run_cli, concept_set: Path, tmp_path:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["provenance"]["model"] == "resnet18"
     assert summary["provenance"]["backend"] == "torchvision"
-    assert summary["provenance"]["threshold_rule"] == {"name": "quantile", "q": 0.005, "compat": "paper"}
+    assert summary["provenance"]["threshold_rule"] == {"name": "quantile", "plugin": "quantile",
+                                                       "params": {"q": 0.005, "compat": "paper"}}
     assert summary["provenance"]["dataset"]["categories"] == ["object", "color", "part"]
     assert "torchvision_backend" in summary["provenance"]["plugins"]
     assert [entry["layer"] for entry in summary["layers"]] == ["layer3", "layer2"]

@@ -58,7 +58,7 @@ def test_selecting_categories_blanks_the_others(mine: Path) -> None:
 
 
 def test_detected_and_opened_through_the_catalog(mine: Path) -> None:
-    from netdissection.core.run import resolve_dataset
+    from netdissection.api import resolve_dataset
     from netdissection.registry import build_host
 
     assert is_folder(mine) and not is_folder(mine / "images")

@@ -43,3 +43,12 @@ def layer_dirnames(layers: Iterable[str]) -> dict[str, str]:
         used.add(name)
         names[layer] = name
     return names
+
+
+def cache_root() -> Path:
+    """The netdissection cache folder: ``$NETDISSECTION_CACHE``, else ``$XDG_CACHE_HOME/netdissection``,
+    else ``~/.cache/netdissection``."""
+    if os.environ.get("NETDISSECTION_CACHE"):
+        return Path(os.environ["NETDISSECTION_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "netdissection"

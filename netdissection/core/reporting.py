@@ -1,25 +1,24 @@
-"""Writing a finished run: the report writers, the saved counts, and the JSON summary (written last).
+"""Writing a finished run: the saved counts and the JSON summary first, then the report writers, then the
+summary again with every file written.
 
-Kept apart from the scheduler so that rebuilding reports (``dissect report``) never imports a framework.
+The counts and the summary come first, so that a report writer that fails (or a run killed while the
+reports are drawn) never costs the results: ``dissect report`` rebuilds every report from them. Kept apart
+from the scheduler so that rebuilding reports never imports a framework.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .files import layer_dirnames
 from .results import COUNTS, SUMMARY, save_counts, vocabulary_to_json, write_summary
 from .scores import count_detectors, unit_scores
 from .types import RunResult
 
-
-def _reporters(host: Any, names: Sequence[str] | None,
-               options: Mapping[str, Mapping[str, Any]] | None = None) -> list[tuple[str, Any]]:
-    catalog = host.catalog("reporter")
-    chosen = list(names) if names else [e.name for e in catalog if e.metadata.get("default", False)]
-    return [(n, catalog.get(n).factory(**(options or {}).get(n, {}))) for n in chosen]
+if TYPE_CHECKING:  # pragma: no cover
+    from .run import RunEvents, WriterChoice
 
 
 def summary_of(result: RunResult) -> dict[str, Any]:
@@ -54,20 +53,45 @@ def summary_of(result: RunResult) -> dict[str, Any]:
         "vocabulary": vocabulary_to_json(next(iter(result.layers.values())).vocabulary),
         "layers": layers,
         "written": result.written,
+        "plugin_errors": result.plugin_errors,
     }
 
 
-def write_reports(host: Any, result: RunResult, out: Path, reporters: Sequence[str] | None = None,
-                  options: Mapping[str, Mapping[str, Any]] | None = None) -> list[Path]:
-    """Run the report writers, then save the counts and the summary — the summary last, as the mark
-    of a complete run. ``options`` gives writers their factory's keyword arguments, by writer name
-    (e.g. ``{"html": {"top_k": 5}}``)."""
+def rewrite_summary(result: RunResult, out: Path) -> Path:
+    """Write ``summary.json`` (atomically) from the result as it stands."""
+    return write_summary(out / SUMMARY, summary_of(result))
+
+
+def write_results(result: RunResult, out: Path, writers: Sequence[WriterChoice] = (),
+                  events: RunEvents | None = None) -> list[Path]:
+    """Save the counts and the summary, then run each writer on its own, then rewrite the summary with every
+    file written and every plugin failure. A writer that raises (or returns paths outside ``out``) is
+    handed to ``events.writer_failed``, which may raise (strict plugins); its files are not listed."""
+    from .run import QuietEvents
+
+    events = events if events is not None else QuietEvents()
     folders = layer_dirnames(result.layers)
-    written: list[Path] = []
+    written: list[str] = []
     for name, layer in result.layers.items():
-        written.append(save_counts(layer, out / folders[name] / COUNTS))
-    for _name, writer in _reporters(host, reporters, options):
-        written.extend(writer.write(result, out))
-    result.written = [str(p.relative_to(out)) for p in written] + [SUMMARY]
-    write_summary(out / SUMMARY, summary_of(result))
-    return [*written, out / SUMMARY]
+        written.append(_relative(save_counts(layer, out / folders[name] / COUNTS), out))
+    result.written = [*written, SUMMARY]
+    result.plugin_errors = events.failures()
+    rewrite_summary(result, out)  # from here on the results are complete: `dissect report` can rebuild
+    for choice in writers:
+        try:
+            paths = [_relative(Path(p), out) for p in choice.writer.write(result, out)]
+        except Exception as exc:  # one writer's failure costs its own files, never the run's results
+            events.writer_failed(choice, exc)
+            continue
+        written.extend(p for p in paths if p not in written)
+    result.written = [*written, SUMMARY]
+    result.plugin_errors = events.failures()
+    rewrite_summary(result, out)
+    return [out / p for p in result.written]
+
+
+def _relative(path: Path, out: Path) -> str:
+    try:
+        return path.resolve().relative_to(out.resolve()).as_posix()
+    except ValueError:
+        raise ValueError(f"wrote {path}, outside the output folder {out}") from None

@@ -78,4 +78,4 @@ def load_run(out_dir: str | Path) -> RunResult:
     except (OSError, KeyError, ValueError) as exc:
         raise DissectionError(f"{root} holds an unreadable run ({exc}); run the dissection again") from None
     return RunResult(layers=layers, provenance=summary["provenance"], seconds=summary.get("seconds", {}),
-                     images=int(summary.get("images", 0)))
+                     images=int(summary.get("images", 0)), plugin_errors=list(summary.get("plugin_errors", [])))

@@ -1,4 +1,9 @@
-"""One dissection, end to end: resolve the components, run the passes, write the reports."""
+"""One dissection on components already chosen: check the layers, run the passes, save the results, run the
+report writers.
+
+The core knows no plugin host: the caller (``netdissection.api``) resolves every component by name before
+anything runs, hands the objects over, and relays the lifecycle :class:`RunEvents` to the plugins' hooks.
+"""
 
 from __future__ import annotations
 
@@ -6,81 +11,120 @@ import datetime as _dt
 import logging
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .. import __version__
 from .errors import DissectionError, UnknownNameError
-from .protocols import Backend, ConceptDataset
-from .reporting import write_reports
-from .scheduler import LITE_INPUT, Plan, Progress, run_passes
-from .types import BackendOptions, InputSpec, LayerInfo, RunResult
+from .protocols import Backend, ConceptDataset, ReportWriter, ThresholdRule
+from .types import InputSpec, LayerInfo, LayerResult, RunResult
+from .version import __version__
+
+if TYPE_CHECKING:  # the scheduler imports torch: only a run needs it
+    from .scheduler import Progress
 
 log = logging.getLogger(__name__)
 
 COMPAT_MODES = ("paper", "lite")
 
 
-def resolve_backend(host: Any, model: Any, backend: str | None) -> str:
-    """The backend named by the user, else the first plugin that claims the model reference."""
-    catalog = host.catalog("backend")
-    if backend is not None:
-        catalog.get(backend)  # unknown names fail here with close matches
-        return backend
-    detected = host.hook.dissect_detect_backend(model_ref=model)
-    if detected is not None:
-        return str(detected)
-    if isinstance(model, str) and (model.endswith(("/", "\\")) or Path(model).suffix):
-        if not Path(model).exists():
-            raise DissectionError(f"model file {model} does not exist")
-        raise DissectionError(f"no backend loads {model}; pass --backend NAME (see: dissect plugins)")
-    # A bare name nobody claims: close matches from every name-based backend (those registered with
-    # ``names=``, a callable listing the names they take), or the name's owner if it did not detect it.
-    known: list[str] = []
-    for entry in catalog:
-        names = entry.metadata.get("names")
-        if names is None or not isinstance(model, str):
-            continue
-        try:
-            listed = list(names())
-        except DissectionError:  # a backend whose framework is not installed
-            continue
-        if model in listed:
-            return entry.name
-        known.extend(listed)
-    if known:
-        raise UnknownNameError("model", str(model), dict.fromkeys(known),
-                               hint="list the backends with: dissect backends")
-    raise DissectionError(f"no backend takes the model {model!r}; pass --backend NAME (see: dissect backends)")
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The threshold rule of a run.
+
+    Each layer's rule is ``factory(units, values_per_unit, **kwargs)``; ``params`` is what provenance
+    records as the rule's parameters (the values it runs with, defaults included).
+    """
+
+    name: str
+    factory: Callable[..., ThresholdRule]
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    plugin: str = ""
+
+    def make(self, units: int, values_per_unit: int) -> ThresholdRule:
+        return self.factory(units, values_per_unit, **self.kwargs)
 
 
-def make_backend(host: Any, model: Any, backend: str | None, options: BackendOptions) -> tuple[str, Backend]:
-    name = resolve_backend(host, model, backend)
-    return name, host.catalog("backend").get(name).factory(model, options)
+@dataclass(frozen=True)
+class WriterChoice:
+    """A report writer a run uses: its name, the object, and the plugin that registered it."""
+
+    name: str
+    writer: ReportWriter
+    plugin: str = ""
 
 
-def resolve_dataset(host: Any, dataset: Any, dataset_format: str | None,
-                    categories: Sequence[str] | None, options: dict[str, Any] | None = None) -> ConceptDataset:
-    """A concept dataset object from a path (format detected or named), or the built-in default set."""
-    catalog = host.catalog("dataset")
-    options = options or {}
-    if dataset is None:
-        return catalog.get("builtin").factory(None, categories=categories, **options)
-    if not isinstance(dataset, str | Path):
-        return dataset  # already a dataset object (Python API)
-    if dataset_format is not None:
-        return catalog.get(dataset_format).factory(dataset, categories=categories, **options)
-    for entry in catalog:
-        detect = entry.metadata.get("detect")
-        if detect is not None and detect(dataset):
-            return entry.factory(dataset, categories=categories, **options)
-    path = Path(str(dataset)).expanduser()
-    if not path.exists():
-        raise DissectionError(f"dataset folder {path} does not exist; pass --dataset with a concept dataset "
-                              "folder (or leave it out to use the built-in concept set)")
-    raise DissectionError(f"cannot tell the format of the dataset {path}; pass --dataset-format "
-                          f"({', '.join(catalog.names())})")
+class RunEvents(Protocol):
+    """What a run tells its caller, in this order: ``run_start``, ``layer_start`` per layer, ``layer_finish``
+    per layer, ``run_finish`` (after the results and reports are written) — or ``run_error`` when it stops.
+
+    ``writer_failed`` is called when a report writer raises; the run goes on without its files unless the
+    method raises. ``failures`` lists every plugin failure so far, as saved in ``summary.json``.
+    """
+
+    def run_start(self, run: dict[str, Any]) -> None: ...
+
+    def layer_start(self, run: dict[str, Any], layer: str) -> None: ...
+
+    def layer_finish(self, run: dict[str, Any], result: LayerResult) -> None: ...
+
+    def run_finish(self, run: dict[str, Any], result: RunResult) -> None: ...
+
+    def run_error(self, run: dict[str, Any], error: BaseException) -> None: ...
+
+    def writer_failed(self, writer: WriterChoice, error: Exception) -> None: ...
+
+    def failures(self) -> list[dict[str, str]]: ...
+
+
+class QuietEvents:
+    """Events for a run without a host: nothing listens; a failing writer is logged and recorded."""
+
+    def __init__(self) -> None:
+        self._failures: list[dict[str, str]] = []
+
+    def run_start(self, run: dict[str, Any]) -> None:
+        pass
+
+    def layer_start(self, run: dict[str, Any], layer: str) -> None:
+        pass
+
+    def layer_finish(self, run: dict[str, Any], result: LayerResult) -> None:
+        pass
+
+    def run_finish(self, run: dict[str, Any], result: RunResult) -> None:
+        pass
+
+    def run_error(self, run: dict[str, Any], error: BaseException) -> None:
+        pass
+
+    def writer_failed(self, writer: WriterChoice, error: Exception) -> None:
+        message = f"{type(error).__name__}: {error}"
+        log.warning("report writer %r failed: %s", writer.name, message)
+        self._failures.append({"plugin": writer.plugin, "where": f"report writer {writer.name!r}",
+                               "error": message})
+
+    def failures(self) -> list[dict[str, str]]:
+        return list(self._failures)
+
+
+def check_options(*, compat: str, batch_size: int, device: str) -> None:
+    """The run options every backend and dataset share, checked before anything is built."""
+    if compat not in COMPAT_MODES:
+        raise DissectionError(f"--compat must be one of {', '.join(COMPAT_MODES)}, not {compat!r}")
+    if batch_size < 1:
+        raise DissectionError(f"--batch-size must be at least 1, not {batch_size}")
+    if device == "cpu":
+        return
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DissectionError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        return
+    raise DissectionError(f"--device must be cpu or cuda[:N], not {device!r}")
 
 
 def check_layers(infos: list[LayerInfo], requested: Sequence[str] | None, model_name: str) -> list[str]:
@@ -106,84 +150,64 @@ def check_layers(infos: list[LayerInfo], requested: Sequence[str] | None, model_
     return layers
 
 
-def dissect(
-    model: Any,
+def run_dissection(
+    backend: Backend,
+    dataset: ConceptDataset,
+    threshold: ThresholdChoice,
     *,
-    backend: str | None = None,
-    dataset: Any = None,
-    dataset_format: str | None = None,
+    backend_name: str,
+    model_ref: Any = None,
     layers: Sequence[str] | None = None,
-    categories: Sequence[str] | None = None,
-    quantile: float = 0.005,
+    writers: Sequence[WriterChoice] = (),
     compat: str = "paper",
     out: str | Path | None = None,
     batch_size: int = 32,
     device: str = "cpu",
     workers: int | None = None,
-    weights: str | None = None,
-    pretrained: bool = False,
     top_k: int = 10,
-    reporters: Sequence[str] | None = None,
     skip_bad: bool = False,
     progress: Progress | None = None,
-    host: Any = None,
-    backend_options: dict[str, Any] | None = None,
-    dataset_options: dict[str, Any] | None = None,
+    events: RunEvents | None = None,
+    plugins: Mapping[str, str] | None = None,
 ) -> RunResult:
-    """Dissect ``model`` on a concept dataset; write the reports to ``out`` (if given) and return the results.
-
-    ``model`` is a name or path a backend accepts, or a ``torch.nn.Module``. ``dataset`` is a path, a
-    dataset object, or None for the built-in generated concept set.
-    """
-    from ..registry import build_host
+    """Dissect the model behind ``backend`` on ``dataset``: both passes for every layer at once, then (with
+    ``out``) the saved counts and ``summary.json``, then each writer, then ``summary.json`` again with every
+    file written. ``plugins`` (name → version) goes into the provenance."""
     from .loading import default_workers
+    from .reporting import rewrite_summary, write_results
+    from .scheduler import LITE_INPUT, Plan, run_passes
 
-    if compat not in COMPAT_MODES:
-        raise DissectionError(f"--compat must be one of {', '.join(COMPAT_MODES)}, not {compat!r}")
-    if not 0 < quantile < 1:
-        raise DissectionError(f"--quantile must be between 0 and 1, not {quantile}")
-    if batch_size < 1:
-        raise DissectionError(f"--batch-size must be at least 1, not {batch_size}")
-    _check_device(device)
-    host = host or build_host()
-    options = BackendOptions(weights=weights, device=device, pretrained=pretrained, **(backend_options or {}))
-    backend_name, model_backend = make_backend(host, model, backend, options)
-    description = model_backend.describe()
-    model_name = str(description.get("model", model))
-    layer_names = check_layers(model_backend.layers(), layers, model_name)
-    concept_set = resolve_dataset(host, dataset, dataset_format, categories, dataset_options)
+    check_options(compat=compat, batch_size=batch_size, device=device)
+    events = events if events is not None else QuietEvents()
+    description = backend.describe()
+    model_name = str(description.get("model", model_ref))
+    layer_names = check_layers(backend.layers(), layers, model_name)
 
-    spec = model_backend.input_spec()
+    spec = backend.input_spec()
     if compat == "lite":
         spec = InputSpec(size=spec.size, mean=LITE_INPUT.mean, std=LITE_INPUT.std, channel_order=spec.channel_order)
-    rule_entry = host.catalog("threshold").get("quantile")
-
-    def make_rule(units: int, values: int) -> Any:
-        return rule_entry.factory(units, values, q=quantile, compat=compat, device=device)
-
     provenance: dict[str, Any] = {
         "netdissection": __version__,
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": model_name,
         "backend": backend_name,
         "backend_details": description,
-        "dataset": concept_set.describe(),
+        "dataset": dataset.describe(),
         "layers": layer_names,
-        "threshold_rule": {"name": "quantile", "q": quantile, "compat": compat},
+        "threshold_rule": {"name": threshold.name, "plugin": threshold.plugin, "params": dict(threshold.params)},
         "semantics": compat,
         "input": {"mean": list(spec.mean), "std": list(spec.std), "channel_order": spec.channel_order},
         "device": device,
         "batch_size": batch_size,
-        "plugins": host.plugin_versions(),
+        "plugins": dict(plugins or {}),
         "python": platform.python_version(),
     }
-    host.hook.dissect_run_start(run=provenance)
+    events.run_start(provenance)
     for name in layer_names:
-        host.hook.dissect_layer_start(run=provenance, layer=name)
-    plan = Plan(backend=model_backend, dataset=concept_set, layers=layer_names, make_rule=make_rule,
-                semantics=compat, batch_size=batch_size,
-                workers=default_workers() if workers is None else workers, device=device, top_k=top_k,
-                skip_bad=skip_bad, work_dir=Path(out) if out is not None else None)
+        events.layer_start(provenance, name)
+    plan = Plan(backend=backend, dataset=dataset, layers=layer_names, make_rule=threshold.make, semantics=compat,
+                batch_size=batch_size, workers=default_workers() if workers is None else workers, device=device,
+                top_k=top_k, skip_bad=skip_bad, work_dir=Path(out) if out is not None else None)
     started = time.perf_counter()
     try:
         if out is not None:
@@ -191,28 +215,21 @@ def dissect(
         layer_results, images, seconds = run_passes(plan, spec, progress)
         for layer_result in layer_results.values():
             layer_result.seconds = dict(seconds)
-            host.hook.dissect_layer_finish(run=provenance, result=layer_result)
+            events.layer_finish(provenance, layer_result)
         seconds["passes"] = time.perf_counter() - started
         result = RunResult(layers=layer_results, provenance=provenance, seconds=seconds, images=images,
-                           dataset=concept_set)
+                           dataset=dataset, plugin_errors=events.failures())
         if out is not None:
             started = time.perf_counter()
-            write_reports(host, result, Path(out), reporters)
+            write_results(result, Path(out), writers, events)
             seconds["reports"] = time.perf_counter() - started
     except BaseException as exc:
-        host.hook.dissect_run_error(run=provenance, error=exc)
+        events.run_error(provenance, exc)
         raise
-    host.hook.dissect_run_finish(run=provenance, result=result)
+    events.run_finish(provenance, result)
+    failures = events.failures()
+    if failures != result.plugin_errors:  # a run-finish hook failed: say so in the saved summary too
+        result.plugin_errors = failures
+        if out is not None:
+            rewrite_summary(result, Path(out))
     return result
-
-
-def _check_device(device: str) -> None:
-    if device == "cpu":
-        return
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise DissectionError(f"--device {device}: no CUDA device is available here; use --device cpu")
-        return
-    raise DissectionError(f"--device must be cpu or cuda[:N], not {device!r}")

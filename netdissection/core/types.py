@@ -194,6 +194,8 @@ class RunResult:
     written: list[str] = field(default_factory=list)
     #: The concept dataset of the run when it is at hand (not saved; reports reopen it from provenance).
     dataset: Any = None
+    #: Plugins that failed during the run (``{"plugin", "where", "error"}``), saved in summary.json.
+    plugin_errors: list[dict[str, str]] = field(default_factory=list)
 
     def layer_names(self) -> Sequence[str]:
         return list(self.layers)

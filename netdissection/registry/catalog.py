@@ -10,6 +10,9 @@ from ..core.errors import UnknownNameError
 
 T = TypeVar("T")
 
+#: How a kind of component is named in messages ("unknown threshold rule 'x'").
+KIND_LABELS = {"threshold": "threshold rule", "reporter": "report writer", "dataset": "dataset format"}
+
 
 @dataclass(frozen=True)
 class Entry(Generic[T]):
@@ -33,19 +36,24 @@ class Catalog(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
+    @property
+    def label(self) -> str:
+        return KIND_LABELS.get(self.kind, self.kind)
+
     def add(self, entry: Entry[T]) -> None:
+        """Add ``entry``; a name already taken is refused (the first registration stays)."""
         existing = self._entries.get(entry.name)
         if existing is not None:
-            raise ConflictError(
-                f"{self.kind} {entry.name!r} is registered by both {existing.plugin!r} and {entry.plugin!r}"
-            )
+            raise ConflictError(f"{self.label} {entry.name!r} is registered by both {existing.plugin!r} and "
+                                f"{entry.plugin!r}; the first one ({existing.plugin!r}) is kept")
         self._entries[entry.name] = entry
 
-    def get(self, name: str) -> Entry[T]:
+    def get(self, name: str, note: str = "") -> Entry[T]:
+        """The entry called ``name``; an unknown name fails with close matches (and ``note``)."""
         try:
             return self._entries[name]
         except KeyError:
-            raise UnknownNameError(self.kind, name, self._entries, hint="") from None
+            raise UnknownNameError(self.label, name, self._entries, hint="", note=note) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -1,7 +1,8 @@
 """``dissect data ...``: download Broden, show what a concept set holds, validate it, convert between formats.
 
-Every command opens datasets through the dataset catalog, so a third-party dataset plugin is inspected,
-validated and converted like the built-in formats. A format that registers ``validate=`` (the folder
+Every command opens datasets through the dataset catalog (``netdissection.open_dataset`` with the host of
+the command context), so a third-party dataset plugin is inspected, validated and converted like the
+built-in formats. A format that registers ``validate=`` (the folder
 format) gets its own thorough check; any other is validated by loading every sample. A format that
 registers ``writer=`` can be a ``convert`` target (Broden's writer lives in ``broden_writer``).
 """
@@ -16,14 +17,14 @@ from typing import Any
 import click
 
 from ...core.errors import DissectionError, UnknownNameError
-from ...core.hookspecs import hookimpl
+from ...core.hookspecs import CommandContext, hookimpl
 
 F = Callable[..., Any]
 
 
 @hookimpl
 def dissect_register_commands(cli: click.Group) -> None:
-    if "data" not in cli.commands:  # the group is module-level: building the CLI twice must not fail
+    if "data" not in cli.commands:  # replaced by a plugin registered earlier: keep theirs
         cli.add_command(data_group)
 
 
@@ -57,28 +58,20 @@ def dataset_options(command: F) -> F:
     return command
 
 
-def open_dataset(path: str, dataset_format: str | None, categories: tuple[str, ...], image_column: str | None,
-                 mask_columns: tuple[str, ...], split: str | None, concepts: str | None) -> Any:
-    """Open a dataset as ``dissect run`` does (core.run.resolve_dataset), without importing core.run: it
-    imports torch, seconds of start-up that checking or converting a dataset does not need."""
-    from ...cli import _host, _split
+def open_dataset(context: CommandContext, path: str, dataset_format: str | None, categories: tuple[str, ...],
+                 image_column: str | None, mask_columns: tuple[str, ...], split: str | None,
+                 concepts: str | None) -> Any:
+    """Open a dataset as ``dissect run`` does, without importing the passes (torch): seconds of start-up
+    that checking or converting a dataset does not need."""
+    from ... import open_dataset as open_public
 
     options = {k: v for k, v in dict(image_column=image_column, split=split, concepts=concepts,
                                      mask_columns=list(mask_columns) or None).items() if v is not None}
-    catalog = _host().catalog("dataset")
-    if dataset_format is not None:
-        entry = catalog.get(dataset_format)
-    else:
-        entry = next((e for e in catalog if e.metadata.get("detect") and e.metadata["detect"](path)), None)
-    if entry is None:
-        if not Path(path).expanduser().exists():
-            raise DissectionError(f"dataset {path} does not exist")
-        raise DissectionError(f"cannot tell the format of the dataset {path}; pass --dataset-format "
-                              f"({', '.join(catalog.names())})")
-    return entry.factory(path, categories=_split(categories) or None, **options)
+    return open_public(path, format=dataset_format, categories=context.split(categories) or None,
+                       host=context.host, **options)
 
 
-def _progress(description: str, total: int | None, transfer: bool = False) -> Any:
+def _progress(context: CommandContext, description: str, total: int | None, transfer: bool = False) -> Any:
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -89,11 +82,9 @@ def _progress(description: str, total: int | None, transfer: bool = False) -> An
         TransferSpeedColumn,
     )
 
-    from ...cli import err_console
-
     counts = (DownloadColumn(), TransferSpeedColumn()) if transfer else (MofNCompleteColumn(),)
     progress = Progress(TextColumn(f"{description:<12}"), BarColumn(), *counts, TimeRemainingColumn(),
-                        console=err_console, transient=True)
+                        console=context.err, transient=True)
     return progress, progress.add_task(description, total=total)
 
 
@@ -109,14 +100,15 @@ def _progress(description: str, total: int | None, transfer: bool = False) -> An
 @click.option("--retries", type=click.IntRange(0), default=3, show_default=True,
               help="Resume this many times after a broken connection.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def download_command(name: str, dest: str | None, mirror: str | None, keep_zip: bool, retries: int,
-                     verbose: int) -> None:
+@click.pass_obj
+def download_command(context: CommandContext, name: str, dest: str | None, mirror: str | None, keep_zip: bool,
+                     retries: int, verbose: int) -> None:
     """Download Broden NAME (broden1_224, broden1_227, broden1_384): resumable, unpacked and verified."""
-    from ...cli import _setup_logging, out_console
     from .download import default_dest, download_broden
 
-    _setup_logging(verbose + 1)
-    progress, task = _progress(name, None, transfer=True)
+    context.setup_logging(verbose + 1)
+    out_console = context.out
+    progress, task = _progress(context, name, None, transfer=True)
 
     def advance(done: int, total: int | None) -> None:
         progress.update(task, completed=done, total=total)
@@ -136,18 +128,19 @@ def download_command(name: str, dest: str | None, mirror: str | None, keep_zip: 
 @click.argument("path")
 @dataset_options
 @click.option("--workers", type=int, help="Label decoding processes (default: cores - 1, at most 4).")
-def info_command(path: str, dataset_format: str | None, categories: tuple[str, ...], image_column: str | None,
-                 mask_columns: tuple[str, ...], split: str | None, concepts: str | None, verbose: int,
-                 workers: int | None) -> None:
+@click.pass_obj
+def info_command(context: CommandContext, path: str, dataset_format: str | None, categories: tuple[str, ...],
+                 image_column: str | None, mask_columns: tuple[str, ...], split: str | None, concepts: str | None,
+                 verbose: int, workers: int | None) -> None:
     """Show the images, concepts and label coverage per category of the concept dataset at PATH."""
     from rich.table import Table
 
-    from ...cli import _setup_logging, out_console
     from ...core.loading import default_workers
 
-    _setup_logging(verbose)
-    dataset = open_dataset(path, dataset_format, categories, image_column, mask_columns, split, concepts)
-    stats, failures, sizes = scan_labels(dataset, default_workers() if workers is None else workers)
+    context.setup_logging(verbose)
+    out_console = context.out
+    dataset = open_dataset(context, path, dataset_format, categories, image_column, mask_columns, split, concepts)
+    stats, failures, sizes = scan_labels(context, dataset, default_workers() if workers is None else workers)
     described = dataset.describe()
     out_console.print(f"[bold]{path}[/]: {described.get('format', '?')} format, {len(dataset)} images, "
                       f"{len(dataset.vocabulary.concepts)} concepts in {len(dataset.vocabulary.categories)} "
@@ -166,7 +159,7 @@ def info_command(path: str, dataset_format: str | None, categories: tuple[str, .
         raise DissectionError(f"{failures} sample(s) of {path} could not be read; see: dissect data validate {path}")
 
 
-def scan_labels(dataset: Any, workers: int) -> tuple[Any, int, set[tuple[int, int]]]:
+def scan_labels(context: CommandContext, dataset: Any, workers: int) -> tuple[Any, int, set[tuple[int, int]]]:
     """Label statistics of every sample (decoded in worker processes); the unreadable ones are counted."""
     import logging
 
@@ -176,7 +169,7 @@ def scan_labels(dataset: Any, workers: int) -> tuple[Any, int, set[tuple[int, in
     stats = LabelStats(dataset.vocabulary)
     failures = 0
     sizes: set[tuple[int, int]] = set()
-    progress, task = _progress("labels", len(dataset))
+    progress, task = _progress(context, "labels", len(dataset))
     quiet = logging.getLogger(loading.__name__)
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # skipped samples are counted and reported once, not logged one by one
@@ -201,29 +194,32 @@ def scan_labels(dataset: Any, workers: int) -> tuple[Any, int, set[tuple[int, in
 @data_group.command("validate")
 @click.argument("path")
 @dataset_options
-def validate_command(path: str, dataset_format: str | None, categories: tuple[str, ...], image_column: str | None,
-                     mask_columns: tuple[str, ...], split: str | None, concepts: str | None, verbose: int) -> None:
+@click.pass_obj
+def validate_command(context: CommandContext, path: str, dataset_format: str | None, categories: tuple[str, ...],
+                     image_column: str | None, mask_columns: tuple[str, ...], split: str | None, concepts: str | None,
+                     verbose: int) -> None:
     """Check the concept dataset at PATH and report every problem at once (exit status 2 if any)."""
-    from ...cli import _host, _setup_logging, out_console
     from .folder_dataset import CONCEPTS, SAMPLES
 
-    _setup_logging(verbose)
+    context.setup_logging(verbose)
+    out_console = context.out
     root = Path(path).expanduser()
     fmt = dataset_format
     if fmt is None and root.is_dir() and ((root / CONCEPTS).is_file() or (root / SAMPLES).is_file()):
         fmt = "folder"  # even with one of the two files missing: that is a problem to report, not a mystery
-    validate = _host().catalog("dataset").get(fmt).metadata.get("validate") if fmt else None
+    validate = context.host.component("dataset", fmt).metadata.get("validate") if fmt else None
     started = time.perf_counter()
     if validate is not None:
-        progress, task = _progress("checking", None)
+        progress, task = _progress(context, "checking", None)
         with progress:
             report = validate(root, progress=lambda done: progress.update(task, completed=done))
         # A plugin's report lists problems (strings, or objects that can name their file under the root).
         problems = [p.located(root) if hasattr(p, "located") else str(p) for p in report.problems]
         summary = report.summary() if hasattr(report, "summary") else f"{path} checked"
     else:
-        dataset = open_dataset(path, dataset_format, categories, image_column, mask_columns, split, concepts)
-        problems, summary = _validate_by_loading(dataset)
+        dataset = open_dataset(context, path, dataset_format, categories, image_column, mask_columns, split,
+                               concepts)
+        problems, summary = _validate_by_loading(context, dataset)
     for problem in problems:
         out_console.print(problem, highlight=False, soft_wrap=True)
     if problems:
@@ -236,14 +232,14 @@ def _size(size: tuple[int, int] | None) -> str:
     return f"{size[0]}×{size[1]}" if size else "-"
 
 
-def _validate_by_loading(dataset: Any) -> tuple[list[str], str]:
+def _validate_by_loading(context: CommandContext, dataset: Any) -> tuple[list[str], str]:
     """Any format: load every sample (image and labels), collect every error, and find empty categories."""
     from .data_stats import LabelStats
 
     stats = LabelStats(dataset.vocabulary)
     problems: list[str] = []
     image_sizes: set[tuple[int, int]] = set()
-    progress, task = _progress("checking", len(dataset))
+    progress, task = _progress(context, "checking", len(dataset))
     with progress:
         for index in range(len(dataset)):
             try:
@@ -289,17 +285,17 @@ def writer_for(host: Any, fmt: str) -> Callable[..., Path]:
 @click.option("--format", "target_format", default="broden", show_default=True,
               help="Format to write: broden, folder, hf (or any format a plugin can write).")
 @dataset_options
-def convert_command(src: str, dest: str, target_format: str, dataset_format: str | None,
+@click.pass_obj
+def convert_command(context: CommandContext, src: str, dest: str, target_format: str, dataset_format: str | None,
                     categories: tuple[str, ...], image_column: str | None, mask_columns: tuple[str, ...],
                     split: str | None, concepts: str | None, verbose: int) -> None:
     """Convert the concept dataset SRC (folder, HuggingFace, Broden) into a new folder DEST."""
-    from ...cli import _host, _setup_logging, out_console
-
-    _setup_logging(verbose + 1)
-    write = writer_for(_host(), target_format)
-    dataset = open_dataset(src, dataset_format, categories, image_column, mask_columns, split, concepts)
+    context.setup_logging(verbose + 1)
+    out_console = context.out
+    write = writer_for(context.host, target_format)
+    dataset = open_dataset(context, src, dataset_format, categories, image_column, mask_columns, split, concepts)
     started = time.perf_counter()
-    progress, task = _progress("converting", len(dataset))
+    progress, task = _progress(context, "converting", len(dataset))
     with progress:
         write(dataset, Path(dest), progress=lambda done: progress.update(task, completed=done))
     out_console.print(f"wrote {len(dataset)} images, {len(dataset.vocabulary.concepts)} concepts as "

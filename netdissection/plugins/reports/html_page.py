@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ...core.files import layer_dirnames
 from ...core.scores import DetectorCounts, UnitScore, count_detectors, unit_scores
@@ -81,6 +82,17 @@ def _category_css(colours: Mapping[str, str]) -> str:
     return "".join(f".c{i}{{--cat:{colour}}}" for i, colour in enumerate(colours.values()))
 
 
+def _rule_text(rule: Mapping[str, Any]) -> str:
+    """The threshold rule as provenance records it: ``{"name", "plugin", "params"}`` (older runs: flat)."""
+    params = rule.get("params")
+    if params is None:
+        params = {k: v for k, v in rule.items() if k not in ("name", "plugin")}
+    if rule.get("name", "quantile") == "quantile" and "q" in params:
+        return f"top {params['q']} quantile per unit"
+    settings = ", ".join(f"{k}={v}" for k, v in params.items() if k != "compat")
+    return f"{rule.get('name', '?')} rule" + (f" ({settings})" if settings else "")
+
+
 def _page_header(result: RunResult, plots: str) -> str:
     p = result.provenance
     dataset = p.get("dataset") or {}
@@ -92,7 +104,7 @@ def _page_header(result: RunResult, plots: str) -> str:
                     f"({dataset.get('images', result.images)} images, {len(dataset.get('categories', []))} "
                     "categories)"),
         ("layers", ", ".join(result.layers)),
-        ("threshold", f"top {rule.get('q', '?')} quantile per unit ({p.get('semantics', 'paper')} semantics)"),
+        ("threshold", f"{_rule_text(rule)} ({p.get('semantics', 'paper')} semantics)"),
         ("run", p.get("started", "")),
     ]
     items = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in rows)

@@ -54,13 +54,12 @@ def reopen_dataset(result: RunResult) -> Any:
     fmt, path = described.get("format"), described.get("path")
     if not fmt or not path:
         return DatasetProblem("the results do not say which dataset the run used")
-    from ...registry import build_host
+    from ... import open_dataset
 
     try:
         # "options" holds what else the format needs to reopen the same samples (an HF split and columns).
         options = {k: v for k, v in (described.get("options") or {}).items() if v is not None}
-        dataset = build_host().catalog("dataset").get(fmt).factory(path, categories=described.get("categories"),
-                                                                   **options)
+        dataset = open_dataset(path, format=fmt, categories=described.get("categories"), **options)
     except (DissectionError, OSError, ValueError) as exc:
         return DatasetProblem(f"the {fmt} dataset at {path} cannot be reopened ({exc})")
     expected = described.get("images")
