@@ -386,13 +386,13 @@ def backends_command(context: CliContext) -> None:
 _CONTEXT: CliContext | None = None
 
 
-def _context() -> CliContext:
+def _context(plugins: Sequence[Any] = ()) -> CliContext:
     """The context of this CLI invocation (a fresh plugin host per ``main``)."""
     global _CONTEXT
     if _CONTEXT is None:
         from .registry import build_host
 
-        _CONTEXT = CliContext(host=build_host(), out=out_console, err=err_console)
+        _CONTEXT = CliContext(host=build_host(extra_plugins=tuple(plugins)), out=out_console, err=err_console)
     return _CONTEXT
 
 
@@ -427,12 +427,15 @@ def build_cli(context: CliContext | None = None) -> click.Group:
     return group
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point: user errors become one line on stderr and exit status 2."""
+def main(argv: Sequence[str] | None = None, *, plugins: Sequence[Any] = ()) -> None:
+    """Console entry point: user errors become one line on stderr and exit status 2.
+
+    ``plugins``: plugin objects to register besides the installed ones (``netdissection.testing`` runs the
+    CLI with a plugin under test this way)."""
     global _CONTEXT
     _CONTEXT = None
     try:
-        context = _context()
+        context = _context(plugins)
         group = build_cli(context)
         group.main(args=list(argv) if argv is not None else None, prog_name="dissect", standalone_mode=False,
                    obj=context)
