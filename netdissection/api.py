@@ -100,14 +100,16 @@ def dissect(
     host = host if host is not None else build_host()
     announce_load_failures(host, strict)
     relay = HookRelay(host, strict)
-    # Every name first: a typo in a writer, rule or format fails before a model is built or a pass runs.
-    rule = choose_threshold(host, threshold, threshold_params, quantile=quantile, compat=compat, device=device)
+    # Every name first, in a blink: a typo in a writer, rule or format fails before anything is imported,
+    # built or run.
+    host.component("threshold", threshold or DEFAULT_THRESHOLD)
     writer_entries = [host.component("reporter", name) for name in writer_names(host, reporters)] \
         if out is not None else []
     if backend is not None:
         host.component("backend", backend)
     if dataset_format is not None:
         host.component("dataset", dataset_format)
+    rule = choose_threshold(host, threshold, threshold_params, quantile=quantile, compat=compat, device=device)
     writers = make_writers(writer_entries, relay)
 
     options = BackendOptions(weights=weights, device=device, pretrained=pretrained, **dict(backend_options or {}))
@@ -165,7 +167,8 @@ def announce_load_failures(host: Host, strict: bool) -> None:
     failures = host.load_failures()
     raise_if_strict(failures, strict)
     for failure in failures:
-        report(failure, strict=False, going_on="the run goes on without it")
+        going_on = "going on without it" if failure.where == "import" else "going on without that registration"
+        report(failure, strict=False, going_on=going_on)
 
 
 def resolve_backend(host: Host, model: Any, backend: str | None, *, strict: bool = False,
@@ -299,8 +302,8 @@ def choose_threshold(host: Host, name: str | None, params: Mapping[str, Any] | N
         raise
     except Exception as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DissectionError(f"threshold rule {name!r} (plugin {entry.plugin!r}) refuses its parameters "
-                              f"{params}: {detail}") from None
+        given = ", ".join(f"{k}={v}" for k, v in params.items()) or "no parameters"
+        raise DissectionError(f"threshold rule {name!r} (plugin {entry.plugin!r}) refuses {given}: {detail}") from None
     return choice
 
 

@@ -57,7 +57,8 @@ class _Rate(ProgressColumn):
 class RichProgress:
     """The passes' progress as rich bars on stderr (images done, images/s, ETA), one bar per pass.
 
-    One live display serves the whole run, so finished bars stay on screen as they were.
+    One live display serves the whole run, so finished bars stay on screen as they were. It starts with
+    the first pass: a run that stops before (a wrong name, a plugin failure) prints only its message.
     """
 
     def __init__(self, console: Console) -> None:
@@ -65,15 +66,19 @@ class RichProgress:
                                   _Rate(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                   console=console, transient=False)
         self._task: Any = None
+        self._started = False
 
     def __enter__(self) -> RichProgress:
-        self._progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        if self._started:
+            self._progress.stop()
 
     def start(self, name: str, total: int) -> None:
+        if not self._started:
+            self._progress.start()
+            self._started = True
         self._task = self._progress.add_task(name, total=total)
 
     def advance(self, images: int) -> None:

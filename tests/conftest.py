@@ -29,13 +29,14 @@ def random_broden(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    """Run ``dissect ARGS`` in-process; return (exit status, stdout, stderr)."""
+    """Run ``dissect ARGS`` in-process (``plugins=``: plugin objects to add); return (exit status, stdout,
+    stderr)."""
     from netdissection.cli import main
 
-    def run(*args: str) -> tuple[int, str, str]:
+    def run(*args: str, plugins: tuple[object, ...] = ()) -> tuple[int, str, str]:
         capsys.readouterr()
         try:
-            main([str(a) for a in args])
+            main([str(a) for a in args], plugins=plugins)
             code = 0
         except SystemExit as exc:
             code = int(exc.code or 0)

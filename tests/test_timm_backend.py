@@ -14,8 +14,8 @@ import timm
 import torch
 
 import netdissection
-from netdissection.core.errors import UnknownNameError
 from netdissection.api import resolve_backend
+from netdissection.core.errors import UnknownNameError
 from netdissection.core.types import BackendOptions
 from netdissection.plugins.backends.timm_backend import TimmBackend, reachable
 from netdissection.plugins.datasets.generated import generate_concept_set

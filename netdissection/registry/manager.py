@@ -121,9 +121,9 @@ class Host:
         """Call each plugin's implementation of ``hook_name`` on its own, in pluggy's order; return the
         (plugin, answer) pairs that are not None (only the first with ``firstresult``).
 
-        An implementation that raises is added to ``failures``, reported (one warning line, or an error
-        when ``strict``) and skipped; a ``DissectionError`` is a user mistake and propagates. Outcomes go
-        to the runtime log.
+        An implementation that raises is skipped, added to ``failures`` and reported (one warning line, or
+        an error when ``strict``) unless the same failure is there already; a ``DissectionError`` is a user
+        mistake and propagates. Outcomes go to the runtime log.
         """
         caller = getattr(self.pm.hook, hook_name)
         answers: list[tuple[str, Any]] = []
@@ -141,6 +141,8 @@ class Host:
                     failure = PluginFailure.of(impl.plugin_name, hook_name, exc)
                     record = self.record(impl.plugin_name)
                     failed.append((failure, record.version if record else "?"))
+                    if failures is not None and failure in failures:
+                        continue  # the same failure again (a hook called per layer): shown once
                     if failures is not None:
                         failures.append(failure)
                     report(failure, strict=strict)
