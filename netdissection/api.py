@@ -240,7 +240,7 @@ def resolve_dataset(host: Host, dataset: Any, dataset_format: str | None, catego
         return dataset  # already a dataset object (Python API)
     if dataset_format is not None:
         return host.component("dataset", dataset_format).factory(dataset, categories=categories, **options)
-    for entry in catalog:
+    for entry in reversed(list(catalog)):  # like backends: a plugin's format may claim a path before the built-ins
         detect = entry.metadata.get("detect")
         if detect is not None and detect(dataset):
             return entry.factory(dataset, categories=categories, **options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 import netdissection
 from netdissection.core.errors import UnknownNameError
 from netdissection.registry import build_host
+
+from .cli_checks import assert_one_line_error
 
 
 @pytest.fixture
@@ -24,10 +27,13 @@ def installed_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "def dissect_register_reporters(register):\n"
         "    register('echo', Echo, description='writes nothing')\n"
         "@netdissection.hookimpl\n"
-        "def dissect_register_commands(cli):\n"
+        "def dissect_register_commands(cli, context):\n"
         "    @cli.command('hello')\n"
-        "    def hello():\n"
-        "        print('hello from a plugin')\n"
+        "    @context.verbose_option\n"
+        "    def hello(verbose):\n"
+        "        context.setup_logging(verbose)\n"
+        "        writers = ', '.join(context.host.catalog('reporter').names())\n"
+        "        context.out.print('hello from a plugin; writers: ' + writers)\n"
     )
     dist = tmp_path / "netdissection_goodplugin-1.2.3.dist-info"
     dist.mkdir()
@@ -56,8 +62,15 @@ def test_dissect_plugins_lists_versions_commands_and_errors(installed_plugins: P
     assert code == 0, err
     assert "1.2.3" in out and "reporter:echo" in out and "command:hello" in out
     assert "broken" in out and "ModuleNotFoundError" in out
-    code, out, _ = run_cli("hello")
-    assert code == 0 and "hello from a plugin" in out
+    code, out, _ = run_cli("hello", "-v")
+    assert code == 0 and "hello from a plugin; writers: tally, thresholds, plots, html, echo" in out
+    code, out, _ = run_cli("plugins", "--json")
+    listing = json.loads(out)
+    good = next(p for p in listing["plugins"] if p["name"] == "good")
+    assert good["provides"] == ["reporter:echo", "command:hello"] and good["status"] == "ok"
+    assert next(p for p in listing["plugins"] if p["name"] == "broken")["status"] == "error"
+    assert {"name": "echo", "plugin": "good", "description": "writes nothing", "default": False} in \
+        listing["components"]["reporter"]
 
 
 def test_a_plugin_whose_registration_raises_is_recorded() -> None:
@@ -81,11 +94,87 @@ def test_duplicate_names_are_refused_with_both_plugins_named() -> None:
         @netdissection.hookimpl
         def dissect_register_thresholds(self, register):  # type: ignore[no-untyped-def]
             register("quantile", object)
+            register("median", object, description="a rule of its own")
+
+        @netdissection.hookimpl
+        def dissect_register_reporters(self, register):  # type: ignore[no-untyped-def]
+            register("tally", object)
+            register("html", object)
 
     host = build_host(entry_points=False, extra_plugins=(Copycat(),))
     record = next(r for r in host.plugins if r.name == "copycat")
-    assert "quantile" in (record.error or "") and "'quantile'" in (record.error or "")
+    # Every clash is kept, each naming both plugins; the plugin's other registrations went on.
+    assert len(record.failures) == 3, record.errors
+    assert [f.where for f in record.failures] == ["dissect_register_thresholds", "dissect_register_reporters",
+                                                  "dissect_register_reporters"]
+    assert "threshold rule 'quantile' is registered by both 'quantile' and 'copycat'" in record.errors[0]
+    assert "'tally'" in record.errors[1] and "'html'" in record.errors[2]
     assert host.catalog("threshold").get("quantile").plugin == "quantile"
+    assert host.catalog("threshold").get("median").plugin == "copycat"
+    assert record.provides == ["threshold:median"]
+
+
+def test_a_name_whose_plugin_failed_to_register_says_so(run_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The error about a missing component names the plugin that failed to register it, and its error."""
+
+    class TorchScript:
+        __name__ = "torchscript"
+
+        @netdissection.hookimpl
+        def dissect_register_backends(self, register):  # type: ignore[no-untyped-def]
+            raise RuntimeError("cannot import torch.jit extras")
+
+        @netdissection.hookimpl
+        def dissect_register_thresholds(self, register):  # type: ignore[no-untyped-def]
+            raise RuntimeError("no rules today")
+
+        @netdissection.hookimpl
+        def dissect_detect_backend(self, model_ref):  # type: ignore[no-untyped-def]
+            return "torchscript" if str(model_ref).endswith(".ts") else None
+
+    def error_line(code: int, err: str) -> str:
+        """The run stops with one error line (after one warning line per registration failure)."""
+        assert code == 2 and "Traceback" not in err, err
+        lines = err.strip().splitlines()
+        assert [line for line in lines if not line.startswith("warning: plugin 'torchscript'")] == lines[-1:], err
+        assert len(lines) == 3 and lines[-1].startswith("error:"), err
+        return lines[-1]
+
+    model = tmp_path / "model.ts"
+    model.write_bytes(b"")
+    line = error_line(*run_cli(model, plugins=(TorchScript(),))[::2])
+    assert "the plugin 'torchscript' claims" in line and "model.ts" in line
+    assert "failed in dissect_register_backends (RuntimeError: cannot import torch.jit extras)" in line
+    line = error_line(*run_cli("resnet18", "--backend", "torchscript", plugins=(TorchScript(),))[::2])
+    assert "unknown backend 'torchscript'" in line
+    assert "plugin 'torchscript' failed in dissect_register_backends (RuntimeError: cannot import torch.jit" in line
+    line = error_line(*run_cli("resnet18", "--threshold", "median", plugins=(TorchScript(),))[::2])
+    assert "unknown threshold rule 'median'" in line and "no rules today" in line
+    code, _, err = run_cli(model, "--strict-plugins", plugins=(TorchScript(),))
+    assert_one_line_error(code, err, "'torchscript'", "cannot import torch.jit extras", "and 1 more")
+
+
+def test_a_dataset_format_plugin(run_cli, random_broden) -> None:  # type: ignore[no-untyped-def]
+    """A plugin's dataset format is detected and opened like the built-in ones, by every command."""
+    from netdissection.plugins.datasets.broden import BrodenDataset
+
+    class Mirror(BrodenDataset):
+        format = "mirror"
+
+    class MirrorPlugin:
+        __name__ = "mirror"
+
+        @netdissection.hookimpl
+        def dissect_register_datasets(self, register):  # type: ignore[no-untyped-def]
+            register("mirror", Mirror, description="Broden read back to front",
+                     detect=lambda path: str(path).endswith(".mirror"))
+
+    data = random_broden("set.mirror", images=6, image_size=32, label_size=16)
+    code, out, err = run_cli("data", "info", data, "--workers", "0", plugins=(MirrorPlugin(),))
+    assert code == 0, err
+    assert "mirror format, 6 images" in " ".join(out.split())
+    host = build_host(entry_points=False, extra_plugins=(MirrorPlugin(),))
+    assert isinstance(netdissection.open_dataset(data, host=host), Mirror)
 
 
 def test_unknown_names_suggest_close_matches() -> None:

@@ -120,7 +120,8 @@ def dissect_register_datasets(register: Register) -> None:
     ``factory(path, categories=..., **options)`` (without them the rebuilt HTML report has no image strips).
 
     Optional metadata: ``detect(path) -> bool`` (lets ``--dataset PATH`` find the format without
-    ``--dataset-format``); for ``dissect data``, ``validate(path, progress=None)`` returning a report with
+    ``--dataset-format``; formats registered later are asked first, so a plugin may claim a path before the
+    built-ins); for ``dissect data``, ``validate(path, progress=None)`` returning a report with
     ``problems`` (without it, ``validate`` loads every sample) and ``writer(dataset, dest, progress=None)
     -> Path`` (makes the format a ``convert --format`` target).
     """
