@@ -12,6 +12,9 @@ from .random_broden import write_random_broden
 if TYPE_CHECKING:  # pragma: no cover
     from .report_data import SmallRun
 
+# pytester runs the testing kit's pytest plugin in a session of its own (tests/test_testing_kit.py).
+pytest_plugins = ["pytester"]
+
 # The tests run offline: never let a library wait on a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -258,9 +258,10 @@ def check_report_writer(writer: ReportWriter, result: RunResult, folder: str | P
     Writes from other processes are not seen. Returns the paths of the checked write.
     """
     folder = Path(folder)
-    writer.write(result, folder / "warm-up")
-    out = folder / "out"
-    out.mkdir(parents=True, exist_ok=True)
+    warm_up, out = folder / "warm-up", folder / "out"
+    for where in (warm_up, out):  # a run makes its output folder before any writer runs
+        where.mkdir(parents=True, exist_ok=True)
+    writer.write(result, warm_up)
     root = os.path.realpath(out)
     with Audit() as audit:
         paths = writer.write(result, out)
