@@ -309,7 +309,8 @@ def choose_threshold(host: Host, name: str | None, params: Mapping[str, Any] | N
 
 def writer_names(host: Host, names: Sequence[str] | None) -> list[str]:
     """The writers asked for (repeatable, commas allowed), else every default writer, in registration order."""
-    chosen = [n.strip() for value in names or () for n in str(value).split(",") if n.strip()]
+    values = [names] if isinstance(names, str) else list(names or ())
+    chosen = [n.strip() for value in values for n in str(value).split(",") if n.strip()]
     if chosen:
         return list(dict.fromkeys(chosen))
     return [e.name for e in host.catalog("reporter") if e.metadata.get("default", False)]

@@ -168,6 +168,11 @@ def test_strict_plugins_make_each_failure_an_error(run_cli, faulty_dists: dict[s
         monkeypatch.setenv("NETDISSECTION_STRICT_PLUGINS", "1")
     code, _, err = _run(run_cli, concept_set, tmp_path / "out", *extra)
     assert_one_line_error(code, err, f"'{fault}'", FAULTS[fault][2], "--strict-plugins")
+    if fault == "fault_writer":  # the counts and the summary were saved before any writer ran
+        assert (tmp_path / "out/layer1/counts.npz").is_file() and (tmp_path / "out/summary.json").is_file()
+        code, _, err = run_cli("report", tmp_path / "out", "--report", "tally")
+        assert code == 0, err
+        assert (tmp_path / "out/layer1/tally.csv").is_file()
 
 
 def test_without_the_broken_plugins_nothing_is_left_to_show(run_cli, faulty_dists: dict[str, Path],  # type: ignore[no-untyped-def]
