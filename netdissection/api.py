@@ -111,11 +111,11 @@ def dissect(
         host.component("dataset", dataset_format)
     rule = choose_threshold(host, threshold, threshold_params, quantile=quantile, compat=compat, device=device)
     writers = make_writers(writer_entries, relay)
+    relay.writers = writers
 
     options = BackendOptions(weights=weights, device=device, pretrained=pretrained, **dict(backend_options or {}))
     backend_name, model_backend = make_backend(host, model, backend, options, strict=strict, failures=relay.runtime)
     concept_set = resolve_dataset(host, dataset, dataset_format, categories, dataset_options)
-    relay.writers = writers
     return run_dissection(model_backend, concept_set, rule, backend_name=backend_name, model_ref=model,
                           layers=layers, writers=writers, compat=compat, out=out, batch_size=batch_size,
                           device=device, workers=workers, top_k=top_k, skip_bad=skip_bad, progress=progress,
@@ -145,9 +145,8 @@ def write_reports(result: RunResult, out: str | Path, *, reporters: Sequence[str
     earlier = [f for f in result.plugin_errors if not str(f.get("where", "")).startswith("report writer")]
     relay = HookRelay(host, strict, earlier=earlier)
     entries = [host.component("reporter", name) for name in writer_names(host, reporters)]
-    writers = make_writers(entries, relay, writer_options)
-    relay.writers = writers
-    written = write_results(result, Path(out), writers, relay)
+    relay.writers = make_writers(entries, relay, writer_options)
+    written = write_results(result, Path(out), relay.writers, relay)
     relay.writers_done()
     return written
 

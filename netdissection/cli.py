@@ -196,7 +196,7 @@ def cli() -> None:
       dissect report RESULTS_DIR   rebuild the reports of a finished run
       dissect data ...             download Broden; inspect, validate, convert datasets
       dissect backends             list backends and what they accept
-      dissect plugins              list installed plugins
+      dissect plugins              list installed plugins, what they provide, every error (--json)
     """
 
 

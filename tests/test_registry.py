@@ -117,8 +117,8 @@ def test_duplicate_names_are_refused_with_both_plugins_named() -> None:
 def test_a_name_whose_plugin_failed_to_register_says_so(run_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The error about a missing component names the plugin that failed to register it, and its error."""
 
-    class TorchScript:
-        __name__ = "torchscript"
+    class Jit:
+        __name__ = "jitplugin"
 
         @netdissection.hookimpl
         def dissect_register_backends(self, register):  # type: ignore[no-untyped-def]
@@ -130,28 +130,28 @@ def test_a_name_whose_plugin_failed_to_register_says_so(run_cli, tmp_path: Path)
 
         @netdissection.hookimpl
         def dissect_detect_backend(self, model_ref):  # type: ignore[no-untyped-def]
-            return "torchscript" if str(model_ref).endswith(".ts") else None
+            return "jit" if str(model_ref).endswith(".jit") else None
 
     def error_line(code: int, err: str) -> str:
         """The run stops with one error line (after one warning line per registration failure)."""
         assert code == 2 and "Traceback" not in err, err
         lines = err.strip().splitlines()
-        assert [line for line in lines if not line.startswith("warning: plugin 'torchscript'")] == lines[-1:], err
+        assert [line for line in lines if not line.startswith("warning: plugin 'jitplugin'")] == lines[-1:], err
         assert len(lines) == 3 and lines[-1].startswith("error:"), err
         return lines[-1]
 
-    model = tmp_path / "model.ts"
+    model = tmp_path / "model.jit"
     model.write_bytes(b"")
-    line = error_line(*run_cli(model, plugins=(TorchScript(),))[::2])
-    assert "the plugin 'torchscript' claims" in line and "model.ts" in line
+    line = error_line(*run_cli(model, plugins=(Jit(),))[::2])
+    assert "the plugin 'jitplugin' claims" in line and "model.jit" in line and "backend 'jit'" in line
     assert "failed in dissect_register_backends (RuntimeError: cannot import torch.jit extras)" in line
-    line = error_line(*run_cli("resnet18", "--backend", "torchscript", plugins=(TorchScript(),))[::2])
-    assert "unknown backend 'torchscript'" in line
-    assert "plugin 'torchscript' failed in dissect_register_backends (RuntimeError: cannot import torch.jit" in line
-    line = error_line(*run_cli("resnet18", "--threshold", "median", plugins=(TorchScript(),))[::2])
+    line = error_line(*run_cli("resnet18", "--backend", "jit", plugins=(Jit(),))[::2])
+    assert "unknown backend 'jit'" in line
+    assert "plugin 'jitplugin' failed in dissect_register_backends (RuntimeError: cannot import torch.jit" in line
+    line = error_line(*run_cli("resnet18", "--threshold", "median", plugins=(Jit(),))[::2])
     assert "unknown threshold rule 'median'" in line and "no rules today" in line
-    code, _, err = run_cli(model, "--strict-plugins", plugins=(TorchScript(),))
-    assert_one_line_error(code, err, "'torchscript'", "cannot import torch.jit extras", "and 1 more")
+    code, _, err = run_cli(model, "--strict-plugins", plugins=(Jit(),))
+    assert_one_line_error(code, err, "'jitplugin'", "cannot import torch.jit extras", "and 1 more")
 
 
 def test_a_dataset_format_plugin(run_cli, random_broden) -> None:  # type: ignore[no-untyped-def]
