@@ -216,7 +216,8 @@ def resolve_backend(host: Host, model: Any, backend: str | None, *, strict: bool
 def _failed_note(host: Host, kind: str) -> str:
     from .registry.manager import COMPONENT_KINDS
 
-    broken = [f for f in host.load_failures() if f.where in ("import", COMPONENT_KINDS[kind])]
+    broken = [f for f in host.load_failures()
+              if f.where in ("import", COMPONENT_KINDS[kind]) and not f.error.startswith("ConflictError")]
     return f"; {broken[0].line()}" if broken else ""
 
 

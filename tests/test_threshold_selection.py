@@ -39,7 +39,7 @@ class FixedPlugin:
 
     @netdissection.hookimpl
     def dissect_register_thresholds(self, register):  # type: ignore[no-untyped-def]
-        register("fixed", FixedRule, description="one absolute threshold for every unit")
+        register("absolute", FixedRule, description="one absolute threshold for every unit")
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +69,13 @@ def test_threshold_param_and_the_quantile_shortcut_agree(run_cli, concept_set: P
 def test_a_plugin_rule_sets_the_thresholds_and_the_tally(run_cli, concept_set: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     FixedRule.seen.clear()
     code, _, err = run_cli("resnet18", "--dataset", concept_set, "--layer", "layer1", "--workers", "0",
-                           "--threshold", "fixed", "--threshold-param", "value=0.25", "--report", "tally,thresholds",
+                           "--threshold", "absolute", "--threshold-param", "value=0.25", "--report", "tally,thresholds",
                            "--out", tmp_path / "o", plugins=(FixedPlugin(),))
     assert code == 0, err
     rows = (tmp_path / "o/layer1/thresholds.csv").read_text().splitlines()[1:]
     assert len(rows) == 64 and {row.split(",")[1] for row in rows} == {"0.25"}
     rule = _summary(tmp_path / "o")["provenance"]["threshold_rule"]
-    assert rule == {"name": "fixed", "plugin": "fixed_rules", "params": {"value": 0.25}}
+    assert rule == {"name": "absolute", "plugin": "fixed_rules", "params": {"value": 0.25}}
     # The factory got what its signature names: the values per unit (8 images × 8×8 maps) and the device.
     assert FixedRule.seen[-1] == {"values_per_unit": 8 * 8 * 8, "device": "cpu"}
     assert sorted(p.name for p in (tmp_path / "o/layer1").iterdir()) == ["counts.npz", "tally.csv", "thresholds.csv"]
@@ -89,8 +89,8 @@ def test_a_plugin_rule_sets_the_thresholds_and_the_tally(run_cli, concept_set: P
     (("--threshold", "quantil"), ("unknown threshold rule 'quantil'", "'quantile'")),
     (("--threshold", "quantile", "--threshold-param", "r=3"), ("takes no parameter 'r'", "it takes: q")),
     (("--threshold-param", "q=3"), ("'quantile'", "q=3", "between 0 and 1")),
-    (("--threshold", "fixed"), ("'fixed'", "needs --threshold-param value=VALUE")),
-    (("--threshold", "fixed", "--quantile", "0.1"), ("--quantile", "--threshold-param")),
+    (("--threshold", "absolute"), ("'absolute'", "needs --threshold-param value=VALUE")),
+    (("--threshold", "absolute", "--quantile", "0.1"), ("--quantile", "--threshold-param")),
     (("--threshold-param", "compat=lite"), ("--compat",)),
     (("--threshold-param", "q=0.1", "--quantile", "0.2"), ("disagree",)),
     (("--report", "tally,nosuch"), ("unknown report writer 'nosuch'",)),
@@ -126,9 +126,9 @@ def test_python_api_threshold_selection(concept_set: Path) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU())
     host = netdissection.build_host(entry_points=False, extra_plugins=(FixedPlugin(),))
     result = netdissection.dissect(model, dataset=str(concept_set), layers=["1"], workers=0, host=host,
-                                   threshold="fixed", threshold_params={"value": 0.5})
+                                   threshold="absolute", threshold_params={"value": 0.5})
     np.testing.assert_array_equal(result.layers["1"].thresholds, np.full(4, 0.5))
-    assert result.provenance["threshold_rule"]["name"] == "fixed"
+    assert result.provenance["threshold_rule"]["name"] == "absolute"
     with pytest.raises(netdissection.DissectionError, match="--quantile sets the quantile rule"):
-        netdissection.dissect(model, dataset=str(concept_set), host=host, threshold="fixed",
+        netdissection.dissect(model, dataset=str(concept_set), host=host, threshold="absolute",
                               threshold_params={"value": 0.5}, quantile=0.01)

@@ -110,7 +110,9 @@ class Host:
         if name in catalog:
             return catalog.get(name)
         hook = COMPONENT_KINDS[kind]
-        broken = [f for f in self.load_failures() if f.where in ("import", hook)]
+        # A refused duplicate is not why a name is missing: only failed imports and registrations count.
+        broken = [f for f in self.load_failures()
+                  if f.where in ("import", hook) and not f.error.startswith(ConflictError.__name__)]
         note = "; ".join(f"{f.line()}" for f in broken[:3])
         if len(broken) > 3:
             note += f" and {len(broken) - 3} more (see: dissect plugins)"
