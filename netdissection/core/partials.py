@@ -178,5 +178,5 @@ def split_shards(images: int, shards: int, batch_size: int) -> list[np.ndarray]:
     if shards < 1:
         raise DissectionError(f"the number of shards must be at least 1, not {shards}")
     batches = math.ceil(images / batch_size)
-    bounds = [min(images, round(batches * i / shards) * batch_size) for i in range(shards + 1)]
+    bounds = [min(images, batches * i // shards * batch_size) for i in range(shards + 1)]
     return [np.arange(bounds[i], bounds[i + 1], dtype=np.int64) for i in range(shards)]

@@ -129,13 +129,17 @@ def dissect(
     host: Any = None,
     backend_options: dict[str, Any] | None = None,
     dataset_options: dict[str, Any] | None = None,
+    cache: str = "auto",
+    cache_budget: str | int | None = None,
 ) -> RunResult:
     """Dissect ``model`` on a concept dataset; write the reports to ``out`` (if given) and return the results.
 
     ``model`` is a name or path a backend accepts, or a ``torch.nn.Module``. ``dataset`` is a path, a
-    dataset object, or None for the built-in generated concept set.
+    dataset object, or None for the built-in generated concept set. ``cache`` ("auto", "disk",
+    "recompute") and ``cache_budget`` (bytes, or a size like "20G") say where the later reads get the maps.
     """
     from ..registry import build_host
+    from .cache import CACHE_MODES, parse_size
     from .loading import default_workers
 
     if compat not in COMPAT_MODES:
@@ -145,6 +149,9 @@ def dissect(
     if batch_size < 1:
         raise DissectionError(f"--batch-size must be at least 1, not {batch_size}")
     _check_device(device)
+    if cache not in CACHE_MODES:
+        raise DissectionError(f"--cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+    budget = parse_size(cache_budget)
     host = host or build_host()
     options = BackendOptions(weights=weights, device=device, pretrained=pretrained, **(backend_options or {}))
     backend_name, model_backend = make_backend(host, model, backend, options)
@@ -183,7 +190,8 @@ def dissect(
     plan = Plan(backend=model_backend, dataset=concept_set, layers=layer_names, make_rule=make_rule,
                 semantics=compat, batch_size=batch_size,
                 workers=default_workers() if workers is None else workers, device=device, top_k=top_k,
-                skip_bad=skip_bad, work_dir=Path(out) if out is not None else None)
+                skip_bad=skip_bad, work_dir=Path(out) if out is not None else None, cache=cache,
+                cache_budget=budget)
     started = time.perf_counter()
     try:
         if out is not None:
