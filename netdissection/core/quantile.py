@@ -138,8 +138,11 @@ def order_keys(values: torch.Tensor) -> torch.Tensor:
     IEEE floats of one sign order like their bit patterns (reversed for negatives): flipping the
     magnitude bits of negative values makes the signed integers order like the floats.
     """
-    bits = (values.float() + 0.0).contiguous().view(torch.int32)
-    return bits ^ ((bits >> 31) & INT32_MAX)
+    keys = (values.float() + 0.0).contiguous().view(torch.int32)  # a new tensor: changed in place below
+    flip = keys >> 31
+    flip &= INT32_MAX
+    keys ^= flip
+    return keys
 
 
 def keys_to_values(keys: np.ndarray) -> np.ndarray:
@@ -181,7 +184,8 @@ class RadixSelect:
         self.prefix = torch.zeros(units, dtype=torch.int64, device=device)  # unsigned bits found so far
         self.below = torch.zeros(units, dtype=torch.int64, device=device)  # values below the bracket
         self.min_above = torch.full((units,), INT32_MAX, dtype=torch.int64, device=device)
-        self.hist = torch.zeros(units, 2 ** digits[0], dtype=torch.int64, device=device)
+        # Per unit and bin, the values counted; one more count at the end for those outside the bracket.
+        self.counts = torch.zeros(units * 2 ** digits[0] + 1, dtype=torch.int64, device=device)
         self.keys: tuple[np.ndarray, np.ndarray] | None = None  # (rank's key, successor's key) when done
 
     @property
@@ -189,8 +193,13 @@ class RadixSelect:
         return self.keys is not None
 
     @property
+    def hist(self) -> torch.Tensor:
+        """``(units, 2^bits)``: the values of each unit's bracket counted by their next bits."""
+        return self.counts[:-1].view(self.units, -1)
+
+    @property
     def buffer_bytes(self) -> int:
-        tensors = (self.prefix, self.below, self.min_above, self.hist)
+        tensors = (self.prefix, self.below, self.min_above, self.counts)
         return sum(t.element_size() * t.numel() for t in tensors)
 
     def update(self, activations: torch.Tensor) -> None:
@@ -201,32 +210,39 @@ class RadixSelect:
         if self.resolved:
             raise RuntimeError("the selection is complete; it takes no more values")
         bits, known = self.digits[self.read], sum(self.digits[: self.read])
+        last = self.read == len(self.digits) - 1
         shift = 32 - known - bits
-        device = self.hist.device
+        device = self.counts.device
         offsets = (torch.arange(units, device=device, dtype=torch.int32) << bits).view(1, units, 1, 1)
         prefix = self.prefix.to(torch.int32).view(1, units, 1, 1)
-        outside = units << bits  # one extra bin for the values outside the bracket, dropped
-        per_image = max(1, activations[0].numel())
-        step = max(1, KEY_CHUNK // per_image)
+        outside = units << bits  # the last count: values outside the bracket
+        ones = torch.ones(1, dtype=torch.int64, device=device)
+        step = max(1, KEY_CHUNK // max(1, activations[0].numel()))
         for start in range(0, n, step):
-            keys = order_keys(activations[start:start + step].detach().to(device))
-            unsigned = keys ^ INT32_MIN  # the same bits read as unsigned: logical shifts below
-            index = ((unsigned >> shift) & ((1 << bits) - 1)) + offsets
+            # In place where it can be: these few integer operations on every value are the cost of a read.
+            unsigned = order_keys(activations[start:start + step].detach().to(device))
+            unsigned ^= INT32_MIN  # the same order read as unsigned bits: logical shifts below
+            index = unsigned >> shift
+            index &= (1 << bits) - 1
+            index += offsets
             if known:
-                head = (unsigned >> (32 - known)) & ((1 << known) - 1)
-                index = torch.where(head == prefix, index, outside)
-                above = torch.where(head > prefix, keys, INT32_MAX).amin(dim=(0, 2, 3))
-                self.min_above = torch.minimum(self.min_above, above.long())
-            counts = torch.bincount(index.reshape(-1), minlength=outside + 1)
-            self.hist += counts[:outside].view(units, -1)
+                head = unsigned >> (32 - known)
+                head &= (1 << known) - 1
+                index.masked_fill_(head != prefix, outside)
+                if last:  # the successor may lie above the bracket: keep the smallest key there
+                    unsigned ^= INT32_MIN  # signed keys again
+                    unsigned.masked_fill_(head <= prefix, INT32_MAX)
+                    above = unsigned.amin(dim=(0, 2, 3)).long()
+                    self.min_above = torch.minimum(self.min_above, above)
+            index = index.reshape(-1).long()
+            self.counts.index_add_(0, index, ones.expand(index.numel()))
         self.count += n * int(activations.shape[2]) * int(activations.shape[3])
-
     def merge(self, other: RadixSelect) -> RadixSelect:
         """Add another shard's counts of the same read."""
         if (other.units, other.digits, other.read) != (self.units, self.digits, self.read) or not (
                 torch.equal(other.prefix.to(self.prefix.device), self.prefix)):
             raise ValueError("only states of the same read of the same selection can be merged")
-        self.hist += other.hist.to(self.hist.device)
+        self.counts += other.counts.to(self.counts.device)
         self.min_above = torch.minimum(self.min_above, other.min_above.to(self.min_above.device))
         self.count += other.count
         return self
@@ -252,11 +268,11 @@ class RadixSelect:
         below = self.below + cumulative.gather(1, digit.unsqueeze(1)).squeeze(1) - in_bin
         prefix = (self.prefix << bits) | digit
         if self.read + 1 < len(self.digits):
-            state = RadixSelect(self.units, self.digits, self.hist.device)
+            state = RadixSelect(self.units, self.digits, self.counts.device)
             state.read, state.total, state.rank = self.read + 1, self.total, rank
             state.prefix, state.below = prefix, below
-            state.hist = torch.zeros(self.units, 2 ** self.digits[self.read + 1], dtype=torch.int64,
-                                     device=self.hist.device)
+            state.counts = torch.zeros(self.units * 2 ** self.digits[self.read + 1] + 1, dtype=torch.int64,
+                                       device=self.counts.device)
             return state
         # All 32 bits known: the key of the rank is its prefix; then its successor's.
         key = prefix - 2**31
