@@ -134,7 +134,7 @@ def test_shards_merge_to_the_unsharded_run(broden: Path, compat: str) -> None:
     one_read, _, _ = run_passes(*plan_for(tiny_model(), broden, compat, radix_layer=None))
     assert one_read["1"].thresholds.tobytes() == expected["1"].thresholds.tobytes()
     assert expected["1"].intersection.sum() > 0
-    for count in (2, 3, 5):
+    for count in (2, 3, 5, 7):  # 7 shards of 5 batches: two shards are empty
         shards = split_shards(20, count, BATCH)
         assert sorted(np.concatenate(shards).tolist()) == list(range(20))
         got, images, reads = sharded(plan, spec, shards)
@@ -253,3 +253,24 @@ def test_cache_sizes_and_choice(tmp_path: Path) -> None:
 def test_cli_refuses_a_bad_budget(run_cli: Any) -> None:
     code, _out, err = run_cli("resnet18", "--cache-budget", "lots")
     assert_one_line_error(code, err, "--cache-budget must be a size like 500M or 20G, not 'lots'")
+
+
+def test_cli_cache_budget_notice_and_same_tally(run_cli: Any, tmp_path: Path) -> None:
+    from netdissection.plugins.datasets.generated import generate_concept_set
+
+    data = generate_concept_set(tmp_path / "gen", images=8, image_size=64, seed=0)
+    tallies = {}
+    for name, options in (("disk", ["--cache", "disk"]), ("budget", ["--cache-budget", "100K"])):
+        code, _out, err = run_cli("resnet18", "--dataset", data, "--layer", "layer4", "--out", tmp_path / name,
+                                  "--workers", "0", "--report", "tally", *options)
+        assert code == 0, err
+        # 8 images × 512 units × 2×2 × 4 bytes = 64 KiB: within 100K, so the disk cache, and no notice.
+        assert "recomputed" not in err
+        tallies[name] = (tmp_path / name / "layer4" / "tally.csv").read_bytes()
+    code, _out, err = run_cli("resnet18", "--dataset", data, "--layer", "layer3", "--layer", "layer4", "--out",
+                              tmp_path / "small", "--workers", "0", "--report", "tally", "--cache-budget", "100K")
+    assert code == 0, err
+    # layer3 adds 8 × 256 × 4×4 × 4 bytes: 192 KiB in all, over the budget.
+    assert ("the activation cache would take 192.0 KB, over the --cache-budget of 100.0 KB: the maps are "
+            "recomputed (another forward pass) for the later reads") in " ".join(err.split())
+    assert (tmp_path / "small" / "layer4" / "tally.csv").read_bytes() == tallies["disk"] == tallies["budget"]

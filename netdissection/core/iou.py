@@ -12,6 +12,7 @@ Two facts make it fast and still exact:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,6 +23,8 @@ import torch
 from .partials import CountsPartial, LayerCounts
 from .types import Vocabulary
 from .upsample import active_pixels
+
+log = logging.getLogger(__name__)
 
 #: Semantics of the counts: "paper" (the protocol) or "lite" (NetDissect-Lite's numbers).
 SEMANTICS = ("paper", "lite")
@@ -202,6 +205,7 @@ class TallyCounts:
     def partial(self) -> CountsPartial:
         layers = {}
         for name, acc in self.layers.items():
+            log.debug("%s: upsampled %d of %d (image, unit) pairs", name, acc.pairs_upsampled, acc.pairs_seen)
             intersection, activation = acc.counts()
             layers[name] = LayerCounts(intersection.numpy(), activation.numpy())
         return CountsPartial(layers, self.truth.numpy().copy(), self.images)
