@@ -173,19 +173,19 @@ class RadixSelect:
     tracked in the last read.
     """
 
-    def __init__(self, units: int, digits: tuple[int, ...], device: torch.device | str = "cpu") -> None:
+    def __init__(self, units: int, digits: tuple[int, ...], device: torch.device | str = "cpu", read: int = 0
+                 ) -> None:
         if sum(digits) != 32 or max(digits) > 16:
             raise ValueError(f"digits must add up to 32 bits, at most 16 per read: {digits}")
         self.units, self.digits = units, digits
-        self.read = 0
+        self.read = read
         self.count = 0  # values per unit seen in this read
         self.total: int | None = None  # values per unit, from the first read
-        self.rank: int | None = None  # the ascending rank selected
         self.prefix = torch.zeros(units, dtype=torch.int64, device=device)  # unsigned bits found so far
         self.below = torch.zeros(units, dtype=torch.int64, device=device)  # values below the bracket
         self.min_above = torch.full((units,), INT32_MAX, dtype=torch.int64, device=device)
         # Per unit and bin, the values counted; one more count at the end for those outside the bracket.
-        self.counts = torch.zeros(units * 2 ** digits[0] + 1, dtype=torch.int64, device=device)
+        self.counts = torch.zeros(units * 2 ** digits[read] + 1, dtype=torch.int64, device=device)
         self.keys: tuple[np.ndarray, np.ndarray] | None = None  # (rank's key, successor's key) when done
 
     @property
@@ -237,6 +237,7 @@ class RadixSelect:
             index = index.reshape(-1).long()
             self.counts.index_add_(0, index, ones.expand(index.numel()))
         self.count += n * int(activations.shape[2]) * int(activations.shape[3])
+
     def merge(self, other: RadixSelect) -> RadixSelect:
         """Add another shard's counts of the same read."""
         if (other.units, other.digits, other.read) != (self.units, self.digits, self.read) or not (
@@ -268,11 +269,8 @@ class RadixSelect:
         below = self.below + cumulative.gather(1, digit.unsqueeze(1)).squeeze(1) - in_bin
         prefix = (self.prefix << bits) | digit
         if self.read + 1 < len(self.digits):
-            state = RadixSelect(self.units, self.digits, self.counts.device)
-            state.read, state.total, state.rank = self.read + 1, self.total, rank
-            state.prefix, state.below = prefix, below
-            state.counts = torch.zeros(self.units * 2 ** self.digits[self.read + 1] + 1, dtype=torch.int64,
-                                       device=self.counts.device)
+            state = RadixSelect(self.units, self.digits, self.counts.device, read=self.read + 1)
+            state.total, state.prefix, state.below = self.total, prefix, below
             return state
         # All 32 bits known: the key of the rank is its prefix; then its successor's.
         key = prefix - 2**31
@@ -285,6 +283,5 @@ class RadixSelect:
             following = torch.minimum(next_key.amin(dim=1), self.min_above)
             same = rank + 1 < below + in_bin
             successor = torch.where(same, key, following)
-        self.rank = rank
         self.keys = (key.cpu().numpy(), successor.cpu().numpy())
         return self
