@@ -274,3 +274,36 @@ def test_cli_cache_budget_notice_and_same_tally(run_cli: Any, tmp_path: Path) ->
     assert ("the activation cache would take 192.0 KB, over the --cache-budget of 100.0 KB: the maps are "
             "recomputed (another forward pass) for the later reads") in " ".join(err.split())
     assert (tmp_path / "small" / "layer4" / "tally.csv").read_bytes() == tallies["disk"] == tallies["budget"]
+
+
+class PositiveCounts:
+    """A per-layer accumulator as ``Plan.make_diagnostics`` makes: values above zero, per unit."""
+
+    def __init__(self, units: int) -> None:
+        self.counts = torch.zeros(units, dtype=torch.int64)
+
+    def update(self, activations: torch.Tensor) -> None:
+        self.counts += (activations > 0).sum(dim=(0, 2, 3))
+
+    def merge(self, other: PositiveCounts) -> PositiveCounts:
+        self.counts += other.counts
+        return self
+
+
+def test_layer_accumulators_see_every_map_and_merge(broden: Path) -> None:
+    model = tiny_model()
+    recorder = Recorder(model)
+    plan, spec = plan_for(model, broden, "paper", radix_layer=None,
+                          make_diagnostics=lambda layer, units: PositiveCounts(units))
+    runners = [ShardRunner(plan, spec, s) for s in split_shards(20, 3, BATCH)]
+    try:
+        merged = merge_all(pickle.loads(pickle.dumps(r.activation_pass())) for r in runners)
+    finally:
+        for r in runners:
+            r.close()
+    for layer in ("1", "2"):
+        maps = np.stack(recorder.outputs[layer])
+        diagnostics = merged.layers[layer].diagnostics
+        assert isinstance(diagnostics, PositiveCounts)
+        assert diagnostics.counts.tolist() == (maps > 0).sum(axis=(0, 2, 3)).tolist()
+        assert merged.layers[layer].values == maps.shape[0] * maps.shape[2] * maps.shape[3]
