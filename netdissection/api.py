@@ -57,6 +57,8 @@ def dissect(
     top_k: int = 10,
     reporters: Sequence[str] | None = None,
     skip_bad: bool = False,
+    cache: str = "auto",
+    cache_budget: str | int | None = None,
     progress: Progress | None = None,
     host: Host | None = None,
     backend_options: Mapping[str, Any] | None = None,
@@ -84,6 +86,9 @@ def dissect(
         top_k: top images kept per unit (for the report's image strips).
         reporters: report writers to run (names; ``"a,b"`` works too); default: every default writer.
         skip_bad: skip and count unreadable samples instead of stopping.
+        cache, cache_budget: where the reads after the first pass get the maps: ``"disk"`` (an activation
+            cache), ``"recompute"`` (another forward pass) or ``"auto"`` (the disk when the cache fits
+            ``cache_budget`` — bytes or a size like ``"20G"`` — and the free space).
         progress: an object with ``start(name, total)``, ``advance(images)``, ``finish()`` (rich bars in the CLI).
         host: the plugin host to use (default: a fresh ``build_host()``).
         backend_options: ``input_size``, ``mean``, ``std``, ``bgr`` for the backend.
@@ -96,7 +101,7 @@ def dissect(
     from .core.run import run_dissection
 
     strict = strict_plugins_flag(strict_plugins)
-    check_options(compat=compat, batch_size=batch_size, device=device)
+    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget)
     host = host if host is not None else build_host()
     announce_load_failures(host, strict)
     relay = HookRelay(host, strict)
@@ -118,8 +123,8 @@ def dissect(
     concept_set = resolve_dataset(host, dataset, dataset_format, categories, dataset_options)
     return run_dissection(model_backend, concept_set, rule, backend_name=backend_name, model_ref=model,
                           layers=layers, writers=writers, compat=compat, out=out, batch_size=batch_size,
-                          device=device, workers=workers, top_k=top_k, skip_bad=skip_bad, progress=progress,
-                          events=relay, plugins=host.plugin_versions())
+                          device=device, workers=workers, top_k=top_k, skip_bad=skip_bad, cache=cache,
+                          cache_budget=cache_budget, progress=progress, events=relay, plugins=host.plugin_versions())
 
 
 def load_results(path: str | Path) -> RunResult:

@@ -225,6 +225,10 @@ def cli() -> None:
 @click.option("--report", "reporters", multiple=True,
               help="Report writers to run: NAME or NAME,NAME (repeatable; default: every default writer).")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images or labels instead of stopping.")
+@click.option("--cache", type=click.Choice(["auto", "disk", "recompute"]), default="auto", show_default=True,
+              help="Where the reads after the first pass get the maps: a disk cache, or another forward pass; "
+              "auto: the disk when the cache fits the budget and the free space.")
+@click.option("--cache-budget", metavar="SIZE", help="Most disk the activation cache may take, e.g. 500M, 20G.")
 @click.option("--input-size", type=_size, metavar="H,W", help="Model input size H,W or S (models with a fixed input).")
 @click.option("--mean", type=_triple, metavar="R,G,B", help="Input normalisation mean (default: the model's).")
 @click.option("--std", type=_triple, metavar="R,G,B", help="Input normalisation std (default: the model's).")
@@ -242,6 +246,7 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
                 categories: tuple[str, ...], threshold: str | None, threshold_params: dict[str, Any],
                 quantile: float | None, compat: str, out: str | None, batch_size: int, device: str,
                 workers: int | None, top_k: int, reporters: tuple[str, ...], skip_bad: bool,
+                cache: str, cache_budget: str | None,
                 input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                 std: tuple[float, float, float] | None, bgr: bool, image_column: str | None,
                 mask_columns: tuple[str, ...], split: str | None, concepts: str | None, strict_plugins: bool,
@@ -264,7 +269,8 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
                          batch_size=batch_size, device=device, workers=workers, weights=weights,
                          pretrained=pretrained, top_k=top_k, reporters=_split(reporters) or None, skip_bad=skip_bad,
                          progress=progress, host=context.host, backend_options=backend_options,
-                         dataset_options=dataset_options, strict_plugins=strict_plugins or None)
+                         dataset_options=dataset_options, cache=cache, cache_budget=cache_budget,
+                         strict_plugins=strict_plugins or None)
     context.print_summary(result, out_dir, time.perf_counter() - started)
 
 

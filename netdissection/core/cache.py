@@ -1,23 +1,78 @@
 """A per-layer activation cache at layer resolution: raw float32 records on disk, one per image.
 
-The IoU pass needs every raw map again once the thresholds are known. Recomputing them would cost
-a second forward pass; keeping them in memory would grow with the dataset. Records are written
-and read with plain positioned I/O, so the process's memory stays flat whatever the dataset size.
+The IoU pass (and a threshold rule that reads the maps more than once) needs every raw map again.
+Keeping them in memory would grow with the dataset; recomputing them costs another forward pass; the
+disk cache costs N × Σ units·h·w × 4 bytes (resnet50 layer3+layer4 on all of Broden: about 75 GB).
+``choose_cache`` weighs that against a budget and the free space. Records are written and read with
+plain positioned I/O, so the process's memory stays flat whatever the dataset size.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+from .errors import DissectionError
+
+if TYPE_CHECKING:  # the size and mode checks run before any framework is imported
+    import torch
 
 log = logging.getLogger(__name__)
 
 CACHE_PREFIX = ".netdissection-cache-"
+
+#: ``--cache``: where the reads after the activation pass get their maps.
+CACHE_MODES = ("auto", "disk", "recompute")
+
+#: The disk cache may take at most this share of the free space of its folder.
+FREE_SPACE_SHARE = 0.9
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(size: str | int | None) -> int | None:
+    """Bytes from ``500M``, ``20G``, ``1.5T``, ``4096`` (K, M, G, T are powers of 1024; a trailing B or
+    iB is allowed); None stays None."""
+    if size is None or isinstance(size, int):
+        if isinstance(size, int) and size < 0:
+            raise DissectionError(f"--cache-budget must not be negative, not {size}")
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?\s*", str(size).upper())
+    if match is None:
+        raise DissectionError(f"--cache-budget must be a size like 500M or 20G, not {size!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def format_size(size: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if size >= _UNITS[unit]:
+            return f"{size / _UNITS[unit]:.1f} {unit}B"
+    return f"{size} B"
+
+
+def choose_cache(mode: str, needed: int, folder: Path, budget: int | None) -> tuple[bool, str]:
+    """Whether the reads after the activation pass use a disk cache of ``needed`` bytes in ``folder``
+    (else they recompute the maps), and why, in words."""
+    if mode not in CACHE_MODES:
+        raise DissectionError(f"--cache must be one of {', '.join(CACHE_MODES)}, not {mode!r}")
+    if mode == "disk":
+        return True, "--cache disk"
+    if mode == "recompute":
+        return False, "--cache recompute"
+    if budget is not None and needed > budget:
+        return False, f"the activation cache would take {format_size(needed)}, over the --cache-budget of " \
+                      f"{format_size(budget)}"
+    free = shutil.disk_usage(folder).free
+    if needed > FREE_SPACE_SHARE * free:
+        return False, f"the activation cache would take {format_size(needed)}, and {folder} has " \
+                      f"{format_size(free)} free"
+    return True, f"the activation cache takes {format_size(needed)} in {folder}"
 
 
 def cache_prefix() -> str:
@@ -68,6 +123,8 @@ class ActivationCache:
             self.record_shape = shape  # type: ignore[assignment]
         elif shape != self.record_shape:
             raise ValueError(f"activation maps changed shape from {self.record_shape} to {shape}")
+        import torch
+
         data = activations.detach().to("cpu", torch.float32).contiguous().numpy()
         for run_start, run_stop in _runs(indices):
             chunk = data[run_start:run_stop]
@@ -81,6 +138,8 @@ class ActivationCache:
             count = run_stop - run_start
             raw = os.pread(self._fd, count * self.record_bytes, int(indices[run_start]) * self.record_bytes)
             out[run_start:run_stop] = np.frombuffer(raw, dtype=np.float32).reshape(count, *self.record_shape)
+        import torch
+
         return torch.from_numpy(out)
 
     def close(self) -> None:

@@ -12,11 +12,19 @@ Two facts make it fast and still exact:
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 
+from .partials import CountsPartial, LayerCounts
+from .types import Vocabulary
 from .upsample import active_pixels
+
+log = logging.getLogger(__name__)
 
 #: Semantics of the counts: "paper" (the protocol) or "lite" (NetDissect-Lite's numbers).
 SEMANTICS = ("paper", "lite")
@@ -153,3 +161,51 @@ class IoUAccumulator:
     def counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``I`` ``(U, L)`` and ``A`` ``(U, C)``, int64 on the CPU."""
         return self.intersection.reshape(self.units, self.size).cpu(), self.activation.cpu()
+
+
+class CountsAccumulator(Protocol):
+    """What the IoU pass of a shard feeds, batch by batch, and what it returns at the end.
+
+    ``TallyCounts`` (the default) sums over the whole shard. A variant keeping counts per block of
+    images (say, for resampling) implements the same three methods, choosing the block by the images'
+    dataset ``indices``, and returns a partial with its own ``merge``.
+    """
+
+    def add_truth(self, indices: np.ndarray, truth: torch.Tensor) -> None:
+        """The truth counts G ``(L,)`` of the batch of images at dataset ``indices``."""
+        ...
+
+    def add(self, layer: str, indices: np.ndarray, activations: torch.Tensor, labels: LabelBatch) -> None:
+        """One layer's raw maps ``(N, U, h, w)`` of those images, with their prepared labels."""
+        ...
+
+    def partial(self) -> CountsPartial:
+        ...
+
+
+class TallyCounts:
+    """I, A per layer and G, summed over every image of a shard."""
+
+    def __init__(self, thresholds: Mapping[str, np.ndarray], vocabulary: Vocabulary, semantics: str,
+                 device: str | torch.device = "cpu") -> None:
+        category_of = torch.from_numpy(vocabulary.primary_category_index())
+        categories = len(vocabulary.categories)
+        self.layers = {name: IoUAccumulator(torch.from_numpy(np.asarray(t)).to(device), category_of, categories,
+                                            semantics) for name, t in thresholds.items()}
+        self.truth = torch.zeros(category_of.shape[0], dtype=torch.int64)
+        self.images = 0
+
+    def add_truth(self, indices: np.ndarray, truth: torch.Tensor) -> None:
+        self.truth += truth.cpu()
+        self.images += len(indices)
+
+    def add(self, layer: str, indices: np.ndarray, activations: torch.Tensor, labels: LabelBatch) -> None:
+        self.layers[layer].add(activations, labels)
+
+    def partial(self) -> CountsPartial:
+        layers = {}
+        for name, acc in self.layers.items():
+            log.debug("%s: upsampled %d of %d (image, unit) pairs", name, acc.pairs_upsampled, acc.pairs_seen)
+            intersection, activation = acc.counts()
+            layers[name] = LayerCounts(intersection.numpy(), activation.numpy())
+        return CountsPartial(layers, self.truth.numpy().copy(), self.images)

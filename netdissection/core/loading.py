@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,13 +81,15 @@ def default_workers() -> int:
 
 
 def iterate(dataset: ConceptDataset, *, batch_size: int, workers: int, image: bool, labels: bool,
-            skip_bad: bool, pin_memory: bool = False) -> Iterator[Batch]:
-    """Yield batches in dataset order. A sample that fails to load stops the run with its message,
-    unless ``skip_bad`` is set, when it is skipped, logged and reported in ``Batch.failures``."""
+            skip_bad: bool, pin_memory: bool = False, indices: Sequence[int] | None = None) -> Iterator[Batch]:
+    """Yield batches in dataset order (or of the dataset ``indices``, in their order). A sample that
+    fails to load stops the run with its message, unless ``skip_bad`` is set, when it is skipped,
+    logged and reported in ``Batch.failures``."""
     loader = DataLoader(
         _Parts(dataset, image, labels),
         batch_size=batch_size,
         shuffle=False,
+        sampler=None if indices is None else [int(i) for i in indices],
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=pin_memory,

@@ -53,7 +53,20 @@ class ConceptDataset(Protocol):
 
 @runtime_checkable
 class ThresholdRule(Protocol):
-    """Streaming per-unit thresholds: ``update`` with every batch of raw activations, then ``finish``."""
+    """Streaming per-unit thresholds: ``update`` with every batch of raw activations, then ``finish``.
+
+    That is the whole contract for a rule that runs in one process. Two optional methods, checked
+    with ``hasattr`` (see ``MergeableThresholdRule`` and ``MultiRoundThresholdRule``), let a rule run
+    on a dataset split into shards and read every map more than once. The scheduler drives them so::
+
+        state = merge(each shard's rule after the activation pass)   # merge only with several shards
+        while (following := state.next_round()) is not None:         # absent: no further read
+            state = merge(each shard's copy of ``following``, after an update with every raw map)
+        thresholds = state.finish()
+
+    The images reach ``update`` in batches of any size and in any order, so a rule's answer must not
+    depend on either. A state travels between processes: keep it picklable (tensors and arrays).
+    """
 
     def update(self, activations: torch.Tensor) -> None:
         """Take a batch ``(N, units, h, w)`` of raw (not upsampled) activations."""
@@ -61,6 +74,31 @@ class ThresholdRule(Protocol):
 
     def finish(self) -> np.ndarray:
         """One float64 threshold per unit."""
+        ...
+
+
+@runtime_checkable
+class MergeableThresholdRule(ThresholdRule, Protocol):
+    """A rule whose state can be computed per shard of the dataset and combined."""
+
+    def merge(self, other: Any) -> Any:
+        """Combine ``other``, the state of the same rule (same factory and parameters) after the same
+        read of another shard, into this one, and return the combined state (``self`` may be reused).
+        Merging must be exact and independent of the order: merging the shards of a dataset gives the
+        state one process reading the whole dataset would have."""
+        ...
+
+
+@runtime_checkable
+class MultiRoundThresholdRule(ThresholdRule, Protocol):
+    """A rule that may need to read every raw map again before it can finish (e.g. an exact selection
+    that narrows a bracket at every read, keeping its memory bounded)."""
+
+    def next_round(self) -> Any:
+        """Called once a read of every map is complete (and merged across shards). Return None when
+        ``finish`` can answer; otherwise a state for one more read: a rule whose ``update`` takes every
+        raw map again, carrying what the reads so far found but none of their counts. Each shard feeds
+        its own copy of it; the copies are merged; ``next_round`` is asked again."""
         ...
 
 

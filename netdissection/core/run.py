@@ -110,8 +110,14 @@ class QuietEvents:
         return list(self._failures)
 
 
-def check_options(*, compat: str, batch_size: int, device: str) -> None:
+def check_options(*, compat: str, batch_size: int, device: str, cache: str = "auto",
+                  cache_budget: str | int | None = None) -> None:
     """The run options every backend and dataset share, checked before anything is built."""
+    from .cache import CACHE_MODES, parse_size
+
+    if cache not in CACHE_MODES:
+        raise DissectionError(f"--cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+    parse_size(cache_budget)
     if compat not in COMPAT_MODES:
         raise DissectionError(f"--compat must be one of {', '.join(COMPAT_MODES)}, not {compat!r}")
     if batch_size < 1:
@@ -167,17 +173,23 @@ def run_dissection(
     top_k: int = 10,
     skip_bad: bool = False,
     progress: Progress | None = None,
+    cache: str = "auto",
+    cache_budget: str | int | None = None,
     events: RunEvents | None = None,
     plugins: Mapping[str, str] | None = None,
 ) -> RunResult:
     """Dissect the model behind ``backend`` on ``dataset``: both passes for every layer at once, then (with
     ``out``) the saved counts and ``summary.json``, then each writer, then ``summary.json`` again with every
-    file written. ``plugins`` (name → version) goes into the provenance."""
+    file written. ``plugins`` (name → version) goes into the provenance. ``cache`` ("auto", "disk",
+    "recompute") and ``cache_budget`` (bytes, or a size like "20G") say where the reads after the first pass
+    get the maps."""
+    from .cache import parse_size
     from .loading import default_workers
     from .reporting import rewrite_summary, write_results
     from .scheduler import LITE_INPUT, Plan, run_passes
 
-    check_options(compat=compat, batch_size=batch_size, device=device)
+    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget)
+    budget = parse_size(cache_budget)
     events = events if events is not None else QuietEvents()
     description = backend.describe()
     model_name = str(description.get("model", model_ref))
@@ -207,7 +219,8 @@ def run_dissection(
         events.layer_start(provenance, name)
     plan = Plan(backend=backend, dataset=dataset, layers=layer_names, make_rule=threshold.make, semantics=compat,
                 batch_size=batch_size, workers=default_workers() if workers is None else workers, device=device,
-                top_k=top_k, skip_bad=skip_bad, work_dir=Path(out) if out is not None else None)
+                top_k=top_k, skip_bad=skip_bad, work_dir=Path(out) if out is not None else None,
+                cache=cache, cache_budget=budget)
     started = time.perf_counter()
     try:
         if out is not None:

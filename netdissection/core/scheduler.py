@@ -1,16 +1,29 @@
 """The scheduler: for every requested layer at once, the activation pass, the thresholds, the IoU pass.
 
-One forward pass of the model serves every layer. Raw maps go to an on-disk cache at layer
-resolution; thresholds come from a streaming rule; the IoU pass then reads the cache with the
-labels. Nothing held in memory grows with the number of images except the per-unit top-k buffers.
+The passes run over a *shard* of the dataset (any subset of its indices) in a ``ShardRunner``, which
+returns plain partial results (``core/partials.py``) and keeps its shard's activation cache between
+passes. ``run_passes`` runs them in this process, over one shard or several merged exactly. An
+executor that runs shards elsewhere (one runner per worker) drives them the same way::
+
+    partial = merge_all(r.activation_pass() for r in runners)
+    thresholds = settle_thresholds(partial, lambda states: [r.threshold_round(states) for r in runners])
+    counts = merge_all(r.iou_pass(thresholds) for r in runners)
+    results = layer_results(partial, thresholds, counts, dataset.vocabulary)
+    for r in runners: r.close()
+
+One forward pass serves every layer. The reads after the activation pass (the IoU pass, and any
+further read a threshold rule asks for) take the raw maps from an on-disk cache at layer resolution,
+or recompute them with another forward pass where the cache would not fit (``Plan.cache``). Nothing
+held in memory grows with the number of images.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -19,12 +32,21 @@ import numpy as np
 import torch
 
 from . import loading
-from .cache import ActivationCache, cache_prefix, remove_stale_caches
+from .cache import ActivationCache, cache_prefix, choose_cache, remove_stale_caches
 from .errors import DissectionError
-from .iou import IoUAccumulator, prepare_labels
+from .iou import CountsAccumulator, TallyCounts, prepare_labels
+from .partials import (
+    ActivationPartial,
+    CountsPartial,
+    LayerAccumulator,
+    LayerActivations,
+    layer_results,
+    merge_all,
+    settle_thresholds,
+)
 from .protocols import Backend, ConceptDataset, ThresholdRule
-from .topimages import TopImagesTracker
-from .types import InputSpec, LayerResult
+from .topimages import TopImagesPartial
+from .types import InputSpec, LayerResult, Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +90,16 @@ class Plan:
     top_k: int = 10
     skip_bad: bool = False
     work_dir: Path | None = None
+    #: Where the reads after the activation pass get the maps: "disk" (a cache), "recompute" (another
+    #: forward pass), "auto" (the disk when the cache fits ``cache_budget`` and the free space).
+    cache: str = "auto"
+    cache_budget: int | None = None  # bytes; None: only the free space limits the disk cache
+    #: Per layer, ``(N, U, h, w) tensor -> (N, U', h, w) tensor`` applied to the backend's maps before
+    #: anything else sees them (rule, top images, cache, IoU). Whoever sets one records it in the provenance.
+    transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    #: ``(layer, units) -> accumulator`` fed every (transformed) map of the layer in the activation
+    #: pass and merged across shards (``partials.LayerAccumulator``), e.g. per-unit diagnostics.
+    make_diagnostics: Callable[[str, int], LayerAccumulator] | None = None
 
 
 def preprocess(images: torch.Tensor, spec: InputSpec, device: str) -> torch.Tensor:
@@ -81,129 +113,259 @@ def preprocess(images: torch.Tensor, spec: InputSpec, device: str) -> torch.Tens
     return x.contiguous()
 
 
-@dataclass
-class _LayerState:
-    name: str
-    rule: ThresholdRule | None = None
-    cache: ActivationCache | None = None
-    top: TopImagesTracker | None = None
-    units: int = 0
+#: ``accumulator(thresholds, vocabulary, semantics, device)``: what the IoU pass counts into.
+AccumulatorFactory = Callable[[Mapping[str, np.ndarray], Vocabulary, str, str], CountsAccumulator]
 
 
-def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = None) -> tuple[
+class ShardRunner:
+    """The passes over one shard of the dataset (``indices``; default: all of it, in order).
+
+    Call ``activation_pass()`` first, then ``threshold_round(states)`` as often as the rules ask, then
+    ``iou_pass(thresholds)``, and ``close()`` (or use it as a context manager). Between the passes it
+    holds the shard's activation cache (or, where the cache would not fit, recomputes the maps), so a
+    worker process can keep one runner per shard. Results are partials to merge across shards.
+    """
+
+    def __init__(self, plan: Plan, input_spec: InputSpec, indices: Sequence[int] | np.ndarray | None = None,
+                 progress: Progress | None = None) -> None:
+        self.plan, self.input_spec = plan, input_spec
+        self.progress = progress or SilentProgress()
+        total = len(plan.dataset)
+        whole = indices is None
+        self.indices = np.arange(total, dtype=np.int64) if whole else np.asarray(indices, dtype=np.int64).ravel()
+        if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= total):
+            raise DissectionError(f"a shard names images outside the dataset's {total}")
+        if len(np.unique(self.indices)) != len(self.indices):
+            raise DissectionError("a shard names the same image twice")
+        # The loader's order: the dataset's, or the shard's own.
+        self._sampler = None if whole else self.indices
+        self._position = np.full(total, -1, dtype=np.int64)  # dataset index -> position in the shard
+        self._position[self.indices] = np.arange(len(self.indices))
+        self._present = np.zeros(len(self.indices), dtype=bool)  # read by the activation pass
+        self._caches: dict[str, ActivationCache] = {}
+        self._folder: tempfile.TemporaryDirectory[str] | None = None
+        #: True when the reads after the activation pass recompute the maps (decided on its first batch).
+        self.recompute = False
+
+    def __enter__(self) -> ShardRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- The passes.
+
+    def activation_pass(self) -> ActivationPartial:
+        """Read every image of the shard: each layer's rule state, top images and value count."""
+        plan = self.plan
+        total = len(plan.dataset)
+        layers: dict[str, LayerActivations] = {}
+        images = skipped = 0
+        self.progress.start("activations", len(self.indices))
+        try:
+            for batch in self._batches(image=True, labels=False):
+                skipped += len(batch.failures)
+                if batch.images is None:
+                    self.progress.advance(len(batch.failures))
+                    continue
+                maps = self._maps(batch.images, plan.layers)
+                positions = self._position[batch.indices]
+                if not layers:
+                    layers = {name: self._start_layer(name, acts, total) for name, acts in maps.items()}
+                    self._open_cache(layers)
+                for name, acts in maps.items():
+                    layer = layers[name]
+                    if tuple(acts.shape[1:]) != (layer.units, *layer.map_shape):
+                        raise DissectionError(
+                            f"layer {name!r}: activation maps changed shape from {(layer.units, *layer.map_shape)} "
+                            f"to {tuple(acts.shape[1:])}; all images of a run must have the same size")
+                    if name in self._caches:
+                        self._caches[name].write(positions, acts)
+                    layer.rule.update(acts)
+                    layer.top_images.update(acts, batch.indices)
+                    if layer.diagnostics is not None:
+                        layer.diagnostics.update(acts)
+                    layer.values += acts.shape[0] * acts.shape[2] * acts.shape[3]
+                self._present[positions] = True
+                images += len(batch.indices)
+                self.progress.advance(len(batch.indices) + len(batch.failures))
+        finally:
+            self.progress.finish()
+        return ActivationPartial(layers, images, skipped)
+
+    def threshold_round(self, states: Mapping[str, ThresholdRule]) -> dict[str, ThresholdRule]:
+        """One more read of every map of the layers in ``states``: each state (copied, never changed)
+        updated with this shard's maps, for the driver to merge across shards."""
+        updated = {name: copy.deepcopy(state) for name, state in states.items()}
+        if not updated:
+            return updated
+        present = np.flatnonzero(self._present)
+        self.progress.start("thresholds", len(present))
+        try:
+            if self.recompute:
+                for batch, _kept, maps in self._recomputed(list(updated), labels=False):
+                    for name, state in updated.items():
+                        state.update(maps[name])
+                    self.progress.advance(len(batch.indices) + len(batch.failures))
+            else:
+                for start in range(0, len(present), self.plan.batch_size):
+                    positions = present[start:start + self.plan.batch_size]
+                    for name, state in updated.items():
+                        state.update(self._caches[name].read(positions).to(self.plan.device))
+                    self.progress.advance(len(positions))
+        finally:
+            self.progress.finish()
+        return updated
+
+    def iou_pass(self, thresholds: Mapping[str, np.ndarray],
+                 accumulator: AccumulatorFactory = TallyCounts) -> CountsPartial:
+        """Count I, G, A for every layer of ``thresholds`` over the shard's images (into the
+        ``accumulator`` the factory builds; by default sums over the shard) and return its partial."""
+        plan = self.plan
+        vocabulary = plan.dataset.vocabulary
+        category_of = torch.from_numpy(vocabulary.primary_category_index()).to(plan.device)
+        categories = len(vocabulary.categories)
+        counts = accumulator(thresholds, vocabulary, plan.semantics, plan.device)
+        layers = list(thresholds)
+        self.progress.start("IoU", len(self.indices))
+        try:
+            batches: Iterator[tuple[loading.Batch, np.ndarray, dict[str, torch.Tensor] | None]]
+            batches = self._recomputed(layers, labels=True) if self.recompute else self._cached_with_labels()
+            for batch, kept, maps in batches:
+                assert batch.layers is not None and batch.image_labels is not None
+                rows = torch.from_numpy(kept)
+                indices = batch.indices[kept]
+                labels, truth = prepare_labels(batch.layers[rows].to(plan.device),
+                                               batch.image_labels[rows].to(plan.device),
+                                               category_of, categories, plan.semantics)
+                counts.add_truth(indices, truth)
+                positions = self._position[indices]
+                for name in layers:
+                    acts = maps[name] if maps is not None else self._caches[name].read(positions).to(plan.device)
+                    counts.add(name, indices, acts, labels)
+                self.progress.advance(len(batch.indices) + len(batch.failures))
+        finally:
+            self.progress.finish()
+        return counts.partial()
+
+    def close(self) -> None:
+        """Delete the shard's activation cache."""
+        for cache in self._caches.values():
+            cache.close()
+        self._caches = {}
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
+
+    # ---- Helpers.
+
+    def _batches(self, *, image: bool, labels: bool) -> Iterator[loading.Batch]:
+        plan = self.plan
+        return loading.iterate(plan.dataset, batch_size=plan.batch_size, workers=plan.workers, image=image,
+                               labels=labels, skip_bad=plan.skip_bad,
+                               pin_memory=image and plan.device.startswith("cuda"), indices=self._sampler)
+
+    def _maps(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """One forward pass: each layer's float maps ``(N, U, h, w)``, transformed where the plan says."""
+        plan = self.plan
+        x = preprocess(images, self.input_spec, plan.device)
+        maps = {}
+        with torch.inference_mode():
+            outputs = plan.backend.activations(x, list(layers))
+            for name in layers:
+                acts = torch.as_tensor(outputs[name])
+                if acts.ndim != 4:
+                    raise DissectionError(
+                        f"layer {name!r} gives output of shape {tuple(acts.shape)}, not a spatial map "
+                        "(N, units, h, w); pick a convolutional or token layer (see: dissect layers MODEL)")
+                transform = plan.transforms.get(name)
+                if transform is not None:
+                    acts = torch.as_tensor(transform(acts.float()))
+                    if acts.ndim != 4:
+                        raise DissectionError(f"the transform of layer {name!r} gives shape {tuple(acts.shape)}, "
+                                              "not (N, units, h, w)")
+                maps[name] = acts.float()
+        return maps
+
+    def _start_layer(self, name: str, acts: torch.Tensor, total: int) -> LayerActivations:
+        units, h, w = (int(v) for v in acts.shape[1:])
+        plan = self.plan
+        diagnostics = plan.make_diagnostics(name, units) if plan.make_diagnostics is not None else None
+        # The rule is sized for the whole dataset, whatever the shard: every shard's state is alike.
+        return LayerActivations(name, units, (h, w), 0, plan.make_rule(units, total * h * w),
+                                TopImagesPartial.empty(units, plan.top_k, (h, w)), diagnostics)
+
+    def _open_cache(self, layers: Mapping[str, LayerActivations]) -> None:
+        plan = self.plan
+        record = sum(4 * layer.units * layer.map_shape[0] * layer.map_shape[1] for layer in layers.values())
+        folder = plan.work_dir if plan.work_dir is not None else Path(tempfile.gettempdir())
+        disk, reason = choose_cache(plan.cache, record * len(self.indices), folder, plan.cache_budget)
+        self.recompute = not disk
+        if not disk:
+            if plan.cache == "auto":
+                log.info("%s: the maps are recomputed (another forward pass) for the later reads", reason)
+            return
+        log.debug("activation cache: %s", reason)
+        remove_stale_caches(plan.work_dir)
+        self._folder = tempfile.TemporaryDirectory(prefix=cache_prefix(), dir=plan.work_dir)
+        for i, name in enumerate(layers):
+            self._caches[name] = ActivationCache(Path(self._folder.name) / f"layer{i}.f32", len(self.indices))
+
+    def _cached_with_labels(self) -> Iterator[tuple[loading.Batch, np.ndarray, None]]:
+        """The labels of the images the activation pass read (the maps come from the cache)."""
+        for batch in self._batches(image=False, labels=True):
+            kept = self._present[self._position[batch.indices]]
+            if batch.layers is None or not kept.any():
+                self.progress.advance(len(batch.indices) + len(batch.failures))
+                continue
+            yield batch, kept, None
+
+    def _recomputed(self, layers: Sequence[str], *, labels: bool
+                    ) -> Iterator[tuple[loading.Batch, np.ndarray, dict[str, torch.Tensor]]]:
+        """Another forward pass, in the activation pass's batches: the maps of the images it read."""
+        for batch in self._batches(image=True, labels=labels):
+            kept = self._present[self._position[batch.indices]]
+            if batch.images is None or not kept.any():
+                self.progress.advance(len(batch.indices) + len(batch.failures))
+                continue
+            maps = self._maps(batch.images, layers)
+            if not kept.all():
+                rows = torch.from_numpy(kept)
+                maps = {name: acts[rows.to(acts.device)] for name, acts in maps.items()}
+            yield batch, kept, maps
+
+
+def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = None,
+               shards: Sequence[Sequence[int] | np.ndarray] | None = None) -> tuple[
         dict[str, LayerResult], int, dict[str, float]]:
-    """Run both passes for every layer of the plan; return the per-layer results, the number of images
-    counted, and the seconds spent per pass."""
-    progress = progress or SilentProgress()
+    """Run the passes for every layer of the plan in this process, over the whole dataset or over
+    ``shards`` (which must cover every image once) merged; return the per-layer results, the number of
+    images counted, and the seconds spent per pass."""
     dataset = plan.dataset
     total = len(dataset)
     if total == 0:
         raise DissectionError("the concept dataset has no images")
-    vocab = dataset.vocabulary
-    category_of = torch.from_numpy(vocab.primary_category_index())
-    categories = len(vocab.categories)
+    if shards is not None:
+        covered = np.sort(np.concatenate([np.asarray(s, dtype=np.int64).ravel() for s in shards]))
+        if not np.array_equal(covered, np.arange(total)):
+            raise DissectionError(f"the shards must cover each of the dataset's {total} images once")
+    runners = [ShardRunner(plan, input_spec, s, progress) for s in (shards or [None])]
     seconds: dict[str, float] = {}
-    states = {name: _LayerState(name) for name in plan.layers}
-
-    remove_stale_caches(plan.work_dir)
-    with tempfile.TemporaryDirectory(prefix=cache_prefix(), dir=plan.work_dir) as tmp:
-        # ---- Pass 1: activations → thresholds (streaming), top images, cache.
+    try:
         start = time.perf_counter()
-        progress.start("activations", total)
-        seen = 0
-        try:
-            for batch in loading.iterate(dataset, batch_size=plan.batch_size, workers=plan.workers,
-                                         image=True, labels=False, skip_bad=plan.skip_bad,
-                                         pin_memory=plan.device.startswith("cuda")):
-                if batch.images is None:
-                    progress.advance(len(batch.failures))
-                    continue
-                x = preprocess(batch.images, input_spec, plan.device)
-                with torch.inference_mode():
-                    outputs = plan.backend.activations(x, list(plan.layers))
-                for name, state in states.items():
-                    acts = torch.as_tensor(outputs[name])
-                    if acts.ndim != 4:
-                        raise DissectionError(
-                            f"layer {name!r} gives output of shape {tuple(acts.shape)}, not a spatial map "
-                            "(N, units, h, w); pick a convolutional or token layer (see: dissect layers MODEL)")
-                    acts = acts.float()
-                    if state.rule is None:
-                        state.units = acts.shape[1]
-                        values = total * acts.shape[2] * acts.shape[3]
-                        state.rule = plan.make_rule(state.units, values)
-                        state.cache = ActivationCache(Path(tmp) / f"layer{list(states).index(name)}.f32", total)
-                        state.top = TopImagesTracker(state.units, plan.top_k)
-                    assert state.cache is not None and state.top is not None
-                    try:
-                        state.cache.write(batch.indices, acts)
-                    except ValueError as exc:
-                        raise DissectionError(
-                            f"layer {name!r}: {exc}; all images of a run must have the same size") from None
-                    state.rule.update(acts)
-                    state.top.update(acts, batch.indices)
-                seen += len(batch.indices)
-                progress.advance(len(batch.indices) + len(batch.failures))
-        finally:
-            progress.finish()
+        activations = merge_all(runner.activation_pass() for runner in runners)
         seconds["activations"] = time.perf_counter() - start
-        if seen == 0:
+        if activations.images == 0:
             raise DissectionError("no image of the concept dataset could be loaded")
 
-        # ---- Thresholds.
         start = time.perf_counter()
-        thresholds = {name: s.rule.finish() for name, s in states.items() if s.rule is not None}
+        thresholds = settle_thresholds(activations, lambda states: [r.threshold_round(states) for r in runners])
         seconds["thresholds"] = time.perf_counter() - start
 
-        # ---- Pass 2: IoU counts against the labels.
         start = time.perf_counter()
-        accumulators = {
-            name: IoUAccumulator(torch.from_numpy(t).to(plan.device), category_of, categories, plan.semantics)
-            for name, t in thresholds.items()
-        }
-        truth = torch.zeros(category_of.shape[0], dtype=torch.int64)
-        counted = 0
-        progress.start("IoU", total)
-        try:
-            for batch in loading.iterate(dataset, batch_size=plan.batch_size, workers=plan.workers,
-                                         image=False, labels=True, skip_bad=plan.skip_bad):
-                present = states[plan.layers[0]].cache.present[batch.indices] if len(batch.indices) else []
-                keep = np.asarray(present, dtype=bool)
-                if batch.layers is None or not keep.any():
-                    progress.advance(len(batch.indices) + len(batch.failures))
-                    continue
-                indices = batch.indices[keep]
-                labels, batch_truth = prepare_labels(
-                    batch.layers[torch.from_numpy(keep)].to(plan.device),
-                    batch.image_labels[torch.from_numpy(keep)].to(plan.device),
-                    category_of.to(plan.device), categories, plan.semantics)
-                truth += batch_truth.cpu()
-                for name, acc in accumulators.items():
-                    cache = states[name].cache
-                    assert cache is not None
-                    acc.add(cache.read(indices).to(plan.device), labels)
-                counted += len(indices)
-                progress.advance(len(batch.indices) + len(batch.failures))
-        finally:
-            progress.finish()
-            for state in states.values():
-                if state.cache is not None:
-                    state.cache.close()
+        counts = merge_all(runner.iou_pass(thresholds) for runner in runners)
         seconds["iou"] = time.perf_counter() - start
-
-    results = {}
-    for name, acc in accumulators.items():
-        intersection, activation = acc.counts()
-        state = states[name]
-        assert state.top is not None
-        results[name] = LayerResult(
-            layer=name,
-            vocabulary=vocab,
-            thresholds=thresholds[name],
-            intersection=intersection.numpy(),
-            truth=truth.numpy().copy(),
-            activation=activation.numpy(),
-            top_images=state.top.result(),
-        )
-        log.debug("%s: upsampled %d of %d (image, unit) pairs", name, acc.pairs_upsampled, acc.pairs_seen)
-    return results, counted, seconds
+    finally:
+        for runner in runners:
+            runner.close()
+    return layer_results(activations, thresholds, counts, dataset.vocabulary), counts.images, seconds

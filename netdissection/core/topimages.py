@@ -1,6 +1,14 @@
-"""Each unit's top-k images by maximum activation, kept during the activation pass."""
+"""Each unit's top-k images by maximum activation, kept during the activation pass; mergeable.
+
+The order is total: by peak activation, descending, then by dataset index, ascending. So the k best
+of a union are the same whatever order the images came in, and the top images of shards merge into
+exactly the top images of one process reading the whole dataset.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -8,31 +16,60 @@ import torch
 from .types import TopImages
 
 
-class TopImagesTracker:
-    """Running top-k over (image, unit) peaks, with the raw maps the report draws masks from."""
+@dataclass
+class TopImagesPartial:
+    """Per unit, the best images so far (at most ``k``), best first, with the raw maps the report
+    draws masks from. Tensors on the CPU, so a partial pickles small and merges anywhere."""
 
-    def __init__(self, units: int, k: int) -> None:
-        self.units, self.k = units, k
-        self.scores = torch.full((units, 0), -torch.inf)
-        self.indices = torch.zeros((units, 0), dtype=torch.int64)
-        self.maps: torch.Tensor | None = None
+    k: int
+    scores: torch.Tensor  # (U, m) float32 peaks, m ≤ k
+    indices: torch.Tensor  # (U, m) int64 dataset indices
+    maps: torch.Tensor  # (U, m, h, w) float32 raw maps
+
+    @classmethod
+    def empty(cls, units: int, k: int, map_shape: tuple[int, int]) -> TopImagesPartial:
+        return cls(k, torch.empty(units, 0), torch.empty(units, 0, dtype=torch.int64),
+                   torch.empty(units, 0, *map_shape))
+
+    @property
+    def units(self) -> int:
+        return int(self.scores.shape[0])
 
     def update(self, activations: torch.Tensor, indices: np.ndarray) -> None:
-        acts = activations.detach().float().cpu()
+        """Take a batch ``(N, U, h, w)`` of raw maps (any device) of the images at dataset ``indices``."""
+        acts = activations.detach().float()
         n = acts.shape[0]
-        peaks = acts.amax(dim=(2, 3)).T  # (U, N)
-        candidates = torch.cat([self.scores, peaks], dim=1)
-        ids = torch.cat([self.indices, torch.from_numpy(indices).expand(self.units, n)], dim=1)
-        per_unit = acts.transpose(0, 1)  # (U, N, h, w)
-        maps = per_unit if self.maps is None else torch.cat([self.maps, per_unit], dim=1)
-        keep = min(self.k, candidates.shape[1])
-        # Stable order: among equal peaks the earlier image stays first.
-        order = torch.sort(candidates, dim=1, descending=True, stable=True).indices[:, :keep]
-        self.scores = torch.gather(candidates, 1, order)
-        self.indices = torch.gather(ids, 1, order)
-        h, w = maps.shape[2:]
-        self.maps = torch.gather(maps, 1, order[:, :, None, None].expand(-1, -1, h, w)).clone()
+        peaks = acts.amax(dim=(2, 3)).T.cpu()  # (U, N)
+        ids = torch.from_numpy(np.asarray(indices, dtype=np.int64)).expand(self.units, n)
+        self._keep(peaks, ids, lambda unit, position: acts[position.to(acts.device), unit.to(acts.device)].cpu())
+
+    def merge(self, other: TopImagesPartial) -> TopImagesPartial:
+        """The k best of both (returned; this partial is reused)."""
+        if (other.units, other.k, other.maps.shape[2:]) != (self.units, self.k, self.maps.shape[2:]):
+            raise ValueError("top images of different layers cannot be merged")
+        self._keep(other.scores, other.indices, lambda unit, position: other.maps[unit, position])
+        return self
+
+    def _keep(self, scores: torch.Tensor, ids: torch.Tensor,
+              maps_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """Keep the k best of the kept images and the candidates; ``maps_of(unit, position)`` gives
+        the candidates' maps for (unit, candidate position) pairs."""
+        kept = self.scores.shape[1]
+        all_scores = torch.cat([self.scores, scores], dim=1)
+        all_ids = torch.cat([self.indices, ids], dim=1)
+        keep = min(self.k, all_scores.shape[1])
+        # Lower dataset index first, then (stable) higher peak first: a total order.
+        by_index = torch.argsort(all_ids, dim=1, stable=True)
+        by_score = torch.argsort(torch.gather(all_scores, 1, by_index), dim=1, descending=True, stable=True)
+        order = torch.gather(by_index, 1, by_score[:, :keep])
+        units = torch.arange(self.units).unsqueeze(1).expand_as(order)
+        old = order < kept
+        maps = torch.empty(self.units, keep, *self.maps.shape[2:])
+        maps[old] = self.maps[units[old], order[old]]
+        maps[~old] = maps_of(units[~old], order[~old] - kept)
+        self.scores = torch.gather(all_scores, 1, order)
+        self.indices = torch.gather(all_ids, 1, order)
+        self.maps = maps
 
     def result(self) -> TopImages:
-        assert self.maps is not None
         return TopImages(self.indices.numpy().copy(), self.scores.double().numpy().copy(), self.maps.numpy().copy())
