@@ -22,6 +22,10 @@ from .core.types import (
 
 __version__ = "0.1.0"
 
+# The package netdissection.compare imports no framework; importing it here (and binding the name to its
+# function afterwards) keeps ``netdissection.compare(...)`` a function even once its submodules are imported.
+from .compare import CompareTable, compare
+
 
 def dissect(model: Any, **kwargs: Any) -> RunResult:
     """Dissect a model; see :func:`netdissection.core.run.dissect` for the options."""
@@ -39,6 +43,7 @@ def load_results(path: Any) -> RunResult:
 
 __all__ = [
     "BackendOptions",
+    "CompareTable",
     "Concept",
     "DissectionError",
     "InputSpec",
@@ -48,6 +53,7 @@ __all__ = [
     "Sample",
     "Vocabulary",
     "__version__",
+    "compare",
     "dissect",
     "hookimpl",
     "load_results",

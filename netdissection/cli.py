@@ -154,6 +154,9 @@ def cli() -> None:
 @click.option("--split", help="Dataset split (HuggingFace datasets).")
 @click.option("--concepts", type=click.Path(dir_okay=False),
               help="Concepts file naming label ids: id,name,category CSV or id2label JSON (HuggingFace datasets).")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False),
+              help="Results store folder (default: the cache folder; $NETDISSECTION_CACHE moves it).")
+@click.option("--no-store", is_flag=True, help="Compute even if the results store has this run; store nothing.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def run_command(model: str, backend: str | None, weights: str | None, pretrained: bool, dataset: str | None,
                 dataset_format: str | None, layers: tuple[str, ...], categories: tuple[str, ...],
@@ -161,11 +164,19 @@ def run_command(model: str, backend: str | None, weights: str | None, pretrained
                 workers: int | None, top_k: int, reporters: tuple[str, ...], skip_bad: bool,
                 input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                 std: tuple[float, float, float] | None, bgr: bool, image_column: str | None,
-                mask_columns: tuple[str, ...], split: str | None, concepts: str | None, verbose: int) -> None:
-    """Dissect MODEL: a model name (resnet18, ...) or a model file."""
-    from .core.run import dissect
+                mask_columns: tuple[str, ...], split: str | None, concepts: str | None, store_dir: str | None,
+                no_store: bool, verbose: int) -> None:
+    """Dissect MODEL: a model name (resnet18, ...) or a model file.
+
+    A run already in the results store is read from it (no model runs) and its results written to --out.
+    """
+    from .compare.execution import dissect_stored
+    from .core.jobkey import Job
+    from .core.store import ResultsStore
 
     _setup_logging(verbose + 1)
+    if no_store and store_dir:
+        raise DissectionError("--store and --no-store contradict each other; pass one")
     backend_options = {k: v for k, v in dict(input_size=input_size, mean=mean, std=std).items() if v is not None}
     if bgr:
         backend_options["bgr"] = True
@@ -173,16 +184,20 @@ def run_command(model: str, backend: str | None, weights: str | None, pretrained
                                               mask_columns=list(mask_columns) or None).items() if v is not None}
     out_dir = Path(out) if out else Path("dissection") / _safe_stem(model)
     started = time.perf_counter()
+    job = Job(model=model, backend=backend, weights=weights, pretrained=pretrained, layers=layers, dataset=dataset,
+              dataset_format=dataset_format, categories=tuple(_split(categories)) or None,
+              dataset_options=dataset_options, quantile=quantile, compat=compat, top_k=top_k, skip_bad=skip_bad,
+              backend_options=backend_options, device=device, batch_size=batch_size, workers=workers,
+              reporters=tuple(reporters) or None)
+    store = None if no_store else ResultsStore(store_dir)
     with RichProgress(err_console) as progress:
-        result = dissect(model, backend=backend, dataset=dataset, dataset_format=dataset_format,
-                         layers=list(layers) or None, categories=_split(categories) or None, quantile=quantile,
-                         compat=compat, out=out_dir, batch_size=batch_size, device=device, workers=workers,
-                         weights=weights, pretrained=pretrained, top_k=top_k, reporters=list(reporters) or None,
-                         skip_bad=skip_bad, progress=progress, host=_host(),
-                         backend_options=backend_options, dataset_options=dataset_options)
+        result, outcome = dissect_stored(job, out_dir, store, _host(), progress)
     from .summary import print_summary
 
-    print_summary(out_console, result, out_dir, time.perf_counter() - started)
+    if outcome.cached:
+        out_console.print(f"from the results store ({outcome.key}): no model ran; --no-store computes it again",
+                          style="dim", highlight=False)
+    print_summary(out_console, result, out_dir, None if outcome.cached else time.perf_counter() - started)
 
 
 def _safe_stem(model: str) -> str:

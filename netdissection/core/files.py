@@ -43,3 +43,13 @@ def layer_dirnames(layers: Iterable[str]) -> dict[str, str]:
         used.add(name)
         names[layer] = name
     return names
+
+
+def cache_root() -> Path:
+    """The user's cache folder for netdissection: ``$NETDISSECTION_CACHE``, else
+    ``$XDG_CACHE_HOME/netdissection``, else ``~/.cache/netdissection``."""
+    if os.environ.get("NETDISSECTION_CACHE"):
+        return Path(os.environ["NETDISSECTION_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "netdissection"

@@ -69,6 +69,16 @@ def dissect_register_reporters(register: Register) -> None:
 
 
 @hookspec
+def dissect_register_executors(register: Register) -> None:
+    """Register executors, which run the jobs of ``dissect compare``: ``register(name, factory, description=...)``.
+
+    ``factory(**options) -> Executor`` (options from the command line, e.g. ``address``, ``shards``; refuse
+    the ones that do not apply). The contract is in ``netdissection.compare.execution``: ``run(jobs,
+    context)`` yields one outcome per job, a job's failure being its outcome, not an exception.
+    """
+
+
+@hookspec
 def dissect_register_commands(cli: click.Group) -> None:
     """Add subcommands to the ``dissect`` command group (``@cli.command()``)."""
 

@@ -6,7 +6,7 @@ import datetime as _dt
 import logging
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,7 @@ def dissect(
     backend: str | None = None,
     dataset: Any = None,
     dataset_format: str | None = None,
-    layers: Sequence[str] | None = None,
+    layers: Sequence[str] | Callable[[list[LayerInfo], str], list[str]] | None = None,
     categories: Sequence[str] | None = None,
     quantile: float = 0.005,
     compat: str = "paper",
@@ -150,7 +150,9 @@ def dissect(
     backend_name, model_backend = make_backend(host, model, backend, options)
     description = model_backend.describe()
     model_name = str(description.get("model", model))
-    layer_names = check_layers(model_backend.layers(), layers, model_name)
+    infos = model_backend.layers()
+    # ``layers`` may choose from the model's layers itself (``dissect compare``: stage:*, where it exists).
+    layer_names = layers(infos, model_name) if callable(layers) else check_layers(infos, layers, model_name)
     concept_set = resolve_dataset(host, dataset, dataset_format, categories, dataset_options)
 
     spec = model_backend.input_spec()

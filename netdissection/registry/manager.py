@@ -34,6 +34,8 @@ BUILTIN_PLUGINS = (
     "netdissection.plugins.reports.plots",  # before html_report: the page shows the plots when they are there
     "netdissection.plugins.reports.html_report",
     "netdissection.plugins.reports.report_command",
+    "netdissection.plugins.executors.local",
+    "netdissection.compare.commands",
 )
 
 COMPONENT_KINDS = {
@@ -41,6 +43,7 @@ COMPONENT_KINDS = {
     "dataset": "dissect_register_datasets",
     "threshold": "dissect_register_thresholds",
     "reporter": "dissect_register_reporters",
+    "executor": "dissect_register_executors",
 }
 
 

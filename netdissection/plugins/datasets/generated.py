@@ -707,11 +707,9 @@ def _check_free(root: pathlib.Path) -> None:
 
 
 def _cache_root() -> pathlib.Path:
-    if os.environ.get("NETDISSECTION_CACHE"):
-        return pathlib.Path(os.environ["NETDISSECTION_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache"
-    return base / "netdissection"
+    from ...core.files import cache_root
+
+    return cache_root()
 
 
 def default_concept_set(cache_dir: pathlib.Path | None = None) -> pathlib.Path:
