@@ -271,6 +271,7 @@ _store_option = click.option("--store", "store_dir", type=click.Path(file_okay=F
 @_store_option
 def cache_ls(store_dir: str | None) -> None:
     """List the finished jobs in the store: key, model, layers, dataset, size, when."""
+    from rich import box
     from rich.table import Table
 
     from ..cli import out_console
@@ -278,18 +279,26 @@ def cache_ls(store_dir: str | None) -> None:
 
     store = ResultsStore(store_dir)
     entries = store.listing()
-    table = Table(title=f"results store {store.root} ({len(entries)} jobs, {_bytes(sum(e.bytes for e in entries))})")
-    for column in ("key", "model", "weights", "layers", "dataset", "size", "created"):
-        table.add_column(column, overflow="fold")
+    table = Table(title=f"results store {store.root} ({len(entries)} jobs, {_bytes(sum(e.bytes for e in entries))})",
+                  box=box.SIMPLE_HEAD)
+    wide = out_console.width >= 120
+    table.add_column("key", no_wrap=True)  # a prefix as git shows commits (rm takes prefixes); whole when wide
+    table.add_column("model", overflow="fold")
+    table.add_column("layers", overflow="fold")
+    if wide:
+        table.add_column("dataset", overflow="fold")
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("created", no_wrap=True)
     for entry in entries:
         record = entry.record or {}
         job = record.get("job") or {}
-        material = record.get("material") or {}
-        dataset = (material.get("dataset") or {})
-        table.add_row(entry.key, str(job.get("name") or job.get("model") or "?"),
-                      Path(job["weights"]).name if job.get("weights") else "", ", ".join(job.get("layers") or [])
-                      or "(default)", str(job.get("dataset") or dataset.get("format") or ""), _bytes(entry.bytes),
-                      str(record.get("created", "unreadable record")))
+        model = str(job.get("name") or job.get("model") or "?")
+        if job.get("weights") and "@" not in model:
+            model += f"@{Path(job['weights']).name}"
+        dataset = [str(job.get("dataset") or "built-in")] if wide else []
+        layers = ", ".join(job.get("layers") or []) or "(default)"
+        created = str(record.get("created", "unreadable record"))[:16].replace("T", " ")
+        table.add_row(entry.key if wide else entry.key[:12], model, layers, *dataset, _bytes(entry.bytes), created)
     out_console.print(table)
 
 

@@ -126,7 +126,7 @@ class ExecutionContext:
                 material = key_material(job, self.host, self.store.memo, builtin_root=builtin)
                 self._keys[id(job)] = (job, (key_of(material), material))
             except NotStorable as exc:
-                log.info("%s: %s; it runs without the store", job.display, exc)
+                log.debug("%s: %s; it runs without the store", job.display, exc)
                 self._keys[id(job)] = (job, None)
             finally:
                 self.store.memo.save()
@@ -145,7 +145,10 @@ class ExecutionContext:
         key = keyed[0]
         if key not in self._found:
             self._found[key] = self.store.lookup(key)
-        return self._found[key]
+        entry = self._found[key]
+        if entry is not None and not job.lenient_layers and not _has_layers(entry, job.layers):
+            return None  # a comparison skipped a layer this model lacks; dissecting it says which
+        return entry
 
     def lookup(self, index: int, job: Job) -> JobOutcome | None:
         """The outcome of a job already in the store (placed where the user asked), or None."""
@@ -239,6 +242,13 @@ class ExecutionContext:
 
         run_dir.mkdir(parents=True, exist_ok=True)
         write_reports(self.host, result, run_dir, list(job.reporters) if job.reporters else None)
+
+
+def _has_layers(entry: StoredJob, requested: Sequence[str]) -> bool:
+    from .layers import ALL_STAGES
+
+    dissected = {layer["layer"] for layer in entry.summary().get("layers", [])}
+    return all(name in dissected for name in requested if name != ALL_STAGES)
 
 
 def run_job(index: int, job: Job, context: ExecutionContext, progress: Progress | None = None) -> JobOutcome:

@@ -205,8 +205,9 @@ def key_material(job: Job, host: Any, memo: DigestMemo | None = None, *,
         "pretrained": bool(job.pretrained and not job.weights),
         "backend_options": _plain(dict(sorted(job.backend_options.items()))),
         "device": job.device.split(":", 1)[0],  # numbers may differ between devices, not between GPUs
+        # Not lenient_layers: where every requested layer exists a lenient run is the strict run, so
+        # `dissect MODEL` finds what `dissect compare` computed (ExecutionContext.stored checks the layers).
         "layers": list(job.layers),
-        "lenient_layers": job.lenient_layers,
         "dataset": _dataset_identity(host, job, memo, builtin_root),
         "threshold_rule": {"name": "quantile", "q": float(job.quantile)},
         "semantics": job.compat,
