@@ -99,7 +99,9 @@ def page(rows: Sequence[Mapping[str, Any]], about: Mapping[str, Any], plots: Seq
     split = shown.index("mean_iou") if "mean_iou" in shown else len(shown)
     head_columns = [*shown[:split], *per_category, *shown[split:]]
     text_columns = {"model", "labels", "layer", "module", "map"}
-    head = "".join(f'<th class="{"text" if c in text_columns else "num"}">{_e(c)}</th>' for c in head_columns)
+    # Per-category headers on two lines (category, then what is counted) keep the columns narrow.
+    head = "".join(f'<th class="{"text" if c in text_columns else "num"}" title="{_e(c)}">'
+                   f'{_header(c, categories)}</th>' for c in head_columns)
     body = []
     for row in rows:
         cells = []
@@ -140,10 +142,31 @@ def page(rows: Sequence[Mapping[str, Any]], about: Mapping[str, Any], plots: Seq
 
 
 def _meta(about: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any]]:
-    failed = sum(1 for r in rows if r.get("status") == FAILED)
-    items = [(k, v) for k, v in about.items() if v not in (None, "", {}, [])]
-    items.append(("rows", f"{len(rows)} ({failed} failed)" if failed else len(rows)))
+    """The header's lines, in words."""
+    dataset = about.get("dataset") or {}
+    rule = about.get("threshold_rule") or {}
+    jobs = about.get("jobs") or {}
+    items: list[tuple[str, Any]] = []
+    if dataset:
+        items.append(("dataset", f"{dataset.get('format', '?')} at {dataset.get('path', '?')} ({dataset.get('images')} "
+                                 f"images; {', '.join(dataset.get('categories') or [])})"))
+    if rule:
+        items.append(("threshold", f"top {rule.get('q')} quantile per unit ({about.get('semantics', 'paper')} "
+                                   "semantics)"))
+    if jobs:
+        items.append(("jobs", f"{jobs.get('total')}: {jobs.get('from_store')} read from the store, "
+                              f"{jobs.get('failed')} failed ({about.get('executor')} executor)"))
+    items.append(("store", about.get("store") or "not used"))
+    items.append(("rows", len(rows)))
+    items.append(("written", f"{about.get('created', '')} by netdissection {about.get('netdissection', '')}"))
     return items
+
+
+def _header(column: str, categories: Sequence[str]) -> str:
+    for category in categories:
+        if column.startswith(f"{category}_"):
+            return f"{_e(category)}<br>{_e(column[len(category) + 1:].replace('_', ' '))}"
+    return _e(column.replace("_", " "))
 
 
 def _cell(column: str, value: Any) -> str:

@@ -163,12 +163,22 @@ def draw_vs_x(series: Mapping[tuple[str, str, str], Mapping[str, Any]], categori
             axes.set_xscale("symlog", linthresh=min(x for x in xs if x > 0))
         elif scale == "log":
             axes.set_xscale("log")
+        if len(set(xs)) <= 12:  # few checkpoints: a tick at each, labelled with its own x
+            ticks = sorted(set(xs))
+            axes.set_xticks(ticks, [f"{x:g}" for x in ticks], fontsize=8)
+            axes.xaxis.set_minor_locator(_null_locator())
         axes.set_title(title, fontsize=8)
         axes.set_xlabel("x (from the checkpoint names)" + (", log scale" if scale != "linear" else ""), fontsize=8)
         axes.yaxis.get_major_locator().set_params(integer=True)
         axes.spines[["top", "right"]].set_visible(False)
     panels[1].legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return figure
+
+
+def _null_locator() -> Any:
+    from matplotlib.ticker import NullLocator
+
+    return NullLocator()
 
 
 def draw_by_layer(layered: Mapping[str, Sequence[Row]], categories: Sequence[str]) -> Any:
