@@ -445,3 +445,46 @@ def test_single_run_finds_what_compare_computed(run_cli: RunCli, concept_set: Pa
     assert code == 0, err
     assert "from the results store" in stdout
     assert (tmp_path / "b" / "report.html").is_file() and (tmp_path / "b" / "stage_-1" / "tally.csv").is_file()
+
+
+class _ElsewhereExecutor:
+    """An executor as a cluster one would be: jobs in another order, each run computed apart from the store
+    (here: in memory) and handed to the context, which writes, commits and places it."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def run(self, jobs: Any, context: Any) -> Any:
+        for index in reversed(range(len(jobs))):
+            job = jobs[index]
+            context.events.job_started(index, job, len(jobs))
+            outcome = context.lookup(index, job)
+            if outcome is None:
+                result = netdissection.dissect(job.model, backend=job.backend, dataset=job.dataset, workers=0,
+                                               layers=list(job.layers) or None)
+                run_dir, staging = context.begin(index, job)
+                context.write_result(job, result, run_dir)
+                outcome = context.finish(index, job, run_dir, staging, result, 0.0)
+            context.events.job_finished(outcome)
+            yield outcome
+
+
+class _ElsewherePlugin:
+    @netdissection.hookimpl
+    def dissect_register_executors(self, register: Any) -> None:
+        register("elsewhere", _ElsewhereExecutor, description="test executor")
+
+
+def test_an_executor_plugin_runs_jobs_its_own_way(concept_set: Path, tmp_path: Path) -> None:
+    from netdissection.registry import build_host
+
+    host = build_host(extra_plugins=(_ElsewherePlugin(),))
+    assert "elsewhere" in host.catalog("executor")
+    models = ["timm:test_vit", "timm:test_convnext"]
+    table = netdissection.compare(models, dataset=concept_set, workers=0, store=tmp_path / "store", host=host,
+                                  executor="elsewhere", executor_options={"shards": 2}, out=tmp_path / "cmp")
+    assert [r["model"] for r in table] == ["test_vit", "test_convnext"]  # rows in job order
+    local = netdissection.compare(models, dataset=concept_set, workers=0, store=tmp_path / "store", out=tmp_path / "b")
+    assert [o.cached for o in local.outcomes] == [True, True]  # committed to the store like local runs
+    assert [r["detectors"] for r in local] == [r["detectors"] for r in table]
+    assert (tmp_path / "cmp" / "runs" / "test_vit" / "report.html").is_file()
