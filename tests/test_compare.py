@@ -374,12 +374,18 @@ def test_cache_ls_and_rm(run_cli: RunCli, concept_set: Path, tmp_path: Path) -> 
     (["--add-tally", "paper"], ["--add-tally", "KEY=VALUE"]),
     (["no_such_model_anywhere"], ["unknown model 'no_such_model_anywhere'"]),
     ([], ["nothing to compare"]),
+    (["timm:test_resnet", "--categories", "objekt"], ["unknown category 'objekt'", "object"]),
 ])
 def test_bad_input(run_cli: RunCli, concept_set: Path, tmp_path: Path, args: list[str], needles: list[str]) -> None:
     code, _, err = run_cli("compare", *args, "--dataset", concept_set, "--out", tmp_path / "cmp", "--store",
                            tmp_path / "store")
     assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "cmp" / "compare.json").exists()
+
+
+def test_missing_dataset(run_cli: RunCli, tmp_path: Path) -> None:
+    code, _, err = run_cli("compare", "timm:test_resnet", "--dataset", tmp_path / "nowhere", "--out", tmp_path / "c")
+    assert_one_line_error(code, err, "nowhere", "does not exist")
 
 
 def test_bad_checkpoints(run_cli: RunCli, concept_set: Path, tmp_path: Path) -> None:

@@ -180,6 +180,9 @@ def preflight(jobs: Sequence[Job], context: ExecutionContext) -> None:
         return
     from ..core.run import resolve_backend
 
+    for job in pending:
+        context.dataset(job)  # a missing folder or an unknown category; opened once, kept for the run
+
     for model, backend in dict.fromkeys((job.model, job.backend) for job in pending):
         resolve_backend(context.host, model, backend)
     series = [job for job in pending if job.x is not None and job.weights]
