@@ -116,6 +116,8 @@ def cli() -> None:
 
     \b
       dissect MODEL [options]      dissect a model (same as: dissect run MODEL)
+      dissect compare MODEL...     dissect many models (checkpoints, layers) into one table
+      dissect cache ls|rm|gc       the results store of finished dissections
       dissect layers MODEL         list the layers of a model
       dissect report RESULTS_DIR   rebuild the reports of a finished run
       dissect data ...             download Broden; inspect, validate, convert datasets
