@@ -222,6 +222,10 @@ def test_resume_after_sigkill_computes_only_the_rest(concept_set: Path, tmp_path
         return [{k: v for k, v in r.items() if k not in ("seconds", "cached")} for r in rows]
 
     assert numbers(list(table)) == numbers(list(whole))
+    # Each run has its report (linked from index.html), not the per-layer plots the comparison's plots replace.
+    for row in table:
+        assert (out / row["run"] / "report.html").is_file()
+        assert not list((out / row["run"]).rglob("unique_detectors.svg"))
     assert numbers(read_json(out / "compare.json")["rows"]) == numbers(read_json(tmp_path / "whole" / "compare.json")
                                                                        ["rows"])
     # The killed job's staging folder is what `dissect cache gc` removes.

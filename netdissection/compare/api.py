@@ -114,6 +114,9 @@ def compare(
     if not specs and not tallies:
         raise DissectionError("nothing to compare: name models (dissect compare MODEL ...), --models, "
                               "--models-file, or --add-tally")
+    if not reporters:
+        reporters = [e.name for e in host.catalog("reporter")
+                     if e.metadata.get("default", False) and e.name not in SKIPPED_BY_DEFAULT]
     jobs = [Job(model=s.model, backend=s.backend or backend, weights=s.weights, pretrained=pretrained,
                 layers=tuple(s.layers or layers), lenient_layers=True,
                 dataset=str(dataset) if dataset is not None else None, dataset_format=dataset_format,
@@ -124,9 +127,6 @@ def compare(
                 device=device, batch_size=batch_size, workers=workers,
                 reporters=tuple(reporters) if reporters else None,
                 name=s.name or _display(s), x=s.x, labels={**common, **s.labels}) for s in specs]
-    if not reporters:
-        reporters = [e.name for e in host.catalog("reporter")
-                     if e.metadata.get("default", False) and e.name not in SKIPPED_BY_DEFAULT]
     results_store = None if store is False or store is None else ResultsStore(None if store is True else store)
     out_dir = Path(out) if out is not None else None
     with tempfile.TemporaryDirectory(prefix="netdissection-compare-") as scratch:
