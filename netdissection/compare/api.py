@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -133,9 +134,16 @@ def compare(
         # Without a store and without OUT, runs go to a scratch folder for as long as the rows are read.
         runs = (out_dir if out_dir is not None else Path(scratch)) / RUNS
         names = run_folders([job.display for job in jobs])
+        placed: set[int] = set()
 
         def place(index: int, job: Job) -> Path | None:
-            return runs / names[index] if out_dir is not None or results_store is None else None
+            if out_dir is None and results_store is not None:
+                return None  # the store keeps the runs; no copy asked for
+            folder = runs / names[index]
+            if index not in placed:  # OUT/runs is the comparison's own: no file of an earlier one lingers
+                placed.add(index)
+                shutil.rmtree(folder, ignore_errors=True)
+            return folder
 
         context = ExecutionContext(host, results_store, place=place, events=events)
         preflight(jobs, context)
