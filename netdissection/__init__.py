@@ -2,7 +2,8 @@
 
 The public API — what users and third-party plugins import:
 
-- :func:`dissect`, :func:`load_results`, :func:`write_reports`, :func:`open_dataset`, :func:`build_host`;
+- :func:`dissect`, :func:`compare`, :func:`load_results`, :func:`write_reports`, :func:`open_dataset`,
+  :func:`build_host`;
 - :data:`hookimpl` to mark a plugin's hook implementations (the hooks: ``netdissection.core.hookspecs``);
 - the component protocols a plugin implements (:class:`Backend`, :class:`ConceptDataset`,
   :class:`ThresholdRule`, :class:`ReportWriter`) and the data they exchange (``netdissection.core.types``);
@@ -14,6 +15,10 @@ Importing it loads no framework: torch loads when a run starts.
 from __future__ import annotations
 
 from .api import build_host, dissect, load_results, open_dataset, write_reports
+
+# The package netdissection.compare imports no framework; importing it here (and binding the name to its
+# function afterwards) keeps ``netdissection.compare(...)`` a function even once its submodules are imported.
+from .compare import CompareTable, compare
 from .core.errors import DissectionError
 from .core.hookspecs import hookimpl
 from .core.protocols import Backend, ConceptDataset, ReportWriter, ThresholdRule
@@ -32,6 +37,7 @@ from .core.version import __version__
 __all__ = [
     "Backend",
     "BackendOptions",
+    "CompareTable",
     "Concept",
     "ConceptDataset",
     "DissectionError",
@@ -45,6 +51,7 @@ __all__ = [
     "Vocabulary",
     "__version__",
     "build_host",
+    "compare",
     "dissect",
     "hookimpl",
     "load_results",

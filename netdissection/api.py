@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .core.errors import DissectionError, UnknownNameError
 from .core.run import QuietEvents, ThresholdChoice, WriterChoice, check_options
-from .core.types import BackendOptions, LayerResult, RunResult
+from .core.types import BackendOptions, LayerInfo, LayerResult, RunResult
 from .registry import Host, build_host
 from .registry.failures import PluginFailure, raise_if_strict, report
 from .registry.failures import strict_plugins as strict_plugins_flag
@@ -42,7 +42,7 @@ def dissect(
     backend: str | None = None,
     dataset: Any = None,
     dataset_format: str | None = None,
-    layers: Sequence[str] | None = None,
+    layers: Sequence[str] | Callable[[list[LayerInfo], str], list[str]] | None = None,
     categories: Sequence[str] | None = None,
     threshold: str | None = None,
     threshold_params: Mapping[str, Any] | None = None,
@@ -74,6 +74,7 @@ def dissect(
         dataset: a concept dataset folder or file, a dataset object, or None for the built-in generated set.
         dataset_format: the dataset format's name when it cannot be detected from the path.
         layers: the layers to dissect (all in one forward pass); default: the last layer with a spatial map.
+            A callable ``(layer infos, model name) -> names`` may choose them from the model's own list.
         categories: the concept categories to use (default: all of the dataset's).
         threshold: the threshold rule's name (default ``"quantile"``: the paper's top-q quantile per unit).
         threshold_params: the rule's parameters, e.g. ``{"q": 0.01}`` for quantile.
@@ -101,20 +102,13 @@ def dissect(
     from .core.run import run_dissection
 
     strict = strict_plugins_flag(strict_plugins)
-    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget)
     host = host if host is not None else build_host()
     announce_load_failures(host, strict)
     relay = HookRelay(host, strict)
-    # Every name first, in a blink: a typo in a writer, rule or format fails before anything is imported,
-    # built or run.
-    host.component("threshold", threshold or DEFAULT_THRESHOLD)
-    writer_entries = [host.component("reporter", name) for name in writer_names(host, reporters)] \
-        if out is not None else []
-    if backend is not None:
-        host.component("backend", backend)
-    if dataset_format is not None:
-        host.component("dataset", dataset_format)
-    rule = choose_threshold(host, threshold, threshold_params, quantile=quantile, compat=compat, device=device)
+    rule, writer_entries = check_run(host, backend=backend, dataset_format=dataset_format, threshold=threshold,
+                                     threshold_params=threshold_params, quantile=quantile, compat=compat,
+                                     batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget,
+                                     reporters=reporters if out is not None else ())
     writers = make_writers(writer_entries, relay)
     relay.writers = writers
 
@@ -125,6 +119,28 @@ def dissect(
                           layers=layers, writers=writers, compat=compat, out=out, batch_size=batch_size,
                           device=device, workers=workers, top_k=top_k, skip_bad=skip_bad, cache=cache,
                           cache_budget=cache_budget, progress=progress, events=relay, plugins=host.plugin_versions())
+
+
+def check_run(host: Host, *, backend: str | None = None, dataset_format: str | None = None,
+              threshold: str | None = None, threshold_params: Mapping[str, Any] | None = None,
+              quantile: float | None = None, compat: str = "paper", batch_size: int = 32, device: str = "cpu",
+              cache: str = "auto", cache_budget: str | int | None = None,
+              reporters: Sequence[str] | None = None, make_rule: bool = True) -> tuple[ThresholdChoice, list[Any]]:
+    """Check a run's options and every name it uses before a model is built, a dataset opened or a pass run,
+    so that a typo fails at once, in one line. Returns the threshold rule (made once, so its parameter
+    values are checked too, unless ``make_rule`` is False: then no framework is imported) and the writers'
+    catalog entries (``reporters=()``: none; ``None``: the default writers)."""
+    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget)
+    # Every name first, in a blink: a typo in a writer, rule or format fails before anything is imported.
+    host.component("threshold", threshold or DEFAULT_THRESHOLD)
+    entries = [host.component("reporter", name) for name in writer_names(host, reporters)] if reporters != () else []
+    if backend is not None:
+        host.component("backend", backend)
+    if dataset_format is not None:
+        host.component("dataset", dataset_format)
+    rule = choose_threshold(host, threshold, threshold_params, quantile=quantile, compat=compat, device=device,
+                            make=make_rule)
+    return rule, entries
 
 
 def load_results(path: str | Path) -> RunResult:
@@ -170,6 +186,9 @@ def announce_load_failures(host: Host, strict: bool) -> None:
     """The plugins that failed to load or register: one warning line each, or one error when strict."""
     failures = host.load_failures()
     raise_if_strict(failures, strict)
+    if host.announced:
+        return
+    host.announced = True
     for failure in failures:
         going_on = "going on without it" if failure.where == "import" else "going on without that registration"
         report(failure, strict=False, going_on=going_on)
@@ -268,9 +287,10 @@ def _signature(factory: Any) -> tuple[dict[str, inspect.Parameter], bool]:
 
 
 def choose_threshold(host: Host, name: str | None, params: Mapping[str, Any] | None, *, quantile: float | None,
-                     compat: str, device: str) -> ThresholdChoice:
-    """The threshold rule and its parameters, checked against the factory's signature — and made once —
-    before any pass runs, so that a wrong parameter fails in a line, not after the activation pass."""
+                     compat: str, device: str, make: bool = True) -> ThresholdChoice:
+    """The threshold rule and its parameters, checked against the factory's signature — and, with ``make``,
+    made once — before any pass runs, so that a wrong parameter fails in a line, not after the activation
+    pass. ``params`` of the choice are what the rule runs with, defaults included (provenance, job keys)."""
     name = name or DEFAULT_THRESHOLD
     entry = host.component("threshold", name)
     params = dict(params or {})
@@ -301,6 +321,8 @@ def choose_threshold(host: Host, name: str | None, params: Mapping[str, Any] | N
     if "compat" in named:
         recorded["compat"] = compat
     choice = ThresholdChoice(name=name, factory=entry.factory, kwargs=kwargs, params=recorded, plugin=entry.plugin)
+    if not make:
+        return choice
     try:
         choice.make(1, 1000)  # parameter values are checked here, before the passes, by the rule itself
     except DissectionError:

@@ -152,6 +152,44 @@ def _verbose_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")(command)
 
 
+def _apply(options: Sequence[Callable[..., Any]], command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _threshold_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--threshold``, ``--threshold-param KEY=VALUE`` (as the ``threshold_params`` dict) and ``--quantile``."""
+    return _apply([
+        click.option("--threshold", help="Threshold rule (default: quantile, the paper's; see: dissect plugins)."),
+        click.option("--threshold-param", "threshold_params", multiple=True, metavar="KEY=VALUE", callback=_params,
+                     help="A parameter of the threshold rule (repeatable; numbers are read as numbers)."),
+        click.option("--quantile", "quantile", type=float,
+                     help="The quantile rule's q (default 0.005): each unit's threshold is its (1 - q) quantile."),
+    ], command)
+
+
+def _input_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--input-size``, ``--mean``, ``--std``, ``--bgr``: how images are fed to the model."""
+    return _apply([
+        click.option("--input-size", type=_size, metavar="H,W",
+                     help="Model input size H,W or S (models with a fixed input)."),
+        click.option("--mean", type=_triple, metavar="R,G,B", help="Input normalisation mean (default: the model's)."),
+        click.option("--std", type=_triple, metavar="R,G,B", help="Input normalisation std (default: the model's)."),
+        click.option("--bgr", is_flag=True, help="The model takes BGR channel order."),
+    ], command)
+
+
+def _backend_options(input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
+                     std: tuple[float, float, float] | None, bgr: bool) -> dict[str, Any]:
+    """What ``_input_options`` gave, as ``dissect(backend_options=...)``: only the options the user set."""
+    options: dict[str, Any] = {k: v for k, v in dict(input_size=input_size, mean=mean, std=std).items()
+                               if v is not None}
+    if bgr:
+        options["bgr"] = True
+    return options
+
+
 def _strict_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--strict-plugins", is_flag=True,
                         help="Any plugin failure is an error (exit status 2); also NETDISSECTION_STRICT_PLUGINS=1.")(
@@ -179,6 +217,16 @@ class CliContext:
     def strict_plugins_option(self, command: Callable[..., Any]) -> Callable[..., Any]:
         return _strict_option(command)
 
+    def threshold_options(self, command: Callable[..., Any]) -> Callable[..., Any]:
+        return _threshold_options(command)
+
+    def input_options(self, command: Callable[..., Any]) -> Callable[..., Any]:
+        return _input_options(command)
+
+    def backend_options(self, input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
+                        std: tuple[float, float, float] | None, bgr: bool) -> dict[str, Any]:
+        return _backend_options(input_size, mean, std, bgr)
+
     def print_summary(self, result: Any, out_dir: Any, seconds: float | None = None) -> None:
         from .summary import print_summary
 
@@ -192,6 +240,8 @@ def cli() -> None:
 
     \b
       dissect MODEL [options]      dissect a model (same as: dissect run MODEL)
+      dissect compare MODEL...     dissect many models (checkpoints, layers) into one table
+      dissect cache ls|rm|gc       the results store of finished dissections
       dissect layers MODEL         list the layers of a model
       dissect report RESULTS_DIR   rebuild the reports of a finished run
       dissect data ...             download Broden; inspect, validate, convert datasets
@@ -210,11 +260,7 @@ def cli() -> None:
 @click.option("--layer", "layers", multiple=True, help="Layer to dissect (repeatable). Default: the last "
               "layer with a spatial map.")
 @click.option("--categories", multiple=True, help="Comma-separated categories to use (default: all).")
-@click.option("--threshold", help="Threshold rule (default: quantile, the paper's; see: dissect plugins).")
-@click.option("--threshold-param", "threshold_params", multiple=True, metavar="KEY=VALUE", callback=_params,
-              help="A parameter of the threshold rule (repeatable; numbers are read as numbers).")
-@click.option("--quantile", "quantile", type=float,
-              help="The quantile rule's q (default 0.005): each unit's threshold is its (1 - q) quantile.")
+@_threshold_options
 @click.option("--compat", type=click.Choice(["paper", "lite"]), default="paper", show_default=True,
               help="'lite' reproduces NetDissect-Lite's numbers.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: dissection/MODEL).")
@@ -229,15 +275,15 @@ def cli() -> None:
               help="Where the reads after the first pass get the maps: a disk cache, or another forward pass; "
               "auto: the disk when the cache fits the budget and the free space.")
 @click.option("--cache-budget", metavar="SIZE", help="Most disk the activation cache may take, e.g. 500M, 20G.")
-@click.option("--input-size", type=_size, metavar="H,W", help="Model input size H,W or S (models with a fixed input).")
-@click.option("--mean", type=_triple, metavar="R,G,B", help="Input normalisation mean (default: the model's).")
-@click.option("--std", type=_triple, metavar="R,G,B", help="Input normalisation std (default: the model's).")
-@click.option("--bgr", is_flag=True, help="The model takes BGR channel order.")
+@_input_options
 @click.option("--image-column", help="Dataset image column (HuggingFace datasets).")
 @click.option("--mask-column", "mask_columns", multiple=True, help="Dataset mask column (repeatable).")
 @click.option("--split", help="Dataset split (HuggingFace datasets).")
 @click.option("--concepts", type=click.Path(dir_okay=False),
               help="Concepts file naming label ids: id,name,category CSV or id2label JSON (HuggingFace datasets).")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False),
+              help="Results store folder (default: the cache folder; $NETDISSECTION_CACHE moves it).")
+@click.option("--no-store", is_flag=True, help="Compute even if the results store has this run; store nothing.")
 @_strict_option
 @_verbose_option
 @click.pass_obj
@@ -249,29 +295,45 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
                 cache: str, cache_budget: str | None,
                 input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                 std: tuple[float, float, float] | None, bgr: bool, image_column: str | None,
-                mask_columns: tuple[str, ...], split: str | None, concepts: str | None, strict_plugins: bool,
-                verbose: int) -> None:
-    """Dissect MODEL: a model name (resnet18, ...) or a model file."""
-    from .api import dissect
+                mask_columns: tuple[str, ...], split: str | None, concepts: str | None, store_dir: str | None,
+                no_store: bool, strict_plugins: bool, verbose: int) -> None:
+    """Dissect MODEL: a model name (resnet18, ...) or a model file.
+
+    A run already in the results store is read from it (no model runs) and its results written to --out.
+    """
+    from .api import announce_load_failures, check_run
+    from .compare.execution import dissect_stored
+    from .core.jobkey import Job
+    from .core.store import ResultsStore
+    from .registry.failures import strict_plugins as strict_plugins_flag
 
     context.setup_logging(verbose + 1)
-    backend_options = {k: v for k, v in dict(input_size=input_size, mean=mean, std=std).items() if v is not None}
-    if bgr:
-        backend_options["bgr"] = True
+    if no_store and store_dir:
+        raise DissectionError("--store and --no-store contradict each other; pass one")
+    writers = tuple(_split(reporters)) or None
+    # Every name and option before the store is asked or a model built: a typo fails at once.
+    announce_load_failures(context.host, strict_plugins_flag(strict_plugins or None))
+    check_run(context.host, backend=backend, dataset_format=dataset_format, threshold=threshold,
+              threshold_params=threshold_params, quantile=quantile, compat=compat, batch_size=batch_size,
+              device=device, cache=cache, cache_budget=cache_budget, reporters=writers, make_rule=False)
     dataset_options = {k: v for k, v in dict(image_column=image_column, split=split, concepts=concepts,
                                               mask_columns=list(mask_columns) or None).items() if v is not None}
     out_dir = Path(out) if out else Path("dissection") / _safe_stem(model)
     started = time.perf_counter()
-    with RichProgress(err_console) as progress:
-        result = dissect(model, backend=backend, dataset=dataset, dataset_format=dataset_format,
-                         layers=list(layers) or None, categories=_split(categories) or None, threshold=threshold,
-                         threshold_params=threshold_params, quantile=quantile, compat=compat, out=out_dir,
-                         batch_size=batch_size, device=device, workers=workers, weights=weights,
-                         pretrained=pretrained, top_k=top_k, reporters=_split(reporters) or None, skip_bad=skip_bad,
-                         progress=progress, host=context.host, backend_options=backend_options,
-                         dataset_options=dataset_options, cache=cache, cache_budget=cache_budget,
-                         strict_plugins=strict_plugins or None)
-    context.print_summary(result, out_dir, time.perf_counter() - started)
+    job = Job(model=model, backend=backend, weights=weights, pretrained=pretrained, layers=layers, dataset=dataset,
+              dataset_format=dataset_format, categories=tuple(_split(categories)) or None,
+              dataset_options=dataset_options, threshold=threshold, threshold_params=threshold_params,
+              quantile=quantile, compat=compat, top_k=top_k, skip_bad=skip_bad,
+              backend_options=_backend_options(input_size, mean, std, bgr), device=device, batch_size=batch_size,
+              workers=workers, reporters=writers, cache=cache, cache_budget=cache_budget)
+    store = None if no_store else ResultsStore(store_dir)
+    with RichProgress(context.err) as progress:
+        result, outcome = dissect_stored(job, out_dir, store, context.host, progress,
+                                         strict_plugins=strict_plugins or None)
+    if outcome.cached:
+        context.out.print(f"from the results store ({outcome.key}): no model ran; --no-store computes it again",
+                          style="dim", highlight=False)
+    context.print_summary(result, out_dir, None if outcome.cached else time.perf_counter() - started)
 
 
 def _safe_stem(model: str) -> str:

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .core.reporting import random_weights
 from .core.scores import DetectorCounts, UnitScore, count_detectors, unit_scores
 from .core.types import DETECTOR_IOU, RunResult
 
@@ -28,6 +29,9 @@ def print_summary(console: Console, result: RunResult, out_dir: Path, seconds: f
                   top: int = 10) -> None:
     """Per layer: detectors and unique concepts per category (both rules), the ``top`` units; then the
     time per pass (for a run that just happened) and where the reports are."""
+    notice = random_weights_notice(result.provenance)
+    if notice:
+        console.print(Text(notice, style="bold yellow"))
     for name, layer in result.layers.items():
         rows = unit_scores(layer)
         counts = count_detectors(rows, layer.vocabulary.categories)
@@ -43,6 +47,15 @@ def print_summary(console: Console, result: RunResult, out_dir: Path, seconds: f
     head, files = written_text(result.written, out_dir)
     console.print(head, soft_wrap=True)  # never break a path: it is there to be copied
     console.print(files)
+
+
+def random_weights_notice(provenance: dict) -> str | None:  # type: ignore[type-arg]
+    """One line saying that the model was untrained (seeded random weights), or None."""
+    seed = random_weights(provenance)
+    if seed is None:
+        return None
+    return (f"random weights, seed {seed['seed']}: not a trained model (pass --weights FILE or --pretrained "
+            "to dissect trained weights)")
 
 
 def headline(counts: DetectorCounts) -> str:

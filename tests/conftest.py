@@ -20,6 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Runs of the tests go to a results store of their own, never to the user's cache folder."""
+    os.environ["NETDISSECTION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture
 def random_broden(tmp_path: Path) -> Callable[..., Path]:
     """Write a random-label Broden folder under the test's tmp dir: ``random_broden(images=..)``."""

@@ -126,8 +126,9 @@ def test_a_run_killed_half_way_leaves_nothing_complete(tmp_path: Path) -> None:
 
     data = generate_concept_set(tmp_path / "set", images=400, image_size=64, seed=0)
     out = tmp_path / "out"
+    # --no-store: the run writes into --out itself (through the store it writes into the store's staging folder).
     command = [sys.executable, "-m", "netdissection.cli", "resnet18", "--dataset", str(data), "--out", str(out),
-               "--layer", "layer3", "--layer", "layer4", "--batch-size", "8", "--workers", "0"]
+               "--layer", "layer3", "--layer", "layer4", "--batch-size", "8", "--workers", "0", "--no-store"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(out.glob(".netdissection-cache-*/*")):

@@ -103,8 +103,9 @@ def _install(monkeypatch: pytest.MonkeyPatch, folders: list[Path]) -> None:
 
 
 def _run(run_cli, concept_set: Path, out: Path, *extra: str) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+    # --no-store: every run here must run its hooks, not read an earlier test's results from the store.
     return run_cli("resnet18", "--dataset", concept_set, "--layer", "layer1", "--top-k", "2", "--workers", "0",
-                   "--out", out, *extra)
+                   "--no-store", "--out", out, *extra)
 
 
 def test_a_run_of_the_built_ins_survives_every_broken_plugin(run_cli, faulty_dists: dict[str, Path],  # type: ignore[no-untyped-def]

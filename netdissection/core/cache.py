@@ -36,16 +36,16 @@ FREE_SPACE_SHARE = 0.9
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def parse_size(size: str | int | None) -> int | None:
+def parse_size(size: str | int | None, option: str = "--cache-budget") -> int | None:
     """Bytes from ``500M``, ``20G``, ``1.5T``, ``4096`` (K, M, G, T are powers of 1024; a trailing B or
-    iB is allowed); None stays None."""
+    iB is allowed); None stays None. ``option`` names the option in the error."""
     if size is None or isinstance(size, int):
         if isinstance(size, int) and size < 0:
-            raise DissectionError(f"--cache-budget must not be negative, not {size}")
+            raise DissectionError(f"{option} must not be negative, not {size}")
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?\s*", str(size).upper())
     if match is None:
-        raise DissectionError(f"--cache-budget must be a size like 500M or 20G, not {size!r}")
+        raise DissectionError(f"{option} must be a size like 500M or 20G, not {size!r}")
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 

@@ -46,9 +46,10 @@ def layer_dirnames(layers: Iterable[str]) -> dict[str, str]:
 
 
 def cache_root() -> Path:
-    """The netdissection cache folder: ``$NETDISSECTION_CACHE``, else ``$XDG_CACHE_HOME/netdissection``,
-    else ``~/.cache/netdissection``."""
+    """The user's cache folder for netdissection: ``$NETDISSECTION_CACHE``, else
+    ``$XDG_CACHE_HOME/netdissection``, else ``~/.cache/netdissection``."""
     if os.environ.get("NETDISSECTION_CACHE"):
-        return Path(os.environ["NETDISSECTION_CACHE"])
+        return Path(os.environ["NETDISSECTION_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "netdissection"
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "netdissection"

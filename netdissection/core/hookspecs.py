@@ -87,6 +87,19 @@ class CommandContext(Protocol):
         so that ``NETDISSECTION_STRICT_PLUGINS`` applies when the flag is not given)."""
         ...
 
+    def threshold_options(self, command: Callable[..., Any]) -> Callable[..., Any]:
+        """A click decorator adding ``--threshold``, ``--threshold-param KEY=VALUE`` (the ``threshold_params``
+        dict, numbers read as numbers) and ``--quantile``, as ``dissect MODEL`` has them."""
+        ...
+
+    def input_options(self, command: Callable[..., Any]) -> Callable[..., Any]:
+        """A click decorator adding ``--input-size``, ``--mean``, ``--std`` and ``--bgr``."""
+        ...
+
+    def backend_options(self, input_size: Any, mean: Any, std: Any, bgr: bool) -> dict[str, Any]:
+        """The values of ``input_options`` as ``dissect(backend_options=...)``: only those the user set."""
+        ...
+
     def print_summary(self, result: RunResult, out_dir: Any, seconds: float | None = None) -> None:
         """The terminal summary of a run, as ``dissect MODEL`` prints it, to ``out``."""
         ...
@@ -150,6 +163,16 @@ def dissect_register_reporters(register: Register) -> None:
     every run unless the user names writers (``--report a,b``). ``write(result, out_dir)`` runs after the
     counts and ``summary.json`` are saved, writes only under ``out_dir``, atomically (``core.files``), and
     returns the paths it wrote.
+    """
+
+
+@hookspec
+def dissect_register_executors(register: Register) -> None:
+    """Register executors, which run the jobs of ``dissect compare``: ``register(name, factory, description=...)``.
+
+    ``factory(**options) -> Executor`` (options from the command line, e.g. ``address``, ``shards``; refuse
+    the ones that do not apply). The contract is in ``netdissection.compare.execution``: ``run(jobs,
+    context)`` yields one outcome per job, a job's failure being its outcome, not an exception.
     """
 
 

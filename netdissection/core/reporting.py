@@ -8,17 +8,24 @@ from the scheduler so that rebuilding reports never imports a framework.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .files import layer_dirnames
 from .results import COUNTS, SUMMARY, save_counts, vocabulary_to_json, write_summary
 from .scores import count_detectors, unit_scores
-from .types import RunResult
+from .types import DETECTOR_IOU, RunResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from .run import RunEvents, WriterChoice
+
+
+def random_weights(provenance: Mapping[str, Any]) -> dict[str, int] | None:
+    """``{"seed": N}`` when the model ran with the backend's seeded random initialisation (no weights file,
+    not pretrained), else None: such a run's detectors are those of an untrained network."""
+    seed = (provenance.get("backend_details") or {}).get("random_init_seed")
+    return {"seed": int(seed)} if seed is not None else None
 
 
 def summary_of(result: RunResult) -> dict[str, Any]:
@@ -26,7 +33,9 @@ def summary_of(result: RunResult) -> dict[str, Any]:
     folders = layer_dirnames(result.layers)
     layers = []
     for name, layer in result.layers.items():
-        counts = count_detectors(unit_scores(layer), layer.vocabulary.categories)
+        rows = unit_scores(layer)
+        counts = count_detectors(rows, layer.vocabulary.categories)
+        detector_ious = [r.score for r in rows if r.score >= DETECTOR_IOU]
         layers.append({
             "layer": name,
             "folder": folders[name],
@@ -38,6 +47,7 @@ def summary_of(result: RunResult) -> dict[str, Any]:
             "paper_units_by_category": counts.paper_units_by_category,
             "paper_unique_labels_by_category": counts.paper_unique_by_category,
             "paper_unique_labels_total": counts.paper_unique_total,
+            "mean_iou_of_detectors": sum(detector_ious) / len(detector_ious) if detector_ious else None,
             "seconds": layer.seconds,
         })
     return {
@@ -47,6 +57,7 @@ def summary_of(result: RunResult) -> dict[str, Any]:
             "paper": "the paper's figures: per category, units whose best IoU within the category is > 0.04, "
                      "and the unique labels among them; a unit can count in several categories",
         },
+        "random_weights": random_weights(result.provenance),
         "images": result.images,
         "seconds": result.seconds,
         "provenance": result.provenance,

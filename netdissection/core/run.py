@@ -163,7 +163,7 @@ def run_dissection(
     *,
     backend_name: str,
     model_ref: Any = None,
-    layers: Sequence[str] | None = None,
+    layers: Sequence[str] | Callable[[list[LayerInfo], str], list[str]] | None = None,
     writers: Sequence[WriterChoice] = (),
     compat: str = "paper",
     out: str | Path | None = None,
@@ -193,7 +193,9 @@ def run_dissection(
     events = events if events is not None else QuietEvents()
     description = backend.describe()
     model_name = str(description.get("model", model_ref))
-    layer_names = check_layers(backend.layers(), layers, model_name)
+    infos = backend.layers()
+    # ``layers`` may choose from the model's layers itself (``dissect compare``: stage:*, where it exists).
+    layer_names = layers(infos, model_name) if callable(layers) else check_layers(infos, layers, model_name)
 
     spec = backend.input_spec()
     if compat == "lite":

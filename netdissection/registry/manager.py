@@ -34,6 +34,8 @@ BUILTIN_PLUGINS = (
     "netdissection.plugins.reports.plots",  # before html_report: the page shows the plots when they are there
     "netdissection.plugins.reports.html_report",
     "netdissection.plugins.reports.report_command",
+    "netdissection.plugins.executors.local",
+    "netdissection.compare.commands",
 )
 
 #: Each kind of component: its catalog name and the hook that fills it (a new kind is one line here).
@@ -42,6 +44,7 @@ COMPONENT_KINDS = {
     "dataset": "dissect_register_datasets",
     "threshold": "dissect_register_thresholds",
     "reporter": "dissect_register_reporters",
+    "executor": "dissect_register_executors",
 }
 
 
@@ -77,6 +80,8 @@ class Host:
     catalogs: dict[str, Catalog[Any]]
     plugins: list[PluginRecord]
     runtime_log: RuntimeFailureLog = field(default_factory=RuntimeFailureLog)
+    #: Whether the load failures were shown already (a command that runs several dissections shows them once).
+    announced: bool = False
 
     @property
     def hook(self) -> Any:

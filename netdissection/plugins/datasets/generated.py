@@ -707,11 +707,9 @@ def _check_free(root: pathlib.Path) -> None:
 
 
 def _cache_root() -> pathlib.Path:
-    if os.environ.get("NETDISSECTION_CACHE"):
-        return pathlib.Path(os.environ["NETDISSECTION_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache"
-    return base / "netdissection"
+    from ...core.files import cache_root
+
+    return cache_root()
 
 
 def default_concept_set(cache_dir: pathlib.Path | None = None) -> pathlib.Path:
@@ -735,6 +733,15 @@ def default_concept_set(cache_dir: pathlib.Path | None = None) -> pathlib.Path:
     return root
 
 
+def builtin_identity() -> dict[str, Any]:
+    """What the built-in set's bytes depend on: the generator's version, its parameters, and the Pillow that
+    encodes its JPEGs (a job key uses this instead of reading the set, which may not be generated yet)."""
+    import PIL
+
+    return {"generator": VERSION, "images": DEFAULT_IMAGES, "size": DEFAULT_SIZE, "seed": DEFAULT_SEED,
+            "jpeg_quality": JPEG_QUALITY, "pillow": PIL.__version__}
+
+
 def builtin_dataset(path: object = None, categories: Sequence[str] | None = None, **options: object) -> Any:
     """The ``builtin`` dataset format: the generated default set, read as the Broden folder it is."""
     from .broden import BrodenDataset
@@ -747,5 +754,5 @@ def builtin_dataset(path: object = None, categories: Sequence[str] | None = None
 
 @hookimpl
 def dissect_register_datasets(register) -> None:  # type: ignore[no-untyped-def]
-    register("builtin", builtin_dataset,
+    register("builtin", builtin_dataset, identity=builtin_identity,
              description="the generated concept set used when no --dataset is given (300 images, 6 categories)")

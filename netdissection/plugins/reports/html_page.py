@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ...core.files import layer_dirnames
+from ...core.reporting import random_weights
 from ...core.scores import DetectorCounts, UnitScore, count_detectors, unit_scores
 from ...core.types import DETECTOR_IOU, LayerResult, RunResult
 from .html_assets import CSS, JS
@@ -113,7 +114,10 @@ def _page_header(result: RunResult, plots: str) -> str:
         folders = layer_dirnames(result.layers)
         links = " · ".join(f'<a href="#layer-{escape(folders[n])}">{escape(n)}</a>' for n in result.layers)
         nav = f"<p>Layers: {links}</p>"
-    return (f'<header class="page"><h1>Network dissection of {escape(p.get("model", "model"))}</h1>'
+    seed = random_weights(p)
+    untrained = (f'<p class="notice">random weights, seed {seed["seed"]}: not a trained model</p>'
+                 if seed is not None else "")
+    return (f'<header class="page"><h1>Network dissection of {escape(p.get("model", "model"))}</h1>{untrained}'
             f'<dl class="meta">{items}</dl>{nav}{plots}</header>')
 
 

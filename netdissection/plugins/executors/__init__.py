@@ -1,0 +1,1 @@
+"""Executors: how the jobs of ``dissect compare`` run."""
