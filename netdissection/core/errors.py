@@ -13,7 +13,7 @@ class DissectionError(Exception):
 class UnknownNameError(DissectionError, KeyError):
     """A name that no catalog, model zoo or graph knows; the message suggests close matches."""
 
-    def __init__(self, kind: str, name: str, known: Iterable[str], hint: str = "") -> None:
+    def __init__(self, kind: str, name: str, known: Iterable[str], hint: str = "", also: str = "") -> None:
         known = list(known)
         self.kind, self.name, self.known = kind, name, known
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
@@ -27,7 +27,7 @@ class UnknownNameError(DissectionError, KeyError):
             message += f"; {hint}"
         elif len(known) <= 12:
             message += f"; known: {', '.join(known) or '(none)'}"
-        super().__init__(message)
+        super().__init__(message + also)  # ``also``: said in any case (where else the name exists, ...)
 
     def __str__(self) -> str:  # KeyError would add quotes around the message
         return str(self.args[0])

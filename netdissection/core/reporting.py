@@ -30,8 +30,12 @@ def summary_of(result: RunResult) -> dict[str, Any]:
         counts = count_detectors(unit_scores(layer), layer.vocabulary.categories)
         layers.append({
             "layer": name,
+            "requested": name,
+            "module": layer.module or name,
+            "map": list(layer.map_shape) if layer.map_shape else None,
             "folder": folders[name],
             "units": layer.units,
+            "warnings": list(layer.warnings),
             "detectors": counts.detectors,
             "unique_labels": counts.unique_labels,
             "detectors_by_category": counts.detectors_by_category,

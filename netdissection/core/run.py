@@ -150,7 +150,9 @@ def dissect(
     backend_name, model_backend = make_backend(host, model, backend, options)
     description = model_backend.describe()
     model_name = str(description.get("model", model))
-    layer_names = check_layers(model_backend.layers(), layers, model_name)
+    select = getattr(model_backend, "select_layers", None)  # a backend may choose its default and explain refusals
+    layer_names = select(layers) if select is not None else check_layers(model_backend.layers(), layers, model_name)
+    resolved = {i.name: i.module or i.name for i in model_backend.layers()}  # stage:-1 → stages.3
     concept_set = resolve_dataset(host, dataset, dataset_format, categories, dataset_options)
 
     spec = model_backend.input_spec()
@@ -191,6 +193,7 @@ def dissect(
         layer_results, images, seconds = run_passes(plan, spec, progress)
         for layer_result in layer_results.values():
             layer_result.seconds = dict(seconds)
+            layer_result.module = resolved.get(layer_result.layer, layer_result.layer)
             host.hook.dissect_layer_finish(run=provenance, result=layer_result)
         seconds["passes"] = time.perf_counter() - started
         result = RunResult(layers=layer_results, provenance=provenance, seconds=seconds, images=images,

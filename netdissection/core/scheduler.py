@@ -20,6 +20,7 @@ import torch
 
 from . import loading
 from .cache import ActivationCache, cache_prefix, remove_stale_caches
+from .diagnostics import UnitStatistics, layer_warnings
 from .errors import DissectionError
 from .iou import IoUAccumulator, prepare_labels
 from .protocols import Backend, ConceptDataset, ThresholdRule
@@ -88,6 +89,7 @@ class _LayerState:
     cache: ActivationCache | None = None
     top: TopImagesTracker | None = None
     units: int = 0
+    stats: UnitStatistics = field(default_factory=UnitStatistics)
 
 
 def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = None) -> tuple[
@@ -142,6 +144,7 @@ def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = No
                             f"layer {name!r}: {exc}; all images of a run must have the same size") from None
                     state.rule.update(acts)
                     state.top.update(acts, batch.indices)
+                    state.stats.update(acts)
                 seen += len(batch.indices)
                 progress.advance(len(batch.indices) + len(batch.failures))
         finally:
@@ -196,6 +199,7 @@ def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = No
         intersection, activation = acc.counts()
         state = states[name]
         assert state.top is not None
+        stats = state.stats.result()
         results[name] = LayerResult(
             layer=name,
             vocabulary=vocab,
@@ -204,6 +208,10 @@ def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = No
             truth=truth.numpy().copy(),
             activation=activation.numpy(),
             top_images=state.top.result(),
+            map_shape=stats.map_shape,
+            warnings=layer_warnings(stats, thresholds[name], activation.numpy()),
         )
+        for warning in results[name].warnings:
+            log.warning("layer %s: %s", name, warning)
         log.debug("%s: upsampled %d of %d (image, unit) pairs", name, acc.pairs_upsampled, acc.pairs_seen)
     return results, counted, seconds
