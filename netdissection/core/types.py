@@ -199,6 +199,15 @@ class LayerResult:
         return int(self.thresholds.shape[0])
 
 
+def layer_described(layer: LayerResult) -> str:
+    """What a layer is, for reports: the module it resolved to and its map size (``stages.3, 320 × 7 × 7``);
+    what a run saved before these were recorded leaves out."""
+    parts = [f"module {layer.module}"] if layer.module and layer.module != layer.layer else []
+    if layer.map_shape:
+        parts.append("maps of " + " × ".join(str(d) for d in layer.map_shape) + " (units × h × w)")
+    return ", ".join(parts)
+
+
 @dataclass
 class RunResult:
     """The results of one run: per layer, in the requested order, and the provenance."""

@@ -36,9 +36,13 @@ def stage_range(count: int) -> str:
 
 
 def default_layer(infos: Sequence[LayerInfo], stages: int) -> str | None:
-    """``stage:-1`` when the model has stages; else the last layer with a spatial map."""
-    if stages:
-        return f"{STAGE}-1"
+    """``stage:-1``, the last stage, when the model has stages — or the last stage that still has a map when
+    a small input leaves the last one 1×1; else the last layer with a spatial map."""
+    by_name = {i.name: i for i in infos}
+    for index in range(-1, -stages - 1, -1):
+        info = by_name.get(f"{STAGE}{index}")
+        if info is not None and info.spatial:
+            return info.name
     spatial = [i for i in infos if i.spatial]
     return spatial[-1].name if spatial else None
 

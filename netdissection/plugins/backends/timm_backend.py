@@ -191,21 +191,21 @@ def _create(timm: Any, name: str, options: BackendOptions) -> tuple[nn.Module, s
                                   "file with --weights FILE") from None
 
 
-def _fixed_input_size(model: nn.Module, data_config: dict[str, Any], built_for: tuple[int, int] | None) -> tuple[
-        int, int] | None:
-    """The one input size the model accepts, or None when it takes any size. ``built_for`` is the size the
-    model was built for (``img_size``), when it took one."""
+def _fixed_input_sizes(model: nn.Module, data_config: dict[str, Any], built_for: tuple[int, int] | None) -> list[
+        tuple[int, int] | None]:
+    """The one input size the model accepts — None when it takes any size — or, when the model cannot say,
+    the sizes it may accept, most likely first. ``built_for`` is the ``img_size`` the model was built with."""
     # Patch embeddings say it themselves, wherever they sit (``patch_embed``, Mixer's ``stem``, ...).
     embeds = [m for m in model.modules() if hasattr(m, "strict_img_size") and getattr(m, "img_size", None)]
     if embeds:
         strict = [m for m in embeds if m.strict_img_size]
-        return (int(strict[0].img_size[0]), int(strict[0].img_size[1])) if strict else None
+        return [(int(strict[0].img_size[0]), int(strict[0].img_size[1])) if strict else None]
     if getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False):
-        if built_for is not None:
-            return built_for
         size = data_config["input_size"]
-        return (int(size[1]), int(size[2]))
-    return None
+        # Some constructors take img_size and build for it (LeViT, MaxViT); others take it and keep their
+        # native size all the same (EfficientFormer): the probe pass tells.
+        return list(dict.fromkeys([built_for, (int(size[1]), int(size[2]))] if built_for else [(size[1], size[2])]))
+    return [None]
 
 
 def _probe_input(size: tuple[int, int], device: Any) -> torch.Tensor:
@@ -247,11 +247,22 @@ class TimmBackend:
         self.model = model
         self.data_config = resolve_model_data_config(model)
         built_for = tuple(options.input_size) if options.input_size and "img_size" in took else None
-        self.fixed_size = _fixed_input_size(model, self.data_config, built_for)  # type: ignore[arg-type]
         default_size = tuple(int(s) for s in self.data_config["input_size"][1:])
-        self.spatial_input: tuple[int, int] = tuple(options.input_size or self.fixed_size or default_size)
-        probe = _probe_input(self.spatial_input, self.device)
-        self.layers_ = TimmLayers(model, fit_input(probe, self.fixed_size), self.model_name)
+        failure = ""
+        for fixed in _fixed_input_sizes(model, self.data_config, built_for):  # type: ignore[arg-type]
+            self.fixed_size = fixed
+            self.spatial_input: tuple[int, int] = tuple(options.input_size or fixed or default_size)
+            probe = _probe_input(self.spatial_input, self.device)
+            try:
+                self.layers_ = TimmLayers(model, fit_input(probe, fixed), self.model_name)
+                break
+            except (RuntimeError, AssertionError, ValueError) as exc:  # the model's own complaint about the size
+                failure = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                log.debug("%s does not run at %s: %s", self.model_name, fixed or self.spatial_input, failure)
+        else:
+            h, w = options.input_size or self.fixed_size or self.spatial_input
+            fix = "leave out --input-size" if options.input_size else "pass --input-size H,W"
+            raise DissectionError(f"{self.model_name} does not run at {h}×{w} inputs ({failure}); {fix}")
         self.infos = self.layers_.infos()
         # channels_last runs convolutions about 1.4-1.9× faster on CPU; outputs are made contiguous.
         self._channels_last = self.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())

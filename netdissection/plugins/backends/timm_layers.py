@@ -112,8 +112,8 @@ def timm_layout_of(strides: Sequence[tuple[int, int]], prefixes: Sequence[int]) 
             layout = model_token_layout(count, input_hw, strides, prefixes)
             if layout is not None:
                 return layout, ""
-            return VECTOR_LAYOUT, (f"{count} token{'s' if count != 1 else ''}, which fit no grid of the model "
-                                   f"({_grids(strides, prefixes, input_hw)})")
+            return VECTOR_LAYOUT, (f"{count} token{'s, which fit' if count != 1 else ', which fits'} no grid of "
+                                   f"the model ({_grids(strides, prefixes, input_hw)})")
 
         return layer_info(name, output, batch, input_hw, tokens)
 
