@@ -88,11 +88,14 @@ def layer_warnings(stats: LayerStatistics, thresholds: np.ndarray, activation: n
     pass's mask areas ``activation`` (U, C); empty for a layer that is fine."""
     units = int(thresholds.shape[0])
     warnings = []
-    constant = int((~stats.varies).sum())
+    # A unit at one value everywhere in every image is dead rather than constant in space: the floor
+    # warning below names it.
+    constant = int((~stats.varies & (stats.maximum > stats.minimum)).sum())
     if constant and constant >= CONSTANT_UNITS_FRACTION * units:
         _, h, w = stats.map_shape
-        warnings.append(f"spatially constant maps: {constant} of {units} units give the same value at all "
-                        f"{h}×{w} positions of every image, so their masks cannot localise a concept")
+        warnings.append(f"spatially constant maps: {constant} of {units} units give one value at all {h}×{w} "
+                        "positions of each image (a value that changes only from image to image), so their masks "
+                        "cannot localise a concept")
     floor = int((thresholds <= stats.minimum).sum())
     if floor and floor >= FLOOR_UNITS_FRACTION * units:
         warnings.append(f"thresholds at the minimum: {floor} of {units} units have a threshold equal to their "

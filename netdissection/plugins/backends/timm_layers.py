@@ -75,13 +75,16 @@ def _pair(value: Any) -> tuple[int, int] | None:
 
 def model_strides(model: nn.Module, stage_shapes: Sequence[tuple[int, ...]], input_hw: tuple[int, int]) -> list[
         tuple[int, int]]:
-    """Every stride the model names: its patch embeddings' patch sizes, its ``feature_info`` reductions, and
+    """Every stride the model names: its patch embeddings' strides, its ``feature_info`` reductions, and
     the strides its stage maps show at the probe size — in that order, without repeats."""
     strides: list[tuple[int, int]] = []
     for module in model.modules():
         patch = _pair(getattr(module, "patch_size", None))
-        if patch is not None:
-            strides.append(patch)
+        if patch is None:
+            continue
+        # An overlapping embedding (PVT v2: a 7×7 kernel at stride 4) names its kernel as patch_size.
+        proj = getattr(module, "proj", None)
+        strides.append(_pair(tuple(proj.stride)) or patch if isinstance(proj, nn.Conv2d) else patch)
     info = getattr(model, "feature_info", None)
     for entry in getattr(info, "info", info) or []:
         reduction = _pair(entry.get("reduction")) if isinstance(entry, dict) else None
