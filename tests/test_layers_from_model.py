@@ -98,6 +98,39 @@ def test_module_token_layers_take_the_models_grid(model: str, size: int | None, 
     torch.testing.assert_close(maps[module], _tokens_as_grid(raw, prefix, h, w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("model", "layers"), [
+    # A stage, a module inside it, and one that runs after the last stage (forward_intermediates runs on).
+    ("efficientnet_b0", ["stage:1", "blocks.1.0", "conv_head"]),
+    # A container forward_intermediates never calls: the stage comes through the module it resolved to.
+    ("convnext_atto", ["stage:-1", "stages", "stages.1.blocks.0"]),
+])
+def test_stages_and_modules_share_one_pass(model: str, layers: list[str]) -> None:
+    backend = TimmBackend(model, BackendOptions(input_size=(64, 64)))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    passes = []
+
+    def count(module: torch.nn.Module, args: tuple[object, ...]) -> None:
+        if isinstance(module, torch.nn.Conv2d) and module.in_channels == 3:
+            passes.append(module)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        maps = backend.activations(x, layers)
+    finally:
+        handle.remove()
+    assert len(passes) == 1
+    model_ = backend.model
+    xs = x.contiguous(memory_format=torch.channels_last)
+    for layer in layers:
+        if layer.startswith("stage:"):
+            with torch.inference_mode():
+                expected = model_.forward_intermediates(xs, indices=[int(layer.split(":")[1])],
+                                                        intermediates_only=True, output_fmt="NCHW")[0]
+        else:
+            expected = _hooked_output(model_, layer, xs)
+        torch.testing.assert_close(maps[layer], expected.contiguous(), rtol=1e-5, atol=1e-5)
+
+
 def test_strict_token_layouts_never_factor() -> None:
     # 196 tokens with a declared class token: the model's own grid (no prefix in this layer), not 195 = 15×13.
     assert layouts.model_token_layout(196, (224, 224), [(16, 16)], [1, 0]) == layouts.Layout("tokens", 0, (16, 16),
