@@ -131,6 +131,28 @@ def test_stages_and_modules_share_one_pass(model: str, layers: list[str]) -> Non
         torch.testing.assert_close(maps[layer], expected.contiguous(), rtol=1e-5, atol=1e-5)
 
 
+def test_without_forward_intermediates_stages_are_timms_feature_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An architecture without ``forward_intermediates`` takes its stages where ``features_only`` does: the
+    ``feature_info`` modules' outputs."""
+    import timm
+    from timm.models.resnet import ResNet
+
+    def missing(*_args: object, **_kwargs: object) -> None:
+        raise NotImplementedError
+
+    monkeypatch.setattr(ResNet, "forward_intermediates", missing)
+    backend = TimmBackend("resnet10t", BackendOptions(input_size=(64, 64)))
+    assert backend.describe()["stages_from"] == "feature_info hooks"
+    assert backend.describe()["stages"] == {"stage:0": "act1", "stage:1": "layer1", "stage:2": "layer2",
+                                            "stage:3": "layer3", "stage:4": "layer4"}
+    features = timm.create_model("resnet10t", features_only=True).eval()
+    features.load_state_dict(backend.model.state_dict(), strict=False)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        expected = features(x)[-1]
+    torch.testing.assert_close(backend.activations(x, ["stage:-1"])["stage:-1"], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_strict_token_layouts_never_factor() -> None:
     # 196 tokens with a declared class token: the model's own grid (no prefix in this layer), not 195 = 15×13.
     assert layouts.model_token_layout(196, (224, 224), [(16, 16)], [1, 0]) == layouts.Layout("tokens", 0, (16, 16),

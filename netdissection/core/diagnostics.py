@@ -48,8 +48,8 @@ class UnitStatistics:
         self.images = 0
 
     def update(self, acts: torch.Tensor) -> None:
-        flat = acts.detach().flatten(2).double()  # (N, U, h·w)
-        low, high = flat.amin(dim=2), flat.amax(dim=2)  # per image and unit
+        low, high = torch.aminmax(acts.detach().flatten(2), dim=2)  # per image and unit: one pass, exact
+        low, high = low.double(), high.double()
         varies = ((high - low) > CONSTANT_TOLERANCE * torch.maximum(high.abs(), low.abs())).any(dim=0).cpu()
         low, high = low.amin(dim=0).cpu(), high.amax(dim=0).cpu()
         shape = (int(acts.shape[1]), int(acts.shape[2]), int(acts.shape[3]))
