@@ -121,9 +121,10 @@ class TorchvisionBackend:
         import timm
 
         from .stages import stage_index
+        from .torch_common import seeded_init
 
         try:
-            with _quiet_init():
+            with seeded_init():  # leaves the caller's random state as it was
                 model = timm.create_model(self.named)
         except Exception:  # a timm model that cannot be built without options: no hint
             return ""
@@ -200,8 +201,3 @@ def timm_has_model(name: str) -> bool:
         return False
     return bool(timm.is_model(name))
 
-
-def _quiet_init():  # type: ignore[no-untyped-def]
-    from .torch_common import seeded_init
-
-    return seeded_init()
