@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .core.errors import DissectionError, UnknownNameError
-from .core.run import QuietEvents, ThresholdChoice, WriterChoice, check_options
-from .core.types import BackendOptions, LayerInfo, LayerResult, RunResult
+from .core.run import LayerChooser, QuietEvents, ThresholdChoice, WriterChoice, check_options
+from .core.types import BackendOptions, LayerResult, RunResult
 from .registry import Host, build_host
 from .registry.failures import PluginFailure, raise_if_strict, report
 from .registry.failures import strict_plugins as strict_plugins_flag
@@ -42,7 +42,7 @@ def dissect(
     backend: str | None = None,
     dataset: Any = None,
     dataset_format: str | None = None,
-    layers: Sequence[str] | Callable[[list[LayerInfo], str], list[str]] | None = None,
+    layers: Sequence[str] | LayerChooser | None = None,
     categories: Sequence[str] | None = None,
     threshold: str | None = None,
     threshold_params: Mapping[str, Any] | None = None,
@@ -74,7 +74,8 @@ def dissect(
         dataset: a concept dataset folder or file, a dataset object, or None for the built-in generated set.
         dataset_format: the dataset format's name when it cannot be detected from the path.
         layers: the layers to dissect (all in one forward pass); default: the last layer with a spatial map.
-            A callable ``(layer infos, model name) -> names`` may choose them from the model's own list.
+            A callable ``(layer infos, model name, select) -> names`` may choose them from the model's own
+            list (``select(names)`` checks names as the backend does; ``select(None)``: its default layer).
         categories: the concept categories to use (default: all of the dataset's).
         threshold: the threshold rule's name (default ``"quantile"``: the paper's top-q quantile per unit).
         threshold_params: the rule's parameters, e.g. ``{"q": 0.01}`` for quantile.

@@ -348,27 +348,45 @@ def _safe_stem(model: str) -> str:
 @click.argument("model")
 @click.option("--backend", help="Backend that loads MODEL (default: detected).")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state dict or checkpoint file.")
-@click.option("--all", "show_all", is_flag=True, help="Also list layers without a spatial map.")
+@click.option("--all", "show_all", is_flag=True,
+              help="Also list layers without a spatial map (vectors, 1×1 maps, attention probabilities).")
 def layers_command(model: str, backend: str | None, weights: str | None, show_all: bool) -> None:
-    """List the layers of MODEL that can be dissected, with their output shapes."""
+    """List the layers of MODEL that can be dissected: module names, the stages (stage:N) beside the
+    module each one is, output shapes, and the default layer."""
     from .api import make_backend
     from .core.types import BackendOptions
 
     _setup_logging(0)
     name, model_backend = make_backend(_host(), model, backend, BackendOptions(weights=weights))
     infos = model_backend.layers()
+    select = getattr(model_backend, "select_layers", None)
     spatial = [i for i in infos if i.spatial]
-    default = spatial[-1].name if spatial else None
-    table = Table(title=f"{model} ({name} backend)")
-    table.add_column("layer")
-    table.add_column("kind")
-    table.add_column("units", justify="right")
-    table.add_column("map (h × w)", justify="right")
-    for info in infos if show_all else spatial:
-        grid = f"{info.shape[1]} × {info.shape[2]}" if info.spatial else "-"
-        marker = "  (default)" if info.name == default else ""
-        table.add_row(info.name + marker, info.kind, str(info.shape[0]) if info.shape else "-", grid)
-    out_console.print(table)
+    default = select(None)[0] if select is not None else (spatial[-1].name if spatial else None)
+    # Aliases (stage:N) are listed beside the module they resolve to, not as layers of their own.
+    aliases = [i for i in infos if i.module is not None and i.module != i.name]
+    stages_of: dict[str, list[str]] = {}
+    for alias in aliases:
+        stages_of.setdefault(alias.module, []).append(alias.name)  # type: ignore[arg-type]
+    rows = [(info, stages_of.pop(info.name, [])) for info in infos if info not in aliases]
+    # A stage whose map no listed module gives (timm's own name for it): a row of its own.
+    rows += [(next(a for a in aliases if a.module == module), names) for module, names in stages_of.items()]
+    table = Table(title=f"{model} ({name} backend)" + ("" if show_all else ": layers with a spatial map"))
+    header = ("layer", "stage", "kind", "units", "map (h × w)")
+    cells = []
+    for info, stages in rows:
+        if show_all or info.spatial:
+            marker = "  (default)" if default == info.name or default in stages else ""
+            cells.append((f"{info.module if info.name in stages else info.name}{marker}", " ".join(stages), info.kind,
+                          str(info.shape[0]) if info.shape else "-",
+                          f"{info.shape[1]} × {info.shape[2]}" if info.spatial else "-"))
+    for i, column in enumerate(header):
+        table.add_column(column, justify="right" if i >= 3 else "left", no_wrap=True)
+    for row in cells:
+        table.add_row(*row)
+    # Layer names are there to be copied: the table takes the width they need rather than cutting them.
+    needed = sum(max(len(c) for c in column) for column in zip(header, *cells, strict=True)) + 3 * len(header) + 1
+    wide = Console(width=max(out_console.width, needed)) if needed > out_console.width else out_console
+    wide.print(table)
 
 
 @cli.command("plugins")

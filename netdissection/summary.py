@@ -19,7 +19,7 @@ from rich.text import Text
 
 from .core.reporting import random_weights
 from .core.scores import DetectorCounts, UnitScore, count_detectors, unit_scores
-from .core.types import DETECTOR_IOU, RunResult
+from .core.types import DETECTOR_IOU, RunResult, layer_described
 
 REPORT_RULE = f"report rule: one label per unit, IoU ≥ {DETECTOR_IOU}"
 PAPER_RULE = f"paper rule: best IoU within the category > {DETECTOR_IOU}"
@@ -37,6 +37,8 @@ def print_summary(console: Console, result: RunResult, out_dir: Path, seconds: f
         counts = count_detectors(rows, layer.vocabulary.categories)
         console.print()
         console.print(Text.assemble((f"{name}:", "bold cyan"), " ", headline(counts)))
+        if layer_described(layer):
+            console.print(Text(layer_described(layer), style="dim"))
         console.print(Columns([category_table(counts, layer.vocabulary.categories), top_units_table(rows, top)],
                               padding=(0, 3)))
     # Which columns count by which rule, one line each (each fits 80 columns).

@@ -454,7 +454,8 @@ def test_single_run_finds_what_compare_computed(run_cli: RunCli, concept_set: Pa
     code, stdout, err = run_cli(*common, "--layer", "stage:-1", "--out", tmp_path / "b")
     assert code == 0, err
     assert "from the results store" in stdout
-    assert (tmp_path / "b" / "report.html").is_file() and (tmp_path / "b" / "stage_-1" / "tally.csv").is_file()
+    folder = json.loads((tmp_path / "b" / "summary.json").read_text())["layers"][0]["folder"]
+    assert (tmp_path / "b" / "report.html").is_file() and (tmp_path / "b" / folder / "tally.csv").is_file()
 
 
 class _ElsewhereExecutor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,25 +31,25 @@ def concept_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class ForwardCounter:
-    """Counts forward calls of whole models (torchvision ``ResNet``, any timm model), through torch's global
-    forward pre-hook: the probe pass, then one per batch however many layers are asked for."""
+    """Counts passes through a network however it is entered (``forward``, timm's ``forward_intermediates``),
+    by batch size: calls of a convolution on the 3-channel input images, through torch's global forward
+    pre-hook. The probe passes run one image; the dataset's batches run ``batch_size``."""
 
-    def __init__(self, model_types: tuple[str, ...] = ()) -> None:
-        self.calls = 0
-        self.model_types = model_types
+    def __init__(self) -> None:
+        self.by_batch: Counter[int] = Counter()
 
-    def __call__(self, module: torch.nn.Module, _args: object) -> None:
-        # timm sets pretrained_cfg on the model itself only, never on its submodules.
-        if type(module).__name__ in self.model_types or hasattr(module, "pretrained_cfg"):
-            self.calls += 1
+    def __call__(self, module: torch.nn.Module, args: tuple[object, ...]) -> None:
+        x = args[0] if args else None
+        if isinstance(module, torch.nn.Conv2d) and module.in_channels == 3 and isinstance(x, torch.Tensor):
+            self.by_batch[int(x.shape[0])] += 1
 
 
 @pytest.fixture
 def count_forwards() -> Iterator[Callable[..., ForwardCounter]]:
     handles = []
 
-    def install(*model_types: str) -> ForwardCounter:
-        counter = ForwardCounter(model_types)
+    def install() -> ForwardCounter:
+        counter = ForwardCounter()
         handles.append(torch.nn.modules.module.register_module_forward_pre_hook(counter))
         return counter
 
@@ -69,7 +70,7 @@ def test_end_to_end(model: str, module_layer: str, stage_units: tuple[int, int],
     layers = ["stage:0", "stage:-1", module_layer]
     result = netdissection.dissect(model, backend="timm", dataset=concept_set, layers=layers, batch_size=4,
                                    workers=0)
-    assert counter.calls == 1 + 2  # the probe, then 8 images in 2 batches serve all three layers
+    assert counter.by_batch[4] == 2  # 8 images in 2 batches: one pass each serves all three layers
     assert list(result.layers) == layers
     assert (result.layers["stage:0"].units, result.layers["stage:-1"].units) == stage_units
     for layer in result.layers.values():
@@ -81,20 +82,30 @@ def test_end_to_end(model: str, module_layer: str, stage_units: tuple[int, int],
 
 
 def test_torchvision_one_forward_per_batch(concept_set: Path, count_forwards: Callable[..., ForwardCounter]) -> None:
-    counter = count_forwards("ResNet")
-    netdissection.dissect("resnet18", dataset=concept_set, layers=["layer2", "layer3", "layer4"], batch_size=4,
+    counter = count_forwards()
+    netdissection.dissect("resnet18", dataset=concept_set, layers=["layer2", "layer3", "stage:-1"], batch_size=4,
                           workers=0)
-    assert counter.calls == 1 + 2
+    assert counter.by_batch[4] == 2 and counter.by_batch[1] == 1  # the probe, then one pass per batch
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    """The rows of a rich table printed by the CLI, by their first cell."""
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in out.splitlines() if line.count("│") >= 4]
+    return {row[0]: row for row in rows}
 
 
 def test_stage_layers_and_modules_are_listed(run_cli: Callable[..., tuple[int, str, str]]) -> None:
     code, out, err = run_cli("layers", "convnext_tiny", "--backend", "timm")
     assert code == 0, err
-    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 4}
-    assert "stages.3" in rows and "stages.0.blocks.0.conv_dw" in rows  # module names
-    assert "stage:0" in rows and "stage:3" in rows and "stage:-4" in rows  # and stages by index
-    assert "stage:-1  (default)" in rows and "768" in rows["stage:-1  (default)"]
-    assert "channels_last" in rows["stages.0.blocks.0.mlp.fc1"]
+    rows = table_rows(out)
+    assert "stages.0.blocks.0.conv_dw" in rows  # module names, with the stages beside the modules they are
+    assert rows["stages.0"][1] == "stage:0 stage:-4"
+    assert rows["stages.3  (default)"][1:] == ["stage:3 stage:-1", "conv", "768", "7 × 7"]
+    assert rows["stages.0.blocks.0.mlp.fc1"][2] == "channels_last"
+    assert "head.fc" not in rows and "head.global_pool" not in rows  # no 1×1 maps, no vectors ...
+    code, out, err = run_cli("layers", "convnext_tiny", "--backend", "timm", "--all")
+    assert code == 0, err
+    assert table_rows(out)["head.fc"][2] == "vector"  # ... unless --all
 
 
 def test_preprocessing_from_timm_and_user_overrides() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..core.errors import DissectionError
 from ..core.types import LayerInfo
@@ -22,16 +22,16 @@ def stages(infos: Sequence[LayerInfo]) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-def choose_layers(requested: Sequence[str], lenient: bool, infos: list[LayerInfo], model_name: str) -> list[str]:
-    """The layers to dissect: the default layer when none is requested; ``stage:*`` expanded to every stage.
+def choose_layers(requested: Sequence[str], lenient: bool, infos: list[LayerInfo], model_name: str,
+                  select: Callable[[Sequence[str] | None], list[str]]) -> list[str]:
+    """The layers to dissect: the backend's default layer when none is requested; ``stage:*`` expanded to
+    every stage. ``select`` checks the names as ``dissect MODEL`` does (the backend's rules and errors).
 
     ``lenient`` (``dissect compare``): a requested layer the model lacks is skipped (logged); only a model
     with none of them fails. Otherwise an unknown layer fails with close matches, as ``dissect MODEL`` does.
     """
-    from ..core.run import check_layers
-
     if not requested:
-        return check_layers(infos, None, model_name)
+        return select(None)
     expanded: list[str] = []
     for name in requested:
         if name != ALL_STAGES:
@@ -53,4 +53,4 @@ def choose_layers(requested: Sequence[str], lenient: bool, infos: list[LayerInfo
             log.info("%s has no layer %s with a spatial map: dissecting %s", model_name, ", ".join(skipped),
                      ", ".join(dict.fromkeys(kept)))
         expanded = kept
-    return check_layers(infos, expanded, model_name)
+    return select(expanded)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -31,12 +31,18 @@ def atomic_write_text(path: Path, text: str) -> Path:
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def layer_dirnames(layers: Iterable[str]) -> dict[str, str]:
-    """A folder name per layer: characters unsafe in paths become ``_``; collisions get a suffix."""
+def layer_dirnames(layers: Iterable[str] | Mapping[str, Any]) -> dict[str, str]:
+    """A folder name per layer: characters unsafe in paths become ``_``; collisions get a suffix.
+
+    Given the layers of a run (name → result), a layer is named after the module it resolved to
+    (``stage:-1`` → ``stages.3``) where the result records one; results saved before that record none,
+    so their folders keep the requested name and old runs reload as they were written.
+    """
     names: dict[str, str] = {}
     used: set[str] = set()
     for layer in layers:
-        base = _UNSAFE.sub("_", layer).strip("._") or "layer"
+        module = getattr(layers[layer], "module", None) if isinstance(layers, Mapping) else None
+        base = _UNSAFE.sub("_", module or layer).strip("._") or "layer"
         name, i = base, 2
         while name in used:
             name, i = f"{base}_{i}", i + 1

@@ -156,9 +156,14 @@ def settle_thresholds(partial: ActivationPartial, read: ReadAll) -> dict[str, np
 def layer_results(activations: ActivationPartial, thresholds: Mapping[str, np.ndarray], counts: CountsPartial,
                   vocabulary: Vocabulary) -> dict[str, LayerResult]:
     """The per-layer results of a run from its merged partials."""
+    from .diagnostics import UnitStatistics, layer_warnings
+
     results = {}
     for name, layer in activations.layers.items():
         layer_counts = counts.layers[name]
+        # The layer's own statistics (merged over the shards) say whether its maps are degenerate.
+        warnings = layer_warnings(layer.diagnostics.result(), thresholds[name], layer_counts.activation) \
+            if isinstance(layer.diagnostics, UnitStatistics) else []
         results[name] = LayerResult(
             layer=name,
             vocabulary=vocabulary,
@@ -167,7 +172,8 @@ def layer_results(activations: ActivationPartial, thresholds: Mapping[str, np.nd
             truth=counts.truth.copy(),
             activation=layer_counts.activation,
             top_images=layer.top_images.result(),
-            # layer.diagnostics (merged over the shards) is for whoever defines the diagnostics to report.
+            map_shape=(layer.units, *layer.map_shape),
+            warnings=warnings,
         )
     return results
 

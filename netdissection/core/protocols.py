@@ -15,7 +15,13 @@ if TYPE_CHECKING:  # annotations only: the contracts must not import a framework
 
 @runtime_checkable
 class Backend(Protocol):
-    """A model behind a framework. All requested layers come out of ONE forward pass."""
+    """A model behind a framework. All requested layers come out of ONE forward pass.
+
+    Optional: ``select_layers(requested) -> list[str]`` checks the requested layer names (one-line errors that
+    can say more than "unknown") and, given None, returns the default layer; without it the host takes the
+    last layer with a spatial map. A ``LayerInfo`` may name the ``module`` an alias resolves to (``stage:-1``
+    → ``stages.3``): results record it and name the layer's folder after it.
+    """
 
     def layers(self) -> list[LayerInfo]:
         """Every layer that can be dissected, in execution order, with its shape for the default input."""

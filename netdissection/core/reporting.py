@@ -38,8 +38,12 @@ def summary_of(result: RunResult) -> dict[str, Any]:
         detector_ious = [r.score for r in rows if r.score >= DETECTOR_IOU]
         layers.append({
             "layer": name,
+            "requested": name,
+            "module": layer.module or name,
+            "map": list(layer.map_shape) if layer.map_shape else None,
             "folder": folders[name],
             "units": layer.units,
+            "warnings": list(layer.warnings),
             "detectors": counts.detectors,
             "unique_labels": counts.unique_labels,
             "detectors_by_category": counts.detectors_by_category,

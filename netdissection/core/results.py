@@ -74,7 +74,9 @@ def load_run(out_dir: str | Path) -> RunResult:
                 layers[entry["layer"]] = LayerResult(
                     layer=entry["layer"], vocabulary=vocab, thresholds=data["thresholds"],
                     intersection=data["intersection"], truth=data["truth"], activation=data["activation"],
-                    top_images=top, seconds=entry.get("seconds", {}))
+                    top_images=top, seconds=entry.get("seconds", {}), module=entry.get("module"),
+                    map_shape=tuple(entry["map"]) if entry.get("map") else None,
+                    warnings=list(entry.get("warnings", [])))
     except (OSError, KeyError, ValueError) as exc:
         raise DissectionError(f"{root} holds an unreadable run ({exc}); run the dissection again") from None
     return RunResult(layers=layers, provenance=summary["provenance"], seconds=summary.get("seconds", {}),

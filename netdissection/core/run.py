@@ -56,6 +56,11 @@ class WriterChoice:
     plugin: str = ""
 
 
+#: ``chooser(layer infos, model name, select) -> names``: picks a run's layers from the model's own list;
+#: ``select(requested)`` applies the backend's checks and default to names (None: the default layer).
+LayerChooser = Callable[[list[LayerInfo], str, Callable[[Sequence[str] | None], list[str]]], list[str]]
+
+
 class RunEvents(Protocol):
     """What a run tells its caller, in this order: ``run_start``, ``layer_start`` per layer, ``layer_finish``
     per layer, ``run_finish`` (after the results and reports are written) — or ``run_error`` when it stops.
@@ -163,7 +168,7 @@ def run_dissection(
     *,
     backend_name: str,
     model_ref: Any = None,
-    layers: Sequence[str] | Callable[[list[LayerInfo], str], list[str]] | None = None,
+    layers: Sequence[str] | LayerChooser | None = None,
     writers: Sequence[WriterChoice] = (),
     compat: str = "paper",
     out: str | Path | None = None,
@@ -194,8 +199,15 @@ def run_dissection(
     description = backend.describe()
     model_name = str(description.get("model", model_ref))
     infos = backend.layers()
-    # ``layers`` may choose from the model's layers itself (``dissect compare``: stage:*, where it exists).
-    layer_names = layers(infos, model_name) if callable(layers) else check_layers(infos, layers, model_name)
+    own = getattr(backend, "select_layers", None)  # a backend may choose its default and explain refusals
+
+    def select(requested: Sequence[str] | None) -> list[str]:
+        return list(own(requested)) if own is not None else check_layers(infos, requested, model_name)
+
+    # A callable chooses from the model's layers (``dissect compare``: stage:*, where it exists) and hands
+    # its choice to ``select`` for the backend's checks and default.
+    layer_names = layers(infos, model_name, select) if callable(layers) else select(layers)
+    resolved = {i.name: i.module or i.name for i in infos}  # stage:-1 → stages.3
 
     spec = backend.input_spec()
     if compat == "lite":
@@ -230,6 +242,7 @@ def run_dissection(
         layer_results, images, seconds = run_passes(plan, spec, progress)
         for layer_result in layer_results.values():
             layer_result.seconds = dict(seconds)
+            layer_result.module = resolved.get(layer_result.layer, layer_result.layer)
             events.layer_finish(provenance, layer_result)
         seconds["passes"] = time.perf_counter() - started
         result = RunResult(layers=layer_results, provenance=provenance, seconds=seconds, images=images,

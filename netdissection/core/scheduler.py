@@ -33,6 +33,7 @@ import torch
 
 from . import loading
 from .cache import ActivationCache, cache_prefix, choose_cache, remove_stale_caches
+from .diagnostics import UnitStatistics
 from .errors import DissectionError
 from .iou import CountsAccumulator, TallyCounts, prepare_labels
 from .partials import (
@@ -99,7 +100,7 @@ class Plan:
     transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
     #: ``(layer, units) -> accumulator`` fed every (transformed) map of the layer in the activation
     #: pass and merged across shards (``partials.LayerAccumulator``), e.g. per-unit diagnostics.
-    make_diagnostics: Callable[[str, int], LayerAccumulator] | None = None
+    make_diagnostics: Callable[[str, int], LayerAccumulator] | None = lambda layer, units: UnitStatistics()
 
 
 def preprocess(images: torch.Tensor, spec: InputSpec, device: str) -> torch.Tensor:
@@ -368,4 +369,8 @@ def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = No
     finally:
         for runner in runners:
             runner.close()
-    return layer_results(activations, thresholds, counts, dataset.vocabulary), counts.images, seconds
+    results = layer_results(activations, thresholds, counts, dataset.vocabulary)
+    for name, result in results.items():
+        for warning in result.warnings:
+            log.warning("layer %s: %s", name, warning)
+    return results, counts.images, seconds

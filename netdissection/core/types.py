@@ -100,18 +100,28 @@ class Sample:
     label_shape: tuple[int, int]
 
 
+#: Layer kinds whose output is a map of units over image positions.
+SPATIAL_KINDS = ("conv", "tokens", "channels_last")
+
+
 @dataclass(frozen=True)
 class LayerInfo:
-    """A layer a backend can dissect. ``shape`` is ``(channels, h, w)`` for spatial maps."""
+    """A layer a backend can dissect. ``shape`` is ``(channels, h, w)`` for spatial maps.
+
+    ``module`` names what an alias such as ``stage:-1`` resolves to (None: the name is the module itself);
+    ``note`` says what a layer that is no map holds, for the error that refuses it.
+    """
 
     name: str
-    kind: str  # "conv" (N, C, h, w), "tokens" (reshaped to a grid), "channels_last", or "vector"
+    kind: str  # "conv" (N, C, h, w), "tokens" (reshaped to a grid), "channels_last", "attention" or "vector"
     shape: tuple[int, ...]
+    module: str | None = None
+    note: str = ""
 
     @property
     def spatial(self) -> bool:
         """A map with more than one position (a globally pooled 1×1 output is not spatial)."""
-        return self.kind != "vector" and len(self.shape) == 3 and self.shape[1] * self.shape[2] > 1
+        return self.kind in SPATIAL_KINDS and len(self.shape) == 3 and self.shape[1] * self.shape[2] > 1
 
     @property
     def units(self) -> int:
@@ -177,10 +187,25 @@ class LayerResult:
     activation: np.ndarray  # A[u, c]  (U, C) int64, C = len(vocabulary.categories)
     top_images: TopImages | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: The module (or graph tensor) the requested name resolved to; None when it is the name itself.
+    module: str | None = None
+    #: ``(units, h, w)`` of the raw maps the passes saw.
+    map_shape: tuple[int, int, int] | None = None
+    #: Why the layer's numbers may mean little (spatially constant maps, empty masks, ...).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def units(self) -> int:
         return int(self.thresholds.shape[0])
+
+
+def layer_described(layer: LayerResult) -> str:
+    """What a layer is, for reports: the module it resolved to and its map size (``stages.3, 320 × 7 × 7``);
+    what a run saved before these were recorded leaves out."""
+    parts = [f"module {layer.module}"] if layer.module and layer.module != layer.layer else []
+    if layer.map_shape:
+        parts.append("maps of " + " × ".join(str(d) for d in layer.map_shape) + " (units × h × w)")
+    return ", ".join(parts)
 
 
 @dataclass

@@ -9,6 +9,9 @@ Every backend sees three spatial layouts besides plain convolutional maps:
   reshaped to the ``gh × gw`` patch grid.
 
 Anything else (pooled vectors, attention internals of higher rank) is ``vector``: not a spatial map.
+Attention probabilities (``(N, heads, queries, keys)``, each row a softmax) are ``attention``: their
+shape can pass for a map, but their "units" and "positions" are heads, queries and keys, not channels
+over the image, so they are refused by name.
 
 The layout is decided once, on a probe forward pass at a known input size, from the output's shape and
 what the model says about itself (``num_prefix_tokens``, patch size). A model that says nothing gets its
@@ -17,6 +20,11 @@ ratio with a whole patch size (``T = 197`` at 224×224 → 1 prefix token, 14×1
 The grid is then recomputed for every batch from the batch's own size, so models that take any input
 size (``dynamic_img_size``, dynamic ONNX axes) are handled.
 
+A model that can be asked (timm) never has its grid guessed: ``model_token_layout`` takes the strides the
+model names (patch sizes, ``feature_info`` reductions) and the prefix count it declares, and the layout it
+returns is *strict* — at every batch the tokens must be the prefix plus that stride's grid, or the layer
+is refused; a token count is never factored.
+
 This module imports torch lazily: the plugin modules import it only inside their factories anyway, but
 shape reasoning (``detect``) needs no framework.
 """
@@ -24,13 +32,14 @@ shape reasoning (``detect``) needs no framework.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-CONV, CHANNELS_LAST, TOKENS, VECTOR = "conv", "channels_last", "tokens", "vector"
+CONV, CHANNELS_LAST, TOKENS, VECTOR, ATTENTION = "conv", "channels_last", "tokens", "vector", "attention"
 
 #: The most prefix tokens a model is assumed to have when it does not say: class + distillation + up
 #: to 8 registers, with room to spare. Inference prefers the fewest that fit.
@@ -43,15 +52,20 @@ _ASPECT_SLACK = math.log(1.5)
 
 @dataclass(frozen=True)
 class Layout:
-    """How one layer's output maps to ``(N, C, h, w)``; ``prefix``/``patch`` matter for tokens only."""
+    """How one layer's output maps to ``(N, C, h, w)``; ``prefix``/``patch`` matter for tokens only.
+
+    ``strict`` tokens have their grid from ``patch`` (the stride) alone, rounded down or up; any other token
+    count is an error, never a factorisation.
+    """
 
     kind: str
     prefix: int = 0
     patch: tuple[int, int] | None = None
+    strict: bool = False
 
     @property
     def spatial(self) -> bool:
-        return self.kind != VECTOR
+        return self.kind in (CONV, CHANNELS_LAST, TOKENS)
 
     def map_shape(self, shape: tuple[int, ...], input_hw: tuple[int, int]) -> tuple[int, ...]:
         """The per-image shape after conversion (``(C, h, w)`` for spatial kinds) of an output of ``shape``
@@ -68,6 +82,15 @@ class Layout:
     def grid(self, tokens: int, input_hw: tuple[int, int]) -> tuple[int, int]:
         """The patch grid of an output with ``tokens`` tokens (prefix included) for ``input_hw`` images."""
         patches = tokens - self.prefix
+        if self.strict:
+            assert self.patch is not None
+            grid = stride_grid(patches, input_hw, self.patch)
+            if grid is None:
+                (h, w), (sh, sw) = input_hw, self.patch
+                raise ValueError(f"its {tokens} tokens do not fit the model's grid of {-(-h // sh)}×{-(-w // sw)} "
+                                 f"(or {h // sh}×{w // sw}) positions at stride {sh} plus {self.prefix} prefix "
+                                 f"token(s) for a {h}×{w} input")
+            return grid
         grid = token_grid(patches, input_hw, self.patch)
         if grid is None:
             raise ValueError(f"{tokens} tokens ({self.prefix} prefix) make no patch grid for a "
@@ -90,6 +113,51 @@ class Layout:
 
 
 VECTOR_LAYOUT = Layout(VECTOR)
+ATTENTION_LAYOUT = Layout(ATTENTION)
+
+
+def stride_grid(patches: int, input_hw: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int] | None:
+    """The grid of an ``input_hw`` input at ``stride``, rounded down or up, if it has ``patches`` positions."""
+    (h, w), (sh, sw) = input_hw, stride
+    for grid in ((h // sh, w // sw), (-(-h // sh), -(-w // sw))):
+        if grid[0] > 0 and grid[1] > 0 and grid[0] * grid[1] == patches:
+            return grid
+    return None
+
+
+def model_token_layout(tokens: int, input_hw: tuple[int, int], strides: Sequence[tuple[int, int]],
+                       prefixes: Sequence[int]) -> Layout | None:
+    """The strict token layout of ``tokens`` tokens from what a model says: the first of its ``prefixes``
+    (prefix counts, most likely first) and ``strides`` that leaves exactly that stride's grid; else None.
+
+    A model whose class token joins late (CaiT: 196 patch tokens in ``blocks``, the class token only in
+    ``blocks_token_only``) has layers with no prefix at all, so 0 is among the prefixes tried.
+    """
+    for prefix in prefixes:
+        if prefix < 0 or prefix >= tokens:
+            continue
+        for stride in strides:
+            if stride_grid(tokens - prefix, input_hw, stride) is not None:
+                return Layout(TOKENS, prefix, stride, strict=True)
+    return None
+
+
+def attention_probabilities(output: torch.Tensor) -> bool:
+    """Whether a batch ``output`` of rank 4 holds probabilities over its last axis, as a softmax leaves them:
+    non-negative, every row summing to 1 — attention weights ``(N, heads, queries, keys)``."""
+    if output.ndim != 4 or output.shape[-1] < 2 or not output.is_floating_point() or output.numel() == 0:
+        return False
+    import torch
+
+    def softmax_rows(values: torch.Tensor) -> bool:
+        values = values.detach().float()
+        if bool((values < 0).any()):
+            return False
+        sums = values.sum(dim=-1)
+        return bool(torch.allclose(sums, torch.ones_like(sums), rtol=0, atol=1e-3))
+
+    # A few rows first: nearly every output that is no softmax fails there, without a pass over all of it.
+    return softmax_rows(output[:1, :1, :4]) and softmax_rows(output)
 
 
 def _aspect_error(h: int, w: int, input_hw: tuple[int, int]) -> float:

@@ -9,10 +9,10 @@ of retries.
 Preprocessing (mean, std, input size) comes from ``timm.data.resolve_model_data_config``; the user's
 ``--mean/--std/--input-size/--bgr`` override it.
 
-Layers: every module output (probed like torchvision's), plus the stage outputs timm itself names in
-``feature_info`` (what ``features_only`` / ``forward_intermediates`` return) as ``stage:0`` … ``stage:K-1``
-and, counted from the end, ``stage:-K`` … ``stage:-1``. So ``--layer stage:-1`` is "the last stage" of
-any architecture, and it is the default layer.
+Layers (see ``timm_layers``): every module output, with token grids from the model, plus the stages
+timm's own ``forward_intermediates`` returns as ``stage:0`` … ``stage:K-1`` and, counted from the end,
+``stage:-K`` … ``stage:-1``. So ``--layer stage:-1`` is "the last stage" of any architecture, and it is
+the default layer.
 
 Input size: ViT-like models are created with ``dynamic_img_size=True`` where timm supports it, so they
 take the dataset's images at their stored size (the position embedding is resampled, an identity at the
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 #: Seconds to wait for a TCP connection to the weights' host before calling the machine offline.
 HUB_TIMEOUT_S = 3.0
 
-STAGE = "stage:"
 #: Size arguments of ViT-like constructors; other architectures reject them by name (a TypeError).
 _SIZE_ARGUMENTS = ("dynamic_img_pad", "dynamic_img_size", "img_size")
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
@@ -166,8 +165,9 @@ def _hub_host() -> str:
 
 # ---- the model ------------------------------------------------------------------------------------------------
 
-def _create(timm: Any, name: str, options: BackendOptions) -> nn.Module:
-    """``timm.create_model`` with the size arguments the architecture takes, and pretrained weights if asked."""
+def _create(timm: Any, name: str, options: BackendOptions) -> tuple[nn.Module, set[str]]:
+    """``timm.create_model`` with the size arguments the architecture takes, and pretrained weights if asked;
+    returns the model and the size arguments it took."""
     # dynamic_img_pad lets sizes that are no multiple of the patch through (the grid rounds up).
     kwargs: dict[str, Any] = {"dynamic_img_size": True, "dynamic_img_pad": True}
     if options.input_size:
@@ -176,7 +176,7 @@ def _create(timm: Any, name: str, options: BackendOptions) -> nn.Module:
         kwargs.update(_pretrained_kwargs(timm, name))
     while True:
         try:
-            return timm.create_model(name, **kwargs)
+            return timm.create_model(name, **kwargs), {k for k in _SIZE_ARGUMENTS if k in kwargs}
         except TypeError as exc:
             dropped = next((k for k in _SIZE_ARGUMENTS if k in kwargs and f"'{k}'" in str(exc)), None)
             if dropped is None:
@@ -191,35 +191,31 @@ def _create(timm: Any, name: str, options: BackendOptions) -> nn.Module:
                                   "file with --weights FILE") from None
 
 
-def _fixed_input_size(model: nn.Module, data_config: dict[str, Any]) -> tuple[int, int] | None:
-    """The one input size the model accepts, or None when it takes any size."""
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and hasattr(patch_embed, "strict_img_size"):
-        if patch_embed.strict_img_size and getattr(patch_embed, "img_size", None) is not None:
-            return (int(patch_embed.img_size[0]), int(patch_embed.img_size[1]))
-        return None
+def _fixed_input_sizes(model: nn.Module, data_config: dict[str, Any], built_for: tuple[int, int] | None) -> list[
+        tuple[int, int] | None]:
+    """The one input size the model accepts — None when it takes any size — or, when the model cannot say,
+    the sizes it may accept, most likely first. ``built_for`` is the ``img_size`` the model was built with."""
+    # Patch embeddings say it themselves, wherever they sit (``patch_embed``, Mixer's ``stem``, ...).
+    embeds = [m for m in model.modules() if hasattr(m, "strict_img_size") and getattr(m, "img_size", None)]
+    if embeds:
+        strict = [m for m in embeds if m.strict_img_size]
+        return [(int(strict[0].img_size[0]), int(strict[0].img_size[1])) if strict else None]
     if getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False):
         size = data_config["input_size"]
-        return (int(size[1]), int(size[2]))
-    return None
+        # Some constructors take img_size and build for it (LeViT, MaxViT); others take it and keep their
+        # native size all the same (EfficientFormer): the probe pass tells.
+        return list(dict.fromkeys([built_for, (int(size[1]), int(size[2]))] if built_for else [(size[1], size[2])]))
+    return [None]
 
 
-def _stage_modules(model: nn.Module, known: set[str]) -> list[str]:
-    """The module names of timm's ``feature_info`` stages that the probe saw, in stage order."""
-    info = getattr(model, "feature_info", None)
-    entries = getattr(info, "info", info) or []
-    stages = []
-    for entry in entries:
-        module = entry.get("module") if isinstance(entry, dict) else None
-        if not module:
-            continue
-        for candidate in (module, module.replace("_", ".")):
-            if candidate in known:
-                stages.append(candidate)
-                break
-        else:
-            log.debug("feature_info stage %s is no module output the probe saw", module)
-    return stages
+def _probe_input(size: tuple[int, int], device: Any) -> torch.Tensor:
+    """A seeded random image: values that vary, so that no two different layers give equal maps by accident
+    (an all-zero input makes many maps constant) and softmax outputs show what they are."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torch.randn(1, 3, *size).to(device)
 
 
 class TimmBackend:
@@ -234,7 +230,8 @@ class TimmBackend:
         from torch import nn
 
         from .layouts import fit_input
-        from .torch_common import HookedModel, file_sha256, load_weights, seeded_init
+        from .timm_layers import TimmLayers
+        from .torch_common import file_sha256, load_weights, seeded_init
 
         self.options = options
         self.model_name = str(model_ref)
@@ -242,26 +239,31 @@ class TimmBackend:
         self.weights_sha256: str | None = None
         _check_name(timm, self.model_name)
         with seeded_init():
-            model = _create(timm, self.model_name, options)
+            model, took = _create(timm, self.model_name, options)
         if options.weights:
             load_weights(model, options.weights, self.model_name)
             self.weights_sha256 = file_sha256(options.weights)
         model.eval().to(self.device)
         self.model = model
         self.data_config = resolve_model_data_config(model)
-        self.fixed_size = _fixed_input_size(model, self.data_config)
+        built_for = tuple(options.input_size) if options.input_size and "img_size" in took else None
         default_size = tuple(int(s) for s in self.data_config["input_size"][1:])
-        self.spatial_input: tuple[int, int] = tuple(options.input_size or self.fixed_size or default_size)
-        probe = torch.zeros(1, 3, *self.spatial_input, device=self.device)
-        self.hooked = HookedModel(model, fit_input(probe, self.fixed_size))
-        self.stages = _stage_modules(model, set(self.hooked.layer_names()))
-        count = len(self.stages)
-        self.aliases = {f"{STAGE}{i}": m for i, m in enumerate(self.stages)}
-        self.aliases.update({f"{STAGE}{i - count}": m for i, m in enumerate(self.stages)})
-        by_module = {i.name: i for i in self.hooked.infos}
-        self.infos = list(self.hooked.infos) + [LayerInfo(alias, by_module[m].kind, by_module[m].shape)
-                                                for alias, m in self.aliases.items()]
-        self._names = {i.name for i in self.infos}
+        failure = ""
+        for fixed in _fixed_input_sizes(model, self.data_config, built_for):  # type: ignore[arg-type]
+            self.fixed_size = fixed
+            self.spatial_input: tuple[int, int] = tuple(options.input_size or fixed or default_size)
+            probe = _probe_input(self.spatial_input, self.device)
+            try:
+                self.layers_ = TimmLayers(model, fit_input(probe, fixed), self.model_name)
+                break
+            except (RuntimeError, AssertionError, ValueError) as exc:  # the model's own complaint about the size
+                failure = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                log.debug("%s does not run at %s: %s", self.model_name, fixed or self.spatial_input, failure)
+        else:
+            h, w = options.input_size or self.fixed_size or self.spatial_input
+            fix = "leave out --input-size" if options.input_size else "pass --input-size H,W"
+            raise DissectionError(f"{self.model_name} does not run at {h}×{w} inputs ({failure}); {fix}")
+        self.infos = self.layers_.infos()
         # channels_last runs convolutions about 1.4-1.9× faster on CPU; outputs are made contiguous.
         self._channels_last = self.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
         if self._channels_last:
@@ -270,6 +272,15 @@ class TimmBackend:
 
     def layers(self) -> list[LayerInfo]:
         return list(self.infos)
+
+    def select_layers(self, requested: Sequence[str] | None) -> list[str]:
+        """The requested layers, checked (one-line errors); with none, the last stage."""
+        from .stages import default_layer, select_layers
+
+        stages = len(self.layers_.stages)
+        return select_layers(self.infos, requested, self.model_name, stages=stages,
+                             default=default_layer(self.infos, stages),
+                             list_command=f"dissect layers {self.model_name} --backend timm")
 
     def input_spec(self) -> InputSpec:
         mean = self.options.mean or tuple(float(v) for v in self.data_config["mean"])
@@ -282,10 +293,7 @@ class TimmBackend:
 
         from .layouts import fit_input
 
-        for layer in layers:
-            if layer not in self._names:
-                raise UnknownNameError(f"layer of {self.model_name}", layer, [i.name for i in self.infos],
-                                       hint=f"list them with: dissect layers {self.model_name} --backend timm")
+        self.select_layers(layers)
         if self.fixed_size is not None and tuple(images.shape[-2:]) != self.fixed_size and not self._warned_resize:
             log.info("%s takes only %d×%d inputs: resizing %d×%d images to it", self.model_name,
                      *self.fixed_size, *images.shape[-2:])
@@ -293,23 +301,25 @@ class TimmBackend:
         images = fit_input(images, self.fixed_size)
         if self._channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        modules = list(dict.fromkeys(self.aliases.get(layer, layer) for layer in layers))
         with torch.inference_mode():
-            out = self.hooked.forward(images, modules)
-        return {layer: out[self.aliases.get(layer, layer)] for layer in layers}
+            out = self.layers_.forward(images, list(layers))
+        return {layer: out[layer] for layer in layers}
 
     def describe(self) -> dict[str, Any]:
         import timm
         import torch
 
+        from .stages import stage_names
         from .torch_common import INIT_SEED
 
         cfg = getattr(self.model, "pretrained_cfg", {}) or {}
+        stages = self.layers_.stages
         return {"backend": self.name, "model": self.model_name, "weights": self.options.weights,
                 "weights_sha256": self.weights_sha256, "pretrained": self.options.pretrained,
                 "pretrained_source": cfg.get("hf_hub_id") or cfg.get("url") if self.options.pretrained else None,
                 "random_init_seed": None if self.options.pretrained or self.options.weights else INIT_SEED,
-                "stages": {f"{STAGE}{i}": m for i, m in enumerate(self.stages)},
+                "stages": {names[0]: s.described for s, names in zip(stages, stage_names(len(stages)), strict=True)},
+                "stages_from": "forward_intermediates" if self.layers_.intermediates else "feature_info hooks",
                 "input_size": list(self.spatial_input),
                 "fixed_input_size": list(self.fixed_size) if self.fixed_size else None,
                 "timm": timm.__version__, "torch": torch.__version__}

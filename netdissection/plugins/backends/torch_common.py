@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.errors import DissectionError, UnknownNameError
+from ...core.errors import DissectionError
 from ...core.types import LayerInfo
-from .layouts import VECTOR_LAYOUT, Layout, detect, token_hints
+from .layouts import ATTENTION_LAYOUT, VECTOR_LAYOUT, Layout, attention_probabilities, detect, token_hints
 
 
 def file_sha256(path: str | Path) -> str:
@@ -69,37 +69,77 @@ def load_weights(model: nn.Module, path: str | Path, model_name: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def _layer_info(name: str, output: Any, batch: int, input_hw: tuple[int, int], prefix: int | None,
-                patch: tuple[int, int] | None) -> tuple[LayerInfo, Layout] | None:
+#: ``layout_of(name, output, batch, input_hw)``: a module's probe output as a layer (its info and layout),
+#: or None when the output is no tensor.
+LayoutOf = Callable[[str, Any, int, tuple[int, int]], "tuple[LayerInfo, Layout] | None"]
+
+ATTENTION_NOTE = ("attention probabilities (heads × queries × keys, each row summing to 1), not a map of units "
+                  "over image positions")
+
+
+def layer_info(name: str, output: Any, batch: int, input_hw: tuple[int, int],
+               tokens: Callable[[tuple[int, ...]], tuple[Layout, str]]) -> tuple[LayerInfo, Layout] | None:
     """A module output's layer info (shape after conversion to a map) and layout; None for non-tensors.
 
-    An output whose first dimension is not the batch (Swin's window-batched attention) is no per-image map.
+    An output whose first dimension is not the batch (Swin's window-batched attention) is no per-image map;
+    a softmax over the last axis of a rank-4 output is attention probabilities. ``tokens`` decides the
+    layout of a rank-2 per-image shape ``(T, C)`` and says why it is none.
     """
     if not isinstance(output, torch.Tensor) or output.ndim < 1:
         return None
     shape = tuple(output.shape[1:])
-    layout = detect(shape, input_hw, prefix=prefix, patch=patch) if output.shape[0] == batch else VECTOR_LAYOUT
-    return LayerInfo(name, layout.kind, layout.map_shape(shape, input_hw)), layout
+    note = ""
+    if output.shape[0] != batch:
+        layout = VECTOR_LAYOUT
+    elif attention_probabilities(output):
+        layout, note = ATTENTION_LAYOUT, ATTENTION_NOTE
+    elif len(shape) == 2:
+        layout, note = tokens(shape)
+    else:
+        layout = detect(shape, input_hw)
+    return LayerInfo(name, layout.kind, layout.map_shape(shape, input_hw), note=note), layout
+
+
+def inferred_layout_of(model: nn.Module) -> LayoutOf:
+    """Layouts for any torch module: token grids inferred from the shape, with what the model says about
+    its prefix tokens and patch size (see ``layouts.infer_tokens``)."""
+    prefix, patch = token_hints(model)
+
+    def layout_of(name: str, output: Any, batch: int, input_hw: tuple[int, int]) -> tuple[LayerInfo, Layout] | None:
+        def tokens(shape: tuple[int, ...]) -> tuple[Layout, str]:
+            return detect(shape, input_hw, prefix=prefix, patch=patch), ""
+
+        return layer_info(name, output, batch, input_hw, tokens)
+
+    return layout_of
+
+
+class _Done(Exception):
+    """Raised by a capturing hook once every requested module has run: the rest of the forward is skipped."""
 
 
 class HookedModel:
     """A torch module whose named submodules' outputs can be captured in one forward pass.
 
-    The forward pass stops as soon as the last call of every requested module has happened, so an
+    The plain forward pass stops as soon as the last call of every requested module has happened, so an
     early layer does not pay for the rest of the network. Token and channels-last outputs come out as
-    ``(N, C, h, w)`` maps (see ``layouts``); their layout is decided on the probe pass.
+    ``(N, C, h, w)`` maps (see ``layouts``); their layout is decided on the probe pass, by ``layout_of``.
+    ``on_output(name, output)`` sees every module output of the probe the moment it is made (before any
+    later in-place operation can change it).
     """
 
-    def __init__(self, model: nn.Module, probe_input: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, probe_input: torch.Tensor, *, model_name: str = "the model",
+                 layout_of: LayoutOf | None = None, on_output: Callable[[str, Any], None] | None = None) -> None:
         self.model = model
+        self.model_name = model_name
         self.modules = dict(model.named_modules())
         self.modules.pop("", None)
         self.calls: dict[str, int] = {}
         self.infos: list[LayerInfo] = []
         self.layouts: dict[str, Layout] = {}
-        self._probe(probe_input)
+        self._probe(probe_input, layout_of or inferred_layout_of(model), on_output)
 
-    def _probe(self, x: torch.Tensor) -> None:
+    def _probe(self, x: torch.Tensor, layout_of: LayoutOf, on_output: Callable[[str, Any], None] | None) -> None:
         order: list[str] = []
         outputs: dict[str, Any] = {}
 
@@ -110,6 +150,8 @@ class HookedModel:
                     order.remove(name)
                 order.append(name)  # completion order; a reused module counts where it was last called
                 outputs[name] = out
+                if on_output is not None:
+                    on_output(name, out)
             return record
 
         handles = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
@@ -119,10 +161,9 @@ class HookedModel:
         finally:
             for h in handles:
                 h.remove()
-        prefix, patch = token_hints(self.model)
         input_hw = (int(x.shape[-2]), int(x.shape[-1]))
         for name in order:
-            found = _layer_info(name, outputs[name], int(x.shape[0]), input_hw, prefix, patch)
+            found = layout_of(name, outputs[name], int(x.shape[0]), input_hw)
             if found is not None:
                 self.infos.append(found[0])
                 self.layouts[name] = found[1]
@@ -130,44 +171,55 @@ class HookedModel:
     def layer_names(self) -> list[str]:
         return [i.name for i in self.infos]
 
-    def check(self, layers: Sequence[str], model_name: str) -> None:
-        known = self.layer_names()
-        for layer in layers:
-            if layer not in known:
-                raise UnknownNameError(f"layer of {model_name}", layer, known,
-                                       hint=f"list them with: dissect layers {model_name}")
-
-    def forward(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    def capture(self, run: Callable[[], Any], layers: Sequence[str], *, stop_when_done: bool) -> tuple[
+            dict[str, torch.Tensor], Any]:
+        """Run ``run()`` with the outputs of the ``layers`` modules captured (the last call of each); with
+        ``stop_when_done``, stop the forward once every one has had all its calls. Returns the raw outputs and
+        what ``run`` returned (None when stopped)."""
         captured: dict[str, torch.Tensor] = {}
         remaining = {name: self.calls.get(name, 1) for name in layers}
-
-        class _Done(Exception):
-            pass
 
         def hook(name: str):  # type: ignore[no-untyped-def]
             def record(_m: nn.Module, _i: Any, out: Any) -> None:
                 captured[name] = out
                 remaining[name] -= 1
-                if all(v <= 0 for v in remaining.values()):
+                if stop_when_done and all(v <= 0 for v in remaining.values()):
                     raise _Done
             return record
 
         handles = [self.modules[name].register_forward_hook(hook(name)) for name in set(layers)]
+        result = None
         try:
-            self.model(x)
+            result = run()
         except _Done:
             pass
         finally:
             for h in handles:
                 h.remove()
-        input_hw = (int(x.shape[-2]), int(x.shape[-1]))
-        return {name: self._as_map(name, captured[name], input_hw) for name in layers}
+        missing = [name for name in layers if name not in captured]
+        if missing:
+            raise DissectionError(f"layer {missing[0]!r} of {self.model_name} did not run in this forward pass; "
+                                  "dissect it in a run of its own")
+        return captured, result
+
+    def forward(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The model's own forward, stopped once every requested layer has run; one map per layer."""
+        captured, _ = self.capture(lambda: self.model(x), layers, stop_when_done=True)
+        return self.maps(captured, (int(x.shape[-2]), int(x.shape[-1])))
+
+    def maps(self, captured: dict[str, torch.Tensor], input_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Captured outputs as ``(N, C, h, w)`` maps (a non-spatial output is passed on as it is)."""
+        return {name: self._as_map(name, output, input_hw) for name, output in captured.items()}
 
     def _as_map(self, name: str, output: torch.Tensor, input_hw: tuple[int, int]) -> torch.Tensor:
         layout = self.layouts.get(name)
         if layout is None or not layout.spatial:
             return output  # the scheduler says a non-spatial output is no map
-        return layout.to_map(output, input_hw)
+        try:
+            return layout.to_map(output, input_hw)
+        except ValueError as exc:  # tokens that do not fit the grid of this batch's input size
+            raise DissectionError(f"layer {name!r} of {self.model_name}: {exc}; pick another layer or a stage "
+                                  "(stage:N)") from None
 
 
 #: Random weights are drawn from this seed, so that dissecting the same model name twice without

@@ -1,8 +1,19 @@
 """The torchvision backend: any classification model of ``torchvision.models`` by name, or any
-``torch.nn.Module`` handed to the Python API."""
+``torch.nn.Module`` handed to the Python API.
+
+Layers: every module output, plus ``stage:N`` for the families whose stages torchvision's feature
+extraction names (``torchvision_stages``); the default layer is ``stage:-1``, the last stage at its full
+resolution (VGG16's conv5_3 ReLU at 14×14, not the pool after it). A model of another family keeps the
+last layer with a spatial map as its default.
+
+A name timm knows too (resnet18, efficientnet_b0, ...) is torchvision's here; the terminal says so once,
+with the option that picks timm's, and an unknown layer of such a model names ``--backend timm`` when
+timm's model of that name has the layer.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
@@ -38,16 +49,19 @@ class TorchvisionBackend:
         from torch import nn
 
         from .layouts import fit_input
+        from .stages import stage_names
         from .torch_common import INIT_SEED, HookedModel, file_sha256, load_weights, seeded_init
+        from .torchvision_stages import stage_modules
 
         self.options = options
         self.device = torch.device(options.device)
         self.weights_sha256: str | None = None
         self.random_init_seed: int | None = None  # set when the weights are the seeded random init
+        self.named: str | None = None  # the torchvision name the model was built from
         if isinstance(model_ref, nn.Module):
             model, self.model_name = model_ref, type(model_ref).__name__
         else:
-            self.model_name = str(model_ref)
+            self.model_name = self.named = str(model_ref)
             names = classification_models()
             if self.model_name not in names:
                 raise UnknownNameError("torchvision model", self.model_name, names,
@@ -72,8 +86,16 @@ class TorchvisionBackend:
         self.fixed_size = (size, size) if size else None
         self.spatial_input = options.input_size or self.fixed_size or DEFAULT_SIZE
         probe = torch.zeros(1, 3, *self.spatial_input, device=self.device)
-        self.hooked = HookedModel(model, fit_input(probe, self.fixed_size))
+        self.hooked = HookedModel(model, fit_input(probe, self.fixed_size), model_name=self.model_name)
         self.model = model
+        self.stages = stage_modules(model, self.hooked.infos)
+        infos = {i.name: i for i in self.hooked.infos}
+        self.aliases: dict[str, str] = {}
+        for module, names in zip(self.stages, stage_names(len(self.stages)), strict=True):
+            self.aliases.update(dict.fromkeys(names, module))
+        self.infos = list(self.hooked.infos)
+        for module, names in zip(self.stages, stage_names(len(self.stages)), strict=True):
+            self.infos += [LayerInfo(name, infos[module].kind, infos[module].shape, module=module) for name in names]
         # channels_last runs convolutions about 1.4× faster on CPU; outputs are made contiguous below.
         if self.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
             model.to(memory_format=torch.channels_last)
@@ -82,7 +104,37 @@ class TorchvisionBackend:
             self._channels_last = False
 
     def layers(self) -> list[LayerInfo]:
-        return list(self.hooked.infos)
+        return list(self.infos)
+
+    def select_layers(self, requested: Sequence[str] | None) -> list[str]:
+        """The requested layers, checked (one-line errors); with none, the last stage."""
+        from .stages import default_layer, select_layers
+
+        return select_layers(self.infos, requested, self.model_name, stages=len(self.stages),
+                             default=default_layer(self.infos, len(self.stages)),
+                             list_command=f"dissect layers {self.model_name}", elsewhere=self._in_timm)
+
+    def _in_timm(self, layer: str) -> str:
+        """Where else an unknown layer exists: in timm's model of the same name (asked only on this error)."""
+        if self.named is None or not timm_has_model(self.named):
+            return ""
+        import timm
+
+        from .stages import stage_index
+        from .torch_common import seeded_init
+
+        try:
+            with seeded_init():  # leaves the caller's random state as it was
+                model = timm.create_model(self.named)
+        except Exception:  # a timm model that cannot be built without options: no hint
+            return ""
+        index = stage_index(layer)
+        stages = len(getattr(model, "feature_info", None) or [])
+        if index is not None and -stages <= index < stages:
+            return f"; timm's {self.named} has {layer} ({stages} stages): add --backend timm to use it"
+        if index is None and layer in dict(model.named_modules()):
+            return f"; timm's {self.named} has a layer {layer!r}: add --backend timm to use it"
+        return ""
 
     def input_spec(self) -> InputSpec:
         default = InputSpec()
@@ -94,21 +146,25 @@ class TorchvisionBackend:
 
         from .layouts import fit_input
 
-        self.hooked.check(layers, self.model_name)
+        self.select_layers(layers)
         images = fit_input(images, self.fixed_size)
         if self._channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        modules = list(dict.fromkeys(self.aliases.get(layer, layer) for layer in layers))
         with torch.inference_mode():
-            out = self.hooked.forward(images, layers)
-        return {k: v.contiguous() for k, v in out.items()}
+            out = self.hooked.forward(images, modules)
+        return {layer: out[self.aliases.get(layer, layer)].contiguous() for layer in layers}
 
     def describe(self) -> dict[str, Any]:
         import torch
         import torchvision
 
+        from .stages import stage_names
+
         return {"backend": self.name, "model": self.model_name, "weights": self.options.weights,
                 "weights_sha256": self.weights_sha256, "pretrained": self.options.pretrained,
                 "random_init_seed": self.random_init_seed,
+                "stages": {names[0]: m for m, names in zip(self.stages, stage_names(len(self.stages)), strict=True)},
                 "torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
@@ -128,5 +184,20 @@ def dissect_detect_backend(model_ref: Any) -> str | None:
     if torch is not None and isinstance(model_ref, torch.nn.Module):
         return "torchvision"
     if isinstance(model_ref, str) and model_ref in classification_models():
+        if timm_has_model(model_ref):
+            # One line, short enough for an 80-column terminal after the log level.
+            log.info("%s: torchvision's model; for timm's, add --backend timm", model_ref)
         return "torchvision"
     return None
+
+
+def timm_has_model(name: str) -> bool:
+    """Whether timm is installed and has a model of this name (imports timm only when it is installed)."""
+    if importlib.util.find_spec("timm") is None:
+        return False
+    try:
+        import timm
+    except ImportError:
+        return False
+    return bool(timm.is_model(name))
+

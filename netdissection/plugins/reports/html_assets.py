@@ -29,6 +29,7 @@ button[data-sort].active.asc::after { content: " \\2191"; }
 section.layer { padding: 14px 24px 24px; }
 section.layer > header { display: flex; flex-wrap: wrap; gap: 4px 18px; align-items: baseline; margin-bottom: 8px; }
 .headline { font-weight: 600; }
+.module { color: var(--muted); font-family: ui-monospace, monospace; font-size: 13px; }
 .shown { color: var(--muted); }
 table.counts { border-collapse: collapse; margin: 4px 0 12px; font-size: 13px; }
 table.counts th, table.counts td { padding: 2px 10px; border-bottom: 1px solid var(--line); text-align: right; }

@@ -14,7 +14,7 @@ from typing import Any
 from ...core.files import layer_dirnames
 from ...core.reporting import random_weights
 from ...core.scores import DetectorCounts, UnitScore, count_detectors, unit_scores
-from ...core.types import DETECTOR_IOU, LayerResult, RunResult
+from ...core.types import DETECTOR_IOU, LayerResult, RunResult, layer_described
 from .html_assets import CSS, JS
 from .html_report import FILES
 from .plots import LAYER_PLOTS, LAYERS_PLOT
@@ -158,9 +158,11 @@ def _layer_section(name: str, folder: str, layer: LayerResult, rows: Sequence[Un
     cards = [_card(row, index, src.get(row.unit - 1), strips.get(row.unit - 1)) for row in rows]
     headline = (f"{counts.detectors}/{counts.units} units are detectors covering {counts.unique_labels} concepts "
                 f"(IoU ≥ {DETECTOR_IOU})")
+    warnings = "".join(f'<p class="notice warning">{escape(w)}</p>' for w in layer.warnings)
     return (f'<section class="layer" id="layer-{escape(folder)}"><header><h2>{escape(name)}</h2>'
+            f'<span class="module">{escape(layer_described(layer))}</span>'
             f'<span class="headline">{escape(headline)}</span>'
-            f'<span class="shown" id="grid-{escape(folder)}-shown"></span></header>'
+            f'<span class="shown" id="grid-{escape(folder)}-shown"></span></header>{warnings}'
             f"{_counts_table(counts, categories)}{plots}"
             f'<div class="grid" id="grid-{escape(folder)}">{"".join(cards)}</div></section>')
 
