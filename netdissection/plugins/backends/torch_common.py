@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from ...core.errors import DissectionError, UnknownNameError
+from ...core.limits import check_inflation
 from ...core.types import LayerInfo
 from .layouts import VECTOR_LAYOUT, Layout, detect, token_hints
 
@@ -24,26 +27,49 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _refusal(exc: BaseException) -> str:
+    """Why torch.load refused a checkpoint, in one line (its own message is many, and advises loading the
+    file with code execution allowed)."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(
+            r"WeightsUnpickler error: ([^\n]+)", text)
+        named = f" ({found.group(1).rstrip('.')})" if found else ""
+        return (f"it holds Python objects{named} that only running code from the file could rebuild; checkpoints "
+                "are read as data and never run (torch.load with weights_only=True): save the weights alone with "
+                "torch.save(model.state_dict(), PATH)")
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return f"it cannot be read as a torch checkpoint: {lines[0] if lines else type(exc).__name__}"
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a checkpoint file, loaded as untrusted data (``weights_only=True``).
 
     Accepts a bare state dict or the usual wrappers (``state_dict``, ``model``, ``model_state``),
-    and strips the ``module.`` prefix DataParallel adds.
+    and strips the ``module.`` prefix DataParallel adds. A checkpoint in torch's zip format is held to the
+    inflation limit first: torch reads deflated members too, so a few MB could otherwise inflate to
+    gigabytes in memory.
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise DissectionError(f"weights file {p} does not exist")
+    if zipfile.is_zipfile(p):
+        try:
+            with zipfile.ZipFile(p) as archive:
+                check_inflation(archive, p, f"weights file {p}")
+        except zipfile.BadZipFile:
+            pass  # torch.load says what is wrong with it
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DissectionError(f"weights file {p} cannot be read as a torch checkpoint: "
-                              f"{str(exc).splitlines()[0]}") from None
+        raise DissectionError(f"weights file {p} is refused: {_refusal(exc)}") from None
     for key in ("state_dict", "model", "model_state", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DissectionError(f"weights file {p} holds no state dict of tensors")
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise DissectionError(f"weights file {p} holds no state dict of tensors (names → tensors)")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -66,7 +92,12 @@ def load_weights(model: nn.Module, path: str | Path, model_name: str) -> None:
             parts.append(f"{len(mismatched)} of another shape (e.g. {mismatched[0]})")
         raise DissectionError(f"checkpoint {path} does not fit {model_name}: keys {', '.join(parts)}; "
                               "is it a checkpoint of this architecture?")
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:  # the right names and shapes, values torch cannot copy in (complex, sparse, ...)
+        first = str(exc).strip().splitlines()
+        raise DissectionError(f"checkpoint {path} does not fit {model_name}: "
+                              f"{first[0] if first else type(exc).__name__}") from None
 
 
 def _layer_info(name: str, output: Any, batch: int, input_hw: tuple[int, int], prefix: int | None,
