@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -292,7 +291,7 @@ class BrodenDataset:
     """A Broden-format folder. ``categories`` selects and orders categories (default: category.csv).
 
     index.csv is checked row by row when the dataset opens, but only each row's byte offset is kept; a
-    sample's row is read back from the file when it loads (each process opens the file once).
+    sample's row is read back from the file when it loads.
     """
 
     format = "broden"
@@ -313,24 +312,16 @@ class BrodenDataset:
         self.categories = select_categories(available, categories)
         self.vocabulary = read_vocabulary(root, self.categories)
         self.layout, self.offsets, _ = scan_index(root, self.categories)
-        self._index: tuple[int, IO[bytes]] | None = None  # (pid, open index.csv) of this process
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_index"] = None  # each process opens index.csv itself
-        return state
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def row(self, index: int) -> Row:
-        """Row ``index`` of index.csv, read back from the file."""
-        # A forked worker shares the parent's file offset: each process opens the file for itself.
-        if self._index is None or self._index[0] != os.getpid():
-            self._index = (os.getpid(), self.layout.path.open("rb"))
-        f = self._index[1]
-        f.seek(self.offsets[index])
-        found = next(_records(f, self.layout.path), None)
+        """Row ``index`` of index.csv, read back from the file (opened per row: far cheaper than decoding the
+        row's images, and nothing is shared between worker processes)."""
+        with self.layout.path.open("rb") as f:
+            f.seek(self.offsets[index])
+            found = next(_records(f, self.layout.path), None)
         if found is None:
             raise DissectionError(f"{self.layout.path} changed while it was in use: row {index + 2} is gone")
         return self.layout.parse(found[1], index + 2)

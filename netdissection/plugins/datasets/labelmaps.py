@@ -18,11 +18,13 @@ that size — so a wrong or hostile file costs a header read, and its error name
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -38,14 +40,24 @@ VALUE_MODES = ("L", "I;16", "I;16B", "I;16L", "I;16N", "I", "P", "1")
 LABEL_MODES = (*VALUE_MODES, "RGB")
 
 Source = Path | bytes
+T = TypeVar("T")
 
 
 def _open(source: Source) -> Image.Image:
-    # The declared size is checked by the callers against core.limits; PIL's process-wide warning about
-    # large images would only add a second line to their one-line refusal.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def _quietly(read: Callable[..., T]) -> Callable[..., T]:
+    """PIL warns about what it finds odd in a stranger's file (corrupt EXIF data, a large header): the
+    readers read the file or refuse it in one line, and a warning printed beside would only add lines."""
+
+    @functools.wraps(read)
+    def quiet(*args: Any, **kwargs: Any) -> T:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return read(*args, **kwargs)
+
+    return quiet
 
 
 def _problem(exc: BaseException) -> str:
@@ -80,6 +92,7 @@ def _opened(source: Source, what: str, limit: int) -> Image.Image:
     return im
 
 
+@_quietly
 def _decode(source: Source, what: str, limit: int, expected: tuple[int, int] | None, expected_by: str,
             read: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
     """Open ``source``, check its declared size (``limit``, then ``expected``) before decoding, then decode
@@ -99,12 +112,14 @@ def _decode(source: Source, what: str, limit: int, expected: tuple[int, int] | N
             raise DissectionError(f"{what} is corrupt: {_problem(exc)}") from None
 
 
+@_quietly
 def read_size(source: Source, what: str, limit: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """``(h, w)`` from the file header only (nothing is decoded), within ``limit`` pixels."""
     with _opened(source, what, limit) as im:
         return im.size[1], im.size[0]
 
 
+@_quietly
 def read_format(source: Source) -> str:
     """A file suffix for an encoded image (``.jpg``, ``.png``, ...), from its header."""
     with _open(source) as im:

@@ -19,6 +19,7 @@ from pathlib import Path
 from ...core.errors import DissectionError
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def relative_problem(value: str) -> str | None:
@@ -27,8 +28,8 @@ def relative_problem(value: str) -> str | None:
         return "is absolute; paths in a dataset's tables are relative to its folder"
     if ".." in value and ".." in re.split(r"[/\\]", value):
         return "climbs out of the folder with '..'; paths in a dataset's tables stay inside it"
-    if "\x00" in value:
-        return "holds a NUL character"
+    if _CONTROL.search(value):
+        return "holds a control character"
     return None
 
 
