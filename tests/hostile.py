@@ -12,9 +12,11 @@ and keep every case it finds as an explicit regression test.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
+import re
 import shutil
 import signal
 import struct
@@ -26,8 +28,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 from PIL import Image
 
 from netdissection.core.errors import DissectionError
@@ -75,10 +78,19 @@ def read_or_refuse(read: Callable[[], T], seconds: int = 30) -> T | DissectionEr
     line. Any other exception fails the test (hypothesis then shrinks the input that raised it)."""
     with within(seconds):
         try:
-            return read()
+            result = read()
         except DissectionError as exc:
             assert_one_line(exc)
+            _event(f"refused: {' '.join(re.sub(r'/[^ ]*', 'PATH', str(exc)).split()[:14])}")
             return exc
+    _event("read")
+    return result
+
+
+def _event(text: str) -> None:
+    """Count outcomes in hypothesis' statistics (pytest --hypothesis-show-statistics) when fuzzing."""
+    with contextlib.suppress(InvalidArgument):
+        event(text)
 
 
 def assert_one_line(exc: BaseException) -> None:

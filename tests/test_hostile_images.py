@@ -193,5 +193,5 @@ def test_index_csv_cannot_declare_gigapixels(broden: Path) -> None:
 def test_folder_first_label_map_cannot_set_a_gigapixel_label_size(folder: Path) -> None:
     with copy_of(folder) as root:
         (root / "masks" / "0_objects.png").write_bytes(bomb_png(40_000, 40_000))
-        with pytest.raises(DissectionError, match=r"0_objects\.png declares 1\.6 gigapixels, more than the limit of 16\.8 megapixels"):
+        with pytest.raises(DissectionError, match=r"0_objects\.png declares 1\.6 gigapixels, more than the limit"):
             FolderDataset(root)

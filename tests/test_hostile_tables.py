@@ -8,16 +8,12 @@ folder, FIFOs) and an index of many rows, which is streamed, not held.
 
 from __future__ import annotations
 
-import os
-import tracemalloc
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from netdissection.core.errors import DissectionError
-from netdissection.core.limits import MAX_LABEL_PIXELS
 from netdissection.plugins.datasets.broden import BrodenDataset
 from netdissection.plugins.datasets.folder_dataset import FolderDataset
 from netdissection.plugins.datasets.labelmaps import MAX_ID

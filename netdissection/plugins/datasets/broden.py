@@ -51,15 +51,15 @@ def _table(path: Path) -> Iterator[tuple[int, dict[str, str | None]]]:
     if not path.is_file():
         raise DissectionError(f"{path} is missing; a Broden dataset has index.csv, label.csv, category.csv "
                               "and c_<category>.csv files")
-    line = 1
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             for row in reader:
-                line = reader.line_num
-                yield line, row  # type: ignore[misc]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DissectionError(f"{path} line {line + 1} is no UTF-8 CSV: {_first_line(exc)}") from None
+                yield reader.line_num, row  # type: ignore[misc]
+    except UnicodeDecodeError as exc:
+        raise DissectionError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise DissectionError(f"{path} line {reader.line_num} is no CSV: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -74,8 +74,10 @@ def _columns(path: Path, needed: Sequence[str]) -> None:
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DissectionError(f"{path} line 1 is no UTF-8 CSV: {_first_line(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise DissectionError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise DissectionError(f"{path} line 1 is no CSV: {_first_line(exc)}") from None
     missing = [c for c in needed if c not in header]
     if missing:
         raise DissectionError(f"{path} is malformed: its header lacks the column(s) {', '.join(missing)}")
@@ -169,7 +171,11 @@ def _records(f: IO[bytes], path: Path) -> Iterator[tuple[int, list[str]]]:
                 raise DissectionError(f"{path} line {line_number + 1} is longer than {MAX_LINE:,} bytes")
             position += len(line)
             line_number += 1
-            yield line.decode("utf-8")
+            try:
+                yield line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DissectionError(f"{path} line {line_number} is not UTF-8 text ({exc.reason} at byte "
+                                      f"{position - len(line) + exc.start})") from None
 
     reader = csv.reader(lines())  # the reader asks for exactly the lines of one record, no more
     start = position
@@ -177,8 +183,8 @@ def _records(f: IO[bytes], path: Path) -> Iterator[tuple[int, list[str]]]:
         for record in reader:
             yield start, record
             start = position
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DissectionError(f"{path} line {line_number} is no UTF-8 CSV: {_first_line(exc)}") from None
+    except csv.Error as exc:
+        raise DissectionError(f"{path} line {line_number} is no CSV: {_first_line(exc)}") from None
 
 
 @dataclass(frozen=True)

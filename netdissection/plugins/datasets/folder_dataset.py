@@ -77,9 +77,10 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]
             header = [h.strip() for h in reader.fieldnames or []]
             reader.fieldnames = header
             return header, [(reader.line_num, row) for row in reader]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DissectionError(f"{path} is no UTF-8 CSV file: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise DissectionError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise DissectionError(f"{path} is no CSV file: {str(exc).strip() or type(exc).__name__}") from None
 
 
 def read_concepts(root: Path) -> tuple[list[Concept], list[Problem]]:
