@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,14 +33,20 @@ def _refusal(exc: BaseException) -> str:
     file with code execution allowed)."""
     text = str(exc)
     if "Weights only load failed" in text:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(
-            r"WeightsUnpickler error: ([^\n]+)", text)
-        named = f" ({found.group(1).rstrip('.')})" if found else ""
-        return (f"it holds Python objects{named} that only running code from the file could rebuild; checkpoints "
-                "are read as data and never run (torch.load with weights_only=True): save the weights alone with "
-                "torch.save(model.state_dict(), PATH)")
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return f"it cannot be read as a torch checkpoint: {lines[0] if lines else type(exc).__name__}"
+        named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if named:
+            return (f"it holds Python objects ({named.group(1).rstrip('.')}) that only running code from the file "
+                    "could rebuild; checkpoints are read as data and never run (torch.load with weights_only=True): "
+                    "save the weights alone with torch.save(model.state_dict(), PATH)")
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        return (f"it is no checkpoint torch reads as data (torch.load with weights_only=True): "
+                f"{found.group(1).strip() if found else 'it is damaged'}")
+    return f"it cannot be read as a torch checkpoint: {_first_line(exc)}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -57,10 +64,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             with zipfile.ZipFile(p) as archive:
                 check_inflation(archive, p, f"weights file {p}")
-        except zipfile.BadZipFile:
-            pass  # torch.load says what is wrong with it
+        except DissectionError:
+            raise
+        except Exception as exc:  # zipfile raises many types on a damaged directory (UnicodeDecodeError, ...)
+            # torch reads zips with another parser: what this one cannot check is refused, not passed on.
+            raise DissectionError(f"weights file {p} is a damaged zip archive ({type(exc).__name__}: "
+                                  f"{_first_line(exc)})") from None
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # about odd pickle protocols and the like: the refusal says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise DissectionError(f"weights file {p} is refused: {_refusal(exc)}") from None
     for key in ("state_dict", "model", "model_state", "model_state_dict"):
@@ -81,7 +94,8 @@ def load_weights(model: nn.Module, path: str | Path, model_name: str) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    mismatched = [k for k in expected if k in state and (tuple(state[k].shape) != tuple(expected[k].shape)
+                                                         or state[k].is_complex() != expected[k].is_complex())]
     if missing or unexpected or mismatched:
         parts = []
         if missing:
@@ -89,15 +103,15 @@ def load_weights(model: nn.Module, path: str | Path, model_name: str) -> None:
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if mismatched:
-            parts.append(f"{len(mismatched)} of another shape (e.g. {mismatched[0]})")
+            parts.append(f"{len(mismatched)} of another shape or kind (e.g. {mismatched[0]})")
         raise DissectionError(f"checkpoint {path} does not fit {model_name}: keys {', '.join(parts)}; "
                               "is it a checkpoint of this architecture?")
     try:
-        model.load_state_dict(state, strict=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.load_state_dict(state, strict=True)
     except Exception as exc:  # the right names and shapes, values torch cannot copy in (complex, sparse, ...)
-        first = str(exc).strip().splitlines()
-        raise DissectionError(f"checkpoint {path} does not fit {model_name}: "
-                              f"{first[0] if first else type(exc).__name__}") from None
+        raise DissectionError(f"checkpoint {path} does not fit {model_name}: {_first_line(exc)}") from None
 
 
 def _layer_info(name: str, output: Any, batch: int, input_hw: tuple[int, int], prefix: int | None,

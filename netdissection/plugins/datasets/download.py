@@ -24,7 +24,6 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +159,9 @@ def check_archive(path: Path, target_folder: Path | None = None) -> int:
             if target_folder is not None:
                 _check_room(path, size, len(members), target_folder)
             bad = archive.testzip()  # reads every member, held to its declared size
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+    except DissectionError:
+        raise
+    except Exception as exc:  # zipfile raises many types on a damaged archive (BadZipFile, zlib.error, ...)
         raise DissectionError(f"the downloaded archive {path.name} is corrupt ({exc})") from None
     if bad is not None:
         raise DissectionError(f"the downloaded archive {path.name} is corrupt: {bad} fails its CRC check")
