@@ -35,7 +35,7 @@ SMALL_MEMBER = 1 << 20
 
 
 def _gb(size: float) -> str:
-    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def megapixels(pixels: int) -> str:

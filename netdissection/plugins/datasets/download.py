@@ -147,17 +147,21 @@ def _safe_members(archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
 
 
 def check_archive(path: Path, target_folder: Path | None = None) -> int:
-    """Check an archive before a byte is unpacked: safe member paths, the inflation limit, room on the disk
-    of ``target_folder`` (bytes and files), then every member's CRC; return the unpacked size in bytes.
+    """Check an archive before a byte is unpacked: safe member paths, room on the disk of ``target_folder``
+    for what it declares, the inflation limit, then every member's CRC; return the unpacked size in bytes.
 
-    Raises DissectionError; ``_Unfit`` when the archive is sound but does not fit on the disk.
+    Raises DissectionError; ``_Unfit`` when the archive does not fit on the disk.
     """
     try:
         with zipfile.ZipFile(path) as archive:
             members = _safe_members(archive)
-            size = check_inflation(archive, path, f"the downloaded archive {path.name}")
+            size = sum(m.file_size for m in members)
             if target_folder is not None:
-                _check_room(path, size, len(members), target_folder)
+                try:
+                    check_free_space(size, target_folder, f"unpacking {path.name}")
+                except DissectionError as exc:
+                    raise _Unfit(str(exc)) from None
+            check_inflation(archive, path, f"the downloaded archive {path.name}")
             bad = archive.testzip()  # reads every member, held to its declared size
     except DissectionError:
         raise
@@ -169,17 +173,7 @@ def check_archive(path: Path, target_folder: Path | None = None) -> int:
 
 
 class _Unfit(DissectionError):
-    """A sound archive that does not fit where it should be unpacked: kept, for another --dest."""
-
-
-def _check_room(path: Path, size: int, files: int, folder: Path) -> None:
-    try:
-        check_free_space(size, folder, f"unpacking {path.name}")
-    except DissectionError as exc:
-        raise _Unfit(str(exc)) from None
-    free_files = os.statvfs(folder).f_favail
-    if free_files and files > free_files:  # 0: the file system does not count them
-        raise _Unfit(f"unpacking {path.name} makes {files:,} files but {folder} has room for {free_files:,} more")
+    """An archive that does not fit where it should be unpacked: kept, for another --dest."""
 
 
 def _dataset_root(folder: Path) -> Path:
