@@ -59,7 +59,8 @@ def _table(path: Path) -> Iterator[tuple[int, dict[str, str | None]]]:
     except UnicodeDecodeError as exc:
         raise DissectionError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except csv.Error as exc:
-        raise DissectionError(f"{path} line {reader.line_num} is no CSV: {_first_line(exc)}") from None
+        # DictReader counts only the lines of rows it returned; its inner reader, the line it failed on.
+        raise DissectionError(f"{path} line {reader.reader.line_num} is no CSV: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
