@@ -241,6 +241,7 @@ class FolderDataset:
         mask = first_mask(root, rows)
         #: The set's label resolution: every label map has the size of the first one.
         self.label_size = None
+        self.first_mask = mask
         if mask:
             what = f"label map {root / mask}"
             self.label_size = read_size(self.files.file(root / mask, what), what, MAX_LABEL_PIXELS)
@@ -282,7 +283,7 @@ class FolderDataset:
                 path = self.root / name
                 what = f"label map {path}"
                 values = decode_labels(self.files.file(path, what), what, shape,
-                                       "the set's label maps (the size of the first one) are")
+                                       f"the first label map of the set, {self.first_mask}, is")
                 mapped = lut[values]
                 if (mapped < 0).any():
                     unknown = np.unique(values[mapped < 0])[:5].tolist()
