@@ -108,7 +108,7 @@ def hostile_hf(draw: st.DrawFn, places: dict[str, str]) -> tuple[datasets.Featur
     return datasets.Features(features), columns
 
 
-@fuzz(120)
+@fuzz(200)
 @given(data=st.data())
 def test_hf_rows_read_or_refuse(tmp_path_factory: pytest.TempPathFactory, places: dict[str, str],
                                 data: st.DataObject) -> None:

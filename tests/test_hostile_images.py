@@ -58,7 +58,7 @@ def _labels_read(dataset: BrodenDataset | FolderDataset) -> None:
     load_everything(dataset)
 
 
-@fuzz(150)
+@fuzz(200)
 @given(name=st.sampled_from([*BRODEN_LABELS, "img001.png"]), data=st.data())
 def test_broden_label_and_image_files_read_or_refuse(broden: Path, name: str, data: st.DataObject) -> None:
     size = (8, 8) if name == "img001.png" else (4, 4)
@@ -69,7 +69,7 @@ def test_broden_label_and_image_files_read_or_refuse(broden: Path, name: str, da
             assert name in str(outcome)  # the file is named
 
 
-@fuzz(150)
+@fuzz(200)
 @given(name=st.sampled_from([*FOLDER_LABELS, "images/2.png"]), data=st.data())
 def test_folder_label_and_image_files_read_or_refuse(folder: Path, name: str, data: st.DataObject) -> None:
     size = (8, 8) if name.startswith("images") else (4, 4)

@@ -120,7 +120,7 @@ def hostile_onnx(draw: st.DrawFn) -> bytes:
     return data
 
 
-@fuzz(120)
+@fuzz(200)
 @given(data=st.data())
 def test_onnx_models_load_and_run_or_are_refused(tmp_path_factory: pytest.TempPathFactory,
                                                  data: st.DataObject) -> None:
@@ -229,7 +229,7 @@ def _save(obj: Any, how: str, path: Path) -> None:
         torch.save(obj, path, _use_new_zipfile_serialization=how == "zip")
 
 
-@fuzz(150)
+@fuzz(200)
 @given(data=st.data())
 def test_checkpoints_load_or_are_refused_and_never_run_code(tmp_path_factory: pytest.TempPathFactory,
                                                             data: st.DataObject) -> None:
@@ -279,3 +279,81 @@ def test_non_string_keys_are_no_state_dict(tmp_path: Path) -> None:
     torch.save({1: torch.zeros(1)}, tmp_path / "int-keys.pth")
     with pytest.raises(DissectionError, match="holds no state dict of tensors"):
         read_state_dict(tmp_path / "int-keys.pth")
+
+
+# ------------------------------------------------------------------------------------------- found by fuzzing
+
+def test_an_undefined_input_type_is_one_line(tmp_path: Path) -> None:
+    """Element type 0 (UNDEFINED) was a KeyError from onnx.helper."""
+    path = tmp_path / "model.onnx"
+    path.write_bytes(tiny_graph(elem_type=TensorProto.UNDEFINED).SerializeToString())
+    with pytest.raises(DissectionError, match=r"input 'image' takes UNDEFINED values; an image model takes floats"):
+        OnnxBackend(path, BackendOptions())
+
+
+def test_names_that_are_not_utf8_are_one_line(tmp_path: Path) -> None:
+    """protobuf hands such names over as bytes; they were a UnicodeDecodeError when the session was made."""
+    path = tmp_path / "model.onnx"
+    path.write_bytes(tiny_graph().SerializeToString().replace(b"\x03out", b"\x03\x80ut"))
+    with pytest.raises(DissectionError, match=r"the value name b'\\x80ut' is not UTF-8 text"):
+        OnnxBackend(path, BackendOptions())
+
+
+def test_onnxruntime_prints_nothing_when_it_refuses_a_graph(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An operator name that is not UTF-8 makes onnxruntime print an 'EP Error' banner to stdout and retry."""
+    path = tmp_path / "model.onnx"
+    path.write_bytes(tiny_graph().SerializeToString().replace(b"Relu", b"Rel\xdb", 1))
+    outcome = read_or_refuse(lambda: run_onnx(path))
+    assert isinstance(outcome, DissectionError) and "onnxruntime cannot load" in str(outcome)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("dims", [[1, 4], [1, 50, 4], [1, 4, 1, 1, 1]])
+def test_shapes_the_graph_declares_but_does_not_compute_are_one_line(tmp_path: Path, dims: list[int]) -> None:
+    """value_info that lies about a tensor: a ValueError in the token layout, or a map of the wrong rank."""
+    model = tiny_graph()
+    model.graph.value_info.append(helper.make_tensor_value_info("r1", TensorProto.FLOAT, dims))
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    backend = OnnxBackend(path, BackendOptions())
+    names = [info.name for info in backend.layers()]
+    assert "r1" in names
+    outcome = read_or_refuse(lambda: backend.activations(torch.zeros(2, 3, 16, 16), ["r1"]))
+    if isinstance(outcome, DissectionError):
+        assert "tensor 'r1' is (2, 4, 16, 16) when the model runs" in str(outcome)
+    else:  # declared as a vector: not listed as spatial, the run refuses it by name
+        assert not next(i for i in backend.layers() if i.name == "r1").spatial
+
+
+def test_a_damaged_checkpoint_zip_directory_is_one_line(tmp_path: Path) -> None:
+    """zipfile raised UnicodeDecodeError on a flipped byte in a member name; torch's own reader differs, so
+    a zip this one cannot check is refused rather than handed on."""
+    torch.save(Tiny().state_dict(), tmp_path / "w.pth")
+    blob = bytearray((tmp_path / "w.pth").read_bytes())
+    central = blob.rindex(b"PK\x01\x02")
+    blob[central + 46] = 0x80  # the first byte of the last member's name
+    blob[central + 8] |= 0x08  # ... and flag the names as UTF-8
+    (tmp_path / "w.pth").write_bytes(bytes(blob))
+    outcome = read_or_refuse(lambda: read_state_dict(tmp_path / "w.pth"))
+    assert isinstance(outcome, DissectionError) and "w.pth is a damaged zip archive (UnicodeDecodeError" in str(outcome)
+
+
+def test_complex_values_for_real_weights_are_refused(tmp_path: Path) -> None:
+    """They loaded with a 'discards the imaginary part' warning on stderr."""
+    state = Tiny().state_dict()
+    state["conv1.bias"] = state["conv1.bias"].to(torch.complex64)
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(DissectionError, match=r"keys 1 of another shape or kind \(e\.g\. conv1\.bias\)"):
+        load_weights(Tiny(), tmp_path / "w.pth", "tiny")
+
+
+def test_a_damaged_pickle_names_the_problem_not_torchs_advice(tmp_path: Path) -> None:
+    """torch's message for an unknown opcode is many lines that end in 'Unsupported operand N'."""
+    torch.save(Tiny().state_dict(), tmp_path / "w.pth", _use_new_zipfile_serialization=False)
+    blob = bytearray((tmp_path / "w.pth").read_bytes())
+    blob[2] = 0xFF  # an opcode no unpickler knows, in the first pickle
+    (tmp_path / "w.pth").write_bytes(bytes(blob))
+    outcome = read_or_refuse(lambda: read_state_dict(tmp_path / "w.pth"))
+    assert isinstance(outcome, DissectionError) and "trust" not in str(outcome)
+    assert "w.pth is refused: it is no checkpoint torch reads as data" in str(outcome)
+    assert str(outcome).endswith("Unsupported operand 255")

@@ -59,7 +59,7 @@ def test_broden_tables_read_or_refuse(broden: Path, table: str, data: st.DataObj
 
 
 @pytest.mark.parametrize("table", ["concepts.csv", "samples.csv"])
-@fuzz(100)
+@fuzz(150)
 @given(data=st.data())
 def test_folder_tables_read_or_refuse(folder: Path, table: str, data: st.DataObject) -> None:
     with copy_of(folder) as root:

@@ -93,10 +93,10 @@ def _odd_sizes(dataset: ConceptDataset, samples: list) -> list:  # type: ignore[
     return out
 
 
-def _collate(samples: list, dataset: ConceptDataset | None = None) -> Batch:  # type: ignore[type-arg]
+def _collate(samples: list, *, dataset: ConceptDataset) -> Batch:  # type: ignore[type-arg]
     good = [s for s in samples if not isinstance(s, _Failed)]
     if good:
-        samples = [s for s in samples if isinstance(s, _Failed)] + _odd_sizes(dataset, good)  # type: ignore[arg-type]
+        samples = [s for s in samples if isinstance(s, _Failed)] + _odd_sizes(dataset, good)
     failures = [s.message for s in samples if isinstance(s, _Failed)]
     good = [s for s in samples if not isinstance(s, _Failed)]
     indices = np.array([s.index for s in good], dtype=np.int64)

@@ -253,10 +253,10 @@ def _index_header(path: Path, categories: Sequence[str]) -> tuple[list[str], dic
     return header, {c: header.index(c) for c in (*INDEX_FIXED, *categories)}
 
 
-def scan_index(root: Path, categories: Sequence[str]) -> tuple[IndexLayout, array, Row | None]:
+def scan_index(root: Path, categories: Sequence[str]) -> tuple[IndexLayout, array]:
     """Check every row of index.csv and keep only where each starts: 8 bytes a row, so an index of ten
-    million rows costs 80 MB, not the gigabytes its parsed rows would. Returns the layout, the byte offsets
-    and the first row (every other row must have its image and label sizes: one size for a whole run)."""
+    million rows costs 80 MB, not the gigabytes its parsed rows would. Every row must have the first row's
+    image and label sizes (a run takes one of each). Returns the layout and the rows' byte offsets."""
     path = root / "index.csv"
     header, positions = _index_header(path, categories)
     pixel_level: set[str] = set()
@@ -265,6 +265,7 @@ def scan_index(root: Path, categories: Sequence[str]) -> tuple[IndexLayout, arra
                          tuple((c, positions[c]) for c in categories), frozenset())
     offsets = array("q")
     first: Row | None = None
+    first_line = 0
     with path.open("rb") as f:
         records = _records(f, path)
         next(records, None)  # the header
@@ -283,15 +284,15 @@ def scan_index(root: Path, categories: Sequence[str]) -> tuple[IndexLayout, arra
             if first is None:
                 check_pixels(*row.image_size, f"{path} line {line}: ih×iw", MAX_IMAGE_PIXELS)
                 check_pixels(*row.label_size, f"{path} line {line}: sh×sw", MAX_LABEL_PIXELS)
-                first = row
+                first, first_line = row, line
             elif (row.image_size, row.label_size) != (first.image_size, first.label_size):
                 raise DissectionError(
                     f"{path} line {line}: images {row.image_size[0]}×{row.image_size[1]} and labels "
-                    f"{row.label_size[0]}×{row.label_size[1]} (h×w), but line 2 says {first.image_size[0]}×"
+                    f"{row.label_size[0]}×{row.label_size[1]} (h×w), but line {first_line} says {first.image_size[0]}×"
                     f"{first.image_size[1]} and {first.label_size[0]}×{first.label_size[1]}: a run takes one "
                     "image size and one label size")
             offsets.append(offset)
-    return layout, offsets, first
+    return layout, offsets
 
 
 class BrodenDataset:
@@ -318,7 +319,7 @@ class BrodenDataset:
         available = read_categories(root)
         self.categories = select_categories(available, categories)
         self.vocabulary = read_vocabulary(root, self.categories)
-        self.layout, self.offsets, _ = scan_index(root, self.categories)
+        self.layout, self.offsets = scan_index(root, self.categories)
 
     def __len__(self) -> int:
         return len(self.offsets)

@@ -32,7 +32,7 @@ import numpy as np
 
 from ...core.errors import DissectionError, UnknownNameError, refuse_options
 from ...core.hookspecs import hookimpl
-from ...core.limits import MAX_LABEL_PIXELS
+from ...core.limits import MAX_LABEL_PIXELS, check_pixels
 from ...core.types import Concept, Sample, Vocabulary, select_categories
 from .folder_dataset import CATEGORY_NAME, CONCEPTS
 from .labelmaps import MAX_ID, decode_labels, decode_rgb, read_size, selection_table
@@ -362,9 +362,11 @@ class HFDataset:
             rgb = decode_rgb(self._source(value, what), what)
         shape = self.label_size
         if shape is None:
+            what = f"the image of {self._where(index, self.image_column)}"
             shape = rgb.shape[:2] if rgb is not None else read_size(
-                self._source(self._view("image")[index].column(self.image_column)[0].as_py() or {}, "image"),
-                f"the image of {self._where(index, self.image_column)}")
+                self._source(self._view("image")[index].column(self.image_column)[0].as_py() or {}, what), what)
+            check_pixels(shape[0], shape[1], f"{what} (the label resolution: the dataset has no label maps)",
+                         MAX_LABEL_PIXELS)
         layers = None
         image_labels: list[int] = []
         if labels:
