@@ -357,3 +357,10 @@ def test_a_damaged_pickle_names_the_problem_not_torchs_advice(tmp_path: Path) ->
     assert isinstance(outcome, DissectionError) and "trust" not in str(outcome)
     assert "w.pth is refused: it is no checkpoint torch reads as data" in str(outcome)
     assert str(outcome).endswith("Unsupported operand 255")
+
+
+def test_an_input_size_too_large_to_feed_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    onnx.save(tiny_graph(), str(path))
+    with pytest.raises(DissectionError, match=r"would take --input-size 20000,20000 .*pass a smaller --input-size"):
+        OnnxBackend(path, BackendOptions(input_size=(20_000, 20_000)))

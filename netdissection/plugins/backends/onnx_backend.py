@@ -172,10 +172,13 @@ class OnnxBackend:
         batch = self.fixed_batch or 1
         channels = self.input_dims[3] if self.nhwc else self.input_dims[1]
         if h * w > MAX_IMAGE_PIXELS or batch * h * w * 3 > MAX_INPUT_VALUES or (channels or 3) > 4:
+            fixed = bool(self.fixed_size or self.fixed_batch or (channels or 3) > 4)
+            fed = f"has the fixed shape {self.input_dims}" if fixed else f"would take --input-size {h},{w}"
+            fix = "export it with dynamic or smaller dimensions" if fixed else "pass a smaller --input-size"
             raise DissectionError(
-                f"{self.path}: input {self.input.name!r} has the fixed shape {self.input_dims} ({megapixels(h * w)} "
-                f"images in batches of {batch}), more than a run can feed: at most {megapixels(MAX_IMAGE_PIXELS)} "
-                f"an image and {MAX_INPUT_VALUES:,} values a batch; export it with dynamic or smaller dimensions")
+                f"{self.path}: input {self.input.name!r} {fed} (images of {megapixels(h * w)} in batches of "
+                f"{batch}), more than a run can feed: at most {megapixels(MAX_IMAGE_PIXELS)} an image and "
+                f"{MAX_INPUT_VALUES:,} values a batch; {fix}")
 
     def _probe_shape(self) -> list[int]:
         h, w = self.spatial_input
