@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters (a newline in a stranger's file name, ...) shown escaped."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class DissectionError(Exception):
-    """A mistake in the user's input: the message names the thing and the fix."""
+    """A mistake in the user's input: the message names the thing and the fix.
+
+    Its text is one line whatever it quotes: names and values from a stranger's file may hold newlines.
+    """
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class UnknownNameError(DissectionError, KeyError):
@@ -32,7 +46,7 @@ class UnknownNameError(DissectionError, KeyError):
         super().__init__(message)
 
     def __str__(self) -> str:  # KeyError would add quotes around the message
-        return str(self.args[0])
+        return one_line(str(self.args[0]))
 
 
 class MissingExtraError(DissectionError):

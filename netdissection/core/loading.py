@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -36,6 +37,19 @@ class _Failed:
         self.index, self.message = index, message
 
 
+def _sample_name(dataset: ConceptDataset, index: int) -> str:
+    """``sample N (its image file)`` when the dataset can say which file it is."""
+    try:
+        return f"sample {index} ({dataset.image_path(index)})"  # type: ignore[attr-defined]
+    except Exception:  # no image_path, or the very row is what fails
+        return f"sample {index}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else ""
+
+
 class _Parts(Dataset):
     def __init__(self, dataset: ConceptDataset, image: bool, labels: bool) -> None:
         self.dataset, self.image, self.labels = dataset, image, labels
@@ -48,9 +62,41 @@ class _Parts(Dataset):
             return self.dataset.load(index, image=self.image, labels=self.labels)
         except DissectionError as exc:
             return _Failed(index, str(exc))
+        except Exception as exc:
+            # Whatever a decoder or a dataset plugin raises on a stranger's file: in a worker process it would
+            # come back to the main process as a many-line "Caught ... in DataLoader worker" traceback.
+            # It comes back as data instead, naming the sample; the traceback goes to the debug log.
+            log.debug("loading sample %d failed", index, exc_info=True)
+            return _Failed(index, f"{_sample_name(self.dataset, index)} could not be loaded: "
+                                  f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": "))
 
 
-def _collate(samples: list) -> Batch:  # type: ignore[type-arg]
+def _odd_sizes(dataset: ConceptDataset, samples: list) -> list:  # type: ignore[type-arg]
+    """Samples of another image or label size than the batch's first (a batch is one array: they cannot
+    join it, and a run takes one image size), as failures naming them."""
+    first = samples[0]
+    image_shape = None if first.image is None else first.image.shape
+    out = []
+    for s in samples:
+        if image_shape is not None and s.image is not None and s.image.shape != image_shape:
+            out.append(_Failed(s.index, f"{_sample_name(dataset, s.index)} is {s.image.shape[0]}×{s.image.shape[1]} "
+                                        f"(h×w) but sample {first.index} is {image_shape[0]}×{image_shape[1]}: "
+                                        "the images of a run share one size"))
+        elif tuple(s.label_shape) != tuple(first.label_shape) or (
+                s.layers is not None and tuple(s.layers.shape[1:]) != tuple(s.label_shape)):
+            out.append(_Failed(s.index, f"{_sample_name(dataset, s.index)} has labels of size "
+                                        f"{tuple(s.layers.shape[1:]) if s.layers is not None else s.label_shape} but "
+                                        f"sample {first.index} {tuple(first.label_shape)}: the labels of a run "
+                                        "share one size"))
+        else:
+            out.append(s)
+    return out
+
+
+def _collate(samples: list, *, dataset: ConceptDataset) -> Batch:  # type: ignore[type-arg]
+    good = [s for s in samples if not isinstance(s, _Failed)]
+    if good:
+        samples = [s for s in samples if isinstance(s, _Failed)] + _odd_sizes(dataset, good)
     failures = [s.message for s in samples if isinstance(s, _Failed)]
     good = [s for s in samples if not isinstance(s, _Failed)]
     indices = np.array([s.index for s in good], dtype=np.int64)
@@ -91,11 +137,22 @@ def iterate(dataset: ConceptDataset, *, batch_size: int, workers: int, image: bo
         shuffle=False,
         sampler=None if indices is None else [int(i) for i in indices],
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=functools.partial(_collate, dataset=dataset),
         pin_memory=pin_memory,
         prefetch_factor=4 if workers > 0 else None,
     )
-    for batch in loader:
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            # A worker killed from outside (most often by the kernel, out of memory) or crashed in native code.
+            if "DataLoader worker" not in str(exc):
+                raise
+            raise DissectionError(f"a data loading worker process died ({_first_line(exc)}); a sample may need "
+                                  "more memory than is free: rerun with --workers 0 to see which") from None
         if batch.failures and not skip_bad:
             raise DissectionError(f"{batch.failures[0]} (pass --skip-bad to skip unreadable samples)")
         for message in batch.failures:

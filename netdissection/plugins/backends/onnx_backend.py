@@ -19,6 +19,8 @@ Execution provider: CUDA when onnxruntime has it, else CPU.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SIZE = (224, 224)
 SUFFIX = ".onnx"
 _FLOAT_TYPES = (1, 10, 11, 16)  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+_INPUT_TYPES = (1, 10, 11)  # what numpy can feed: FLOAT, FLOAT16, DOUBLE
+#: The most values one batch handed to the graph may hold: 512 images of 3 × 224 × 224.
+MAX_INPUT_VALUES = 512 * 3 * 224 * 224
 
 
 def _import() -> tuple[Any, Any]:
@@ -65,6 +70,25 @@ def _dims(value_type: Any) -> list[int | None] | None:
     if not tensor.HasField("shape"):
         return None
     return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
+
+
+def _check_names(proto: Any, path: Path) -> None:
+    """Refuse a graph whose value names are not UTF-8 text, as ONNX requires (protobuf hands such names over as
+    bytes, which nothing downstream takes)."""
+    graph = proto.graph
+    names = [n for node in graph.node for n in (*node.input, *node.output)]
+    names += [v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)]
+    bad = next((n for n in names if not isinstance(n, str)), None)
+    if bad is not None:
+        raise DissectionError(f"{path} is not a valid ONNX model: the value name {bad!r} is not UTF-8 text")
+
+
+def _copy(message: Any) -> Any:
+    """A copy of a protobuf message. Not through bytes: parsing validates UTF-8, and a stranger's graph may
+    hold names that are not (onnxruntime then refuses the graph, in one line)."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
 
 
 def providers(device: str, available: Sequence[str]) -> list[Any]:
@@ -96,6 +120,7 @@ class OnnxBackend:
         if proto.ir_version <= 0 or not proto.graph.node:
             raise DissectionError(f"{self.path} is not an ONNX model (no graph in it); export one with "
                                   "torch.onnx.export or check the file")
+        _check_names(proto, self.path)
         self.proto = proto
         self.sha256 = file_sha256(self.path)
         self._onnx, self._ort = onnx, ort
@@ -129,7 +154,31 @@ class OnnxBackend:
             log.warning("%s takes only %d×%d inputs: --input-size %d×%d is ignored, images are resized to it",
                         self.path.name, *self.fixed_size, *requested)
         self.spatial_input: tuple[int, int] = self.fixed_size or requested or DEFAULT_SIZE  # type: ignore[assignment]
-        self.input_dtype = self._onnx.helper.tensor_dtype_to_np_dtype(self.input.type.tensor_type.elem_type)
+        elem_type = self.input.type.tensor_type.elem_type
+        if elem_type not in _INPUT_TYPES:
+            name = self._onnx.TensorProto.DataType.Name(elem_type) if elem_type in \
+                self._onnx.TensorProto.DataType.values() else str(elem_type)
+            raise DissectionError(f"{self.path}: input {self.input.name!r} takes {name} values; an image model "
+                                  "takes floats (FLOAT, FLOAT16 or DOUBLE)")
+        self.input_dtype = self._onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+        self._check_input_size()
+
+    def _check_input_size(self) -> None:
+        """Refuse a graph whose fixed input dimensions no run can feed: every batch is resized (and padded) to
+        them, so a graph fixing gigapixel images or a batch of 100,000 would allocate that much at once."""
+        from ...core.limits import MAX_IMAGE_PIXELS, megapixels
+
+        h, w = self.spatial_input
+        batch = self.fixed_batch or 1
+        channels = self.input_dims[3] if self.nhwc else self.input_dims[1]
+        if h * w > MAX_IMAGE_PIXELS or batch * h * w * 3 > MAX_INPUT_VALUES or (channels or 3) > 4:
+            fixed = bool(self.fixed_size or self.fixed_batch or (channels or 3) > 4)
+            fed = f"has the fixed shape {self.input_dims}" if fixed else f"would take --input-size {h},{w}"
+            fix = "export it with dynamic or smaller dimensions" if fixed else "pass a smaller --input-size"
+            raise DissectionError(
+                f"{self.path}: input {self.input.name!r} {fed} (images of {megapixels(h * w)} in batches of "
+                f"{batch}), more than a run can feed: at most {megapixels(MAX_IMAGE_PIXELS)} an image and "
+                f"{MAX_INPUT_VALUES:,} values a batch; {fix}")
 
     def _probe_shape(self) -> list[int]:
         h, w = self.spatial_input
@@ -139,7 +188,7 @@ class OnnxBackend:
     def _inferred_types(self) -> dict[str, Any]:
         """Every value's type for the probe input size: shape inference on the graph with a concrete input."""
         dims = self.input.type.tensor_type.shape.dim
-        saved = [d.SerializeToString() for d in dims]
+        saved = [_copy(d) for d in dims]
         try:
             for d, value in zip(dims, self._probe_shape(), strict=True):
                 d.dim_value = value
@@ -148,8 +197,8 @@ class OnnxBackend:
             log.debug("shape inference failed on %s: %s", self.path.name, _first_line(exc))
             inferred = None
         finally:
-            for d, blob in zip(dims, saved, strict=True):
-                d.ParseFromString(blob)
+            for d, original in zip(dims, saved, strict=True):
+                d.CopyFrom(original)
         if inferred is None:
             return {}
         graph = inferred.graph
@@ -215,7 +264,7 @@ class OnnxBackend:
         """A session whose graph outputs are exactly ``outputs`` (onnxruntime returns nothing else)."""
         onnx, ort = self._onnx, self._ort
         graph = self.proto.graph
-        saved = [o.SerializeToString() for o in graph.output]
+        saved = [_copy(o) for o in graph.output]
         del graph.output[:]
         for name in outputs:  # the element type only: a shape could disagree with another input size
             elem_type = self._elem_types.get(name, onnx.TensorProto.FLOAT)
@@ -224,14 +273,20 @@ class OnnxBackend:
             blob = self.proto.SerializeToString()
         finally:
             del graph.output[:]
-            for raw in saved:
-                graph.output.add().ParseFromString(raw)
+            graph.output.extend(saved)
         settings = ort.SessionOptions()
         settings.log_severity_level = 3  # errors only: dropping the original outputs leaves unused nodes
+        printed = io.StringIO()
         try:
-            return ort.InferenceSession(blob, sess_options=settings, providers=self._providers)
+            # onnxruntime prints a banner to stdout when a provider fails and it retries another; the failure,
+            # if it is one, comes as the exception.
+            with contextlib.redirect_stdout(printed):
+                return ort.InferenceSession(blob, sess_options=settings, providers=self._providers)
         except Exception as exc:
             raise DissectionError(f"onnxruntime cannot load {self.path}: {_first_line(exc)}") from None
+        finally:
+            if printed.getvalue().strip():
+                log.debug("onnxruntime said: %s", printed.getvalue().strip())
 
     def session(self, layers: Sequence[str]) -> Any:
         """The session that returns ``layers`` (created once per set of layers)."""
@@ -282,9 +337,22 @@ class OnnxBackend:
             value = torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
             layout = self.layouts[name]
             if layout.spatial:
-                value = layout.to_map(value, input_hw)
+                value = self._as_map(name, layout, value, input_hw)
             maps[name] = value.to(images.device)
         return {layer: maps[layer] for layer in layers}
+
+    def _as_map(self, name: str, layout: Layout, value: torch.Tensor, input_hw: tuple[int, int]) -> torch.Tensor:
+        """A tensor as the ``(N, C, h, w)`` map its layout says; a graph whose shape information disagrees with
+        what it computes (a stranger's file may say anything) is refused in one line."""
+        try:
+            result = layout.to_map(value, input_hw)
+        except (ValueError, RuntimeError):
+            result = None
+        if result is None or result.ndim != 4:
+            raise DissectionError(f"{self.path.name}: tensor {name!r} is {tuple(value.shape)} when the model runs, "
+                                  f"not the {layout.kind} map its graph declared; the graph's shape information "
+                                  "is wrong: export the model again")
+        return result
 
     def _chunks(self, array: np.ndarray) -> list[tuple[np.ndarray, int]]:
         """The batch as the graph takes it: whole for a dynamic batch dimension, else chunks of the fixed

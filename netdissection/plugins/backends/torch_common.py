@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import re
+import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +15,7 @@ import torch
 from torch import nn
 
 from ...core.errors import DissectionError
+from ...core.limits import check_inflation
 from ...core.types import LayerInfo
 from .layouts import ATTENTION_LAYOUT, VECTOR_LAYOUT, Layout, attention_probabilities, detect, token_hints
 
@@ -24,26 +28,61 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _refusal(exc: BaseException) -> str:
+    """Why torch.load refused a checkpoint, in one line (its own message is many, and advises loading the
+    file with code execution allowed)."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if named:
+            return (f"it holds Python objects ({named.group(1).rstrip('.')}) that only running code from the file "
+                    "could rebuild; checkpoints are read as data and never run (torch.load with weights_only=True): "
+                    "save the weights alone with torch.save(model.state_dict(), PATH)")
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        return (f"it is no checkpoint torch reads as data (torch.load with weights_only=True): "
+                f"{found.group(1).strip() if found else 'it is damaged'}")
+    return f"it cannot be read as a torch checkpoint: {_first_line(exc)}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a checkpoint file, loaded as untrusted data (``weights_only=True``).
 
     Accepts a bare state dict or the usual wrappers (``state_dict``, ``model``, ``model_state``),
-    and strips the ``module.`` prefix DataParallel adds.
+    and strips the ``module.`` prefix DataParallel adds. A checkpoint in torch's zip format is held to the
+    inflation limit first: torch reads deflated members too, so a few MB could otherwise inflate to
+    gigabytes in memory.
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise DissectionError(f"weights file {p} does not exist")
+    if zipfile.is_zipfile(p):
+        try:
+            with zipfile.ZipFile(p) as archive:
+                check_inflation(archive, p, f"weights file {p}")
+        except DissectionError:
+            raise
+        except Exception as exc:  # zipfile raises many types on a damaged directory (UnicodeDecodeError, ...)
+            # torch reads zips with another parser: what this one cannot check is refused, not passed on.
+            raise DissectionError(f"weights file {p} is a damaged zip archive ({type(exc).__name__}: "
+                                  f"{_first_line(exc)})") from None
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # about odd pickle protocols and the like: the refusal says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DissectionError(f"weights file {p} cannot be read as a torch checkpoint: "
-                              f"{str(exc).splitlines()[0]}") from None
+        raise DissectionError(f"weights file {p} is refused: {_refusal(exc)}") from None
     for key in ("state_dict", "model", "model_state", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DissectionError(f"weights file {p} holds no state dict of tensors")
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise DissectionError(f"weights file {p} holds no state dict of tensors (names → tensors)")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -55,7 +94,8 @@ def load_weights(model: nn.Module, path: str | Path, model_name: str) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    mismatched = [k for k in expected if k in state and (tuple(state[k].shape) != tuple(expected[k].shape)
+                                                         or state[k].is_complex() != expected[k].is_complex())]
     if missing or unexpected or mismatched:
         parts = []
         if missing:
@@ -63,10 +103,15 @@ def load_weights(model: nn.Module, path: str | Path, model_name: str) -> None:
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if mismatched:
-            parts.append(f"{len(mismatched)} of another shape (e.g. {mismatched[0]})")
+            parts.append(f"{len(mismatched)} of another shape or kind (e.g. {mismatched[0]})")
         raise DissectionError(f"checkpoint {path} does not fit {model_name}: keys {', '.join(parts)}; "
                               "is it a checkpoint of this architecture?")
-    model.load_state_dict(state, strict=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.load_state_dict(state, strict=True)
+    except Exception as exc:  # the right names and shapes, values torch cannot copy in (complex, sparse, ...)
+        raise DissectionError(f"checkpoint {path} does not fit {model_name}: {_first_line(exc)}") from None
 
 
 #: ``layout_of(name, output, batch, input_hw)``: a module's probe output as a layer (its info and layout),

@@ -4,15 +4,16 @@ The archives are large (about 1 GB for broden1_224) and served over plain HTTP, 
 
 - the download goes into ``NAME.zip.part`` and resumes with an HTTP Range request after an interruption
   (a server that ignores Range is detected by its 200 answer, and the file starts over);
-- the archive is checked (zip CRCs), unpacked into a hidden temporary folder, its layout verified against
-  its own index.csv (every file it names exists), and only then renamed to ``DEST/NAME``: a failure at any
-  step leaves nothing that looks complete (a corrupt archive is deleted, not kept for a resume).
+- the archive is checked before anything is unpacked (member paths that stay inside, no member inflating
+  more than ``core.limits.MAX_INFLATION``-fold, room on the disk for what it declares, zip CRCs), unpacked
+  into a hidden temporary folder, its layout verified against its own index.csv (every file it names
+  exists), and only then renamed to ``DEST/NAME``: a failure at any step leaves nothing that looks
+  complete (a corrupt or hostile archive is deleted, not kept for a resume).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import http.client
 import logging
 import os
@@ -23,13 +24,14 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from ... import __version__
 from ...core.errors import DissectionError, UnknownNameError
+from ...core.limits import check_free_space, check_inflation
+from .paths import relative_problem
 
 log = logging.getLogger(__name__)
 
@@ -139,23 +141,39 @@ def fetch(url: str, part: Path, *, retries: int = 3, progress: ByteProgress | No
 def _safe_members(archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
     members = archive.infolist()
     for info in members:
-        path = PurePosixPath(info.filename)
-        if path.is_absolute() or ".." in path.parts:
+        if relative_problem(info.filename) is not None:
             raise DissectionError(f"the archive holds the unsafe path {info.filename!r}; refusing to unpack it")
     return members
 
 
-def check_archive(path: Path) -> int:
-    """Check every member's CRC; return the unpacked size in bytes. Raises DissectionError when corrupt."""
+def check_archive(path: Path, target_folder: Path | None = None) -> int:
+    """Check an archive before a byte is unpacked: safe member paths, room on the disk of ``target_folder``
+    for what it declares, the inflation limit, then every member's CRC; return the unpacked size in bytes.
+
+    Raises DissectionError; ``_Unfit`` when the archive does not fit on the disk.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
             members = _safe_members(archive)
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            size = sum(m.file_size for m in members)
+            if target_folder is not None:
+                try:
+                    check_free_space(size, target_folder, f"unpacking {path.name}")
+                except DissectionError as exc:
+                    raise _Unfit(str(exc)) from None
+            check_inflation(archive, path, f"the downloaded archive {path.name}")
+            bad = archive.testzip()  # reads every member, held to its declared size
+    except DissectionError:
+        raise
+    except Exception as exc:  # zipfile raises many types on a damaged archive (BadZipFile, zlib.error, ...)
         raise DissectionError(f"the downloaded archive {path.name} is corrupt ({exc})") from None
     if bad is not None:
         raise DissectionError(f"the downloaded archive {path.name} is corrupt: {bad} fails its CRC check")
-    return sum(m.file_size for m in members)
+    return size
+
+
+class _Unfit(DissectionError):
+    """An archive that does not fit where it should be unpacked: kept, for another --dest."""
 
 
 def _dataset_root(folder: Path) -> Path:
@@ -169,28 +187,31 @@ def _dataset_root(folder: Path) -> Path:
 
 
 def verify_broden(root: Path) -> BrodenLayout:
-    """Check the layout of an unpacked Broden folder: its tables exist and every file index.csv names exists."""
+    """Check the layout of an unpacked Broden folder: its tables exist and read as the dataset reader reads
+    them, and every file index.csv names exists."""
+    from .broden import BrodenDataset, read_categories
+
     for name in ("index.csv", "label.csv", "category.csv"):
         if not (root / name).is_file():
             raise DissectionError(f"the archive lacks {name}")
-    with (root / "category.csv").open(newline="", encoding="utf-8") as f:
-        categories = tuple(r["name"] for r in csv.DictReader(f))
-    missing_tables = [f"c_{c}.csv" for c in categories if not (root / f"c_{c}.csv").is_file()]
-    missing: list[str] = []
+    categories = tuple(read_categories(root))
+    missing = [f"c_{c}.csv" for c in categories if not (root / f"c_{c}.csv").is_file()]
+    count = len(missing)
     images = labels = 0
-    with (root / "index.csv").open(newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            names = [row["image"]]
-            for c in categories:
-                names += [n for n in (row.get(c) or "").split(";") if n and not n.strip().isdigit()]
+    if not missing:
+        dataset = BrodenDataset(root)
+        for index in range(len(dataset)):
+            row = dataset.row(index)
             images += 1
-            labels += len(names) - 1
-            missing += [n for n in names if not (root / "images" / n).is_file()]
-    if missing_tables or missing:
-        shown = ", ".join((missing_tables + [f"images/{m}" for m in missing])[:5])
-        count = len(missing_tables) + len(missing)
+            labels += len(row.pixel_files)
+            for name in (row.image, *row.pixel_files):
+                if not (root / "images" / name).is_file():
+                    count += 1
+                    if len(missing) < 5:
+                        missing.append(f"images/{name}")
+    if count:
         raise DissectionError(f"the archive is incomplete: {count} file(s) named in its tables are missing "
-                              f"({shown}{', ...' if count > 5 else ''})")
+                              f"({', '.join(missing)}{', ...' if count > 5 else ''})")
     return BrodenLayout(images=images, label_files=labels, categories=categories)
 
 
@@ -204,16 +225,14 @@ def _discard(archive: Path, exc: DissectionError) -> DissectionError:
 def unpack_broden(archive: Path, target: Path) -> BrodenLayout:
     """Unpack ``archive`` into ``target`` through a hidden temporary folder; verify before the final rename.
 
-    A corrupt or incomplete archive is deleted; one that merely does not fit on the disk is kept.
+    A corrupt, incomplete or hostile archive is deleted; one that merely does not fit on the disk is kept.
     """
     try:
-        size = check_archive(archive)
+        check_archive(archive, target.parent)
+    except _Unfit:
+        raise
     except DissectionError as exc:
         raise _discard(archive, exc) from None
-    free = shutil.disk_usage(target.parent).free
-    if free < size:
-        raise DissectionError(f"unpacking {archive.name} needs {size / 1e9:.1f} GB but {target.parent} has "
-                              f"{free / 1e9:.1f} GB free")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.unpack-", dir=target.parent))
     try:
         with zipfile.ZipFile(archive) as zf:

@@ -27,8 +27,10 @@ import numpy as np
 
 from ...core.errors import DissectionError, UnknownNameError, refuse_options
 from ...core.hookspecs import hookimpl
+from ...core.limits import MAX_LABEL_PIXELS, check_pixels
 from ...core.types import Concept, Sample, Vocabulary, select_categories
 from .labelmaps import MAX_ID, decode_labels, decode_rgb, read_size, selection_table
+from .paths import Confined, portable, relative_problem
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +71,16 @@ class FolderRow:
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets save a BOM
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        reader.fieldnames = header
-        return header, [(line, row) for line, row in enumerate(reader, start=2)]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets save a BOM
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in reader.fieldnames or []]
+            reader.fieldnames = header
+            return header, [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError as exc:
+        raise DissectionError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise DissectionError(f"{path} is no CSV file: {str(exc).strip() or type(exc).__name__}") from None
 
 
 def read_concepts(root: Path) -> tuple[list[Concept], list[Problem]]:
@@ -123,10 +130,9 @@ def read_concepts(root: Path) -> tuple[list[Concept], list[Problem]]:
 
 def _relative(value: str) -> str | None:
     """A portable relative path, or None when it is absolute or leaves the folder."""
-    path = PurePosixPath(value.replace("\\", "/"))
-    if path.is_absolute() or ".." in path.parts or re.match(r"^[A-Za-z]:", value):
+    if relative_problem(value) is not None:
         return None
-    return str(path)
+    return str(PurePosixPath(portable(value)))
 
 
 def read_samples(root: Path, concepts: Sequence[Concept]) -> tuple[list[FolderRow], list[Problem]]:
@@ -230,10 +236,15 @@ class FolderDataset:
         self.vocabulary = Vocabulary(selected, tuple(sorted((c for c in concepts if c.category in selected),
                                                             key=lambda c: c.number)))
         self.rows = rows
+        self.files = Confined(root)
         self.known_ids = np.array(sorted(c.number for c in concepts), dtype=np.int64)
         mask = first_mask(root, rows)
         #: The set's label resolution: every label map has the size of the first one.
-        self.label_size = read_size(root / mask, f"label map {root / mask}") if mask else None
+        self.label_size = None
+        self.first_mask = mask
+        if mask:
+            what = f"label map {root / mask}"
+            self.label_size = read_size(self.files.file(root / mask, what), what, MAX_LABEL_PIXELS)
         self._lut: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -256,10 +267,13 @@ class FolderDataset:
     def load(self, index: int, *, image: bool = True, labels: bool = True) -> Sample:
         row = self.rows[index]
         image_path = self.image_path(index)
-        rgb = decode_rgb(image_path, f"image {image_path}") if image else None
+        what = f"image {image_path}"
+        rgb = decode_rgb(self.files.file(image_path, what), what) if image else None
         shape = self.label_size
         if shape is None:  # no label maps anywhere: image-level labels cover the image
-            shape = rgb.shape[:2] if rgb is not None else read_size(image_path, f"image {image_path}")
+            shape = rgb.shape[:2] if rgb is not None else read_size(self.files.file(image_path, what), what)
+            check_pixels(shape[0], shape[1], f"{what} (the label resolution: the set has no label maps)",
+                         MAX_LABEL_PIXELS)
         layers = None
         image_labels: tuple[int, ...] = ()
         if labels:
@@ -267,10 +281,9 @@ class FolderDataset:
             layers = np.zeros((len(row.masks), *shape), dtype=np.int32)
             for k, name in enumerate(row.masks):
                 path = self.root / name
-                values = decode_labels(path, f"label map {path}")
-                if values.shape != shape:
-                    raise DissectionError(f"label map {path} is {values.shape[0]}×{values.shape[1]} (h×w) but the "
-                                          f"set's label maps are {shape[0]}×{shape[1]} (the size of the first one)")
+                what = f"label map {path}"
+                values = decode_labels(self.files.file(path, what), what, shape,
+                                       f"the first label map of the set, {self.first_mask}, is")
                 mapped = lut[values]
                 if (mapped < 0).any():
                     unknown = np.unique(values[mapped < 0])[:5].tolist()

@@ -16,6 +16,7 @@ import numpy as np
 from ...core.errors import DissectionError
 from .folder_dataset import CONCEPTS, Problem, categories_in_order, read_concepts, read_samples
 from .labelmaps import decode_labels, decode_rgb
+from .paths import Confined
 
 #: At most this many unknown ids are named per label map.
 SHOWN_IDS = 8
@@ -61,6 +62,7 @@ def validate_folder(path: str | Path, progress: Callable[[int], None] | None = N
     rows, more = read_samples(root, concepts)
     report.problems += problems + more
     report.concepts, report.categories, report.images = len(concepts), categories_in_order(concepts), len(rows)
+    files = Confined(root)
     category = {c.number: c.category for c in concepts}
     known = np.array(sorted(category), dtype=np.int64)
     first_image: tuple[str, tuple[int, int]] | None = None
@@ -70,7 +72,7 @@ def validate_folder(path: str | Path, progress: Callable[[int], None] | None = N
         where = f"(samples.csv line {row.line})"
         present: set[int] = set(row.labels)
         try:
-            shape = decode_rgb(root / row.image, "the image").shape[:2]
+            shape = decode_rgb(files.file(root / row.image, "the image"), "the image").shape[:2]
             if first_image is None:
                 first_image = (row.image, shape)
             elif shape != first_image[1]:
@@ -81,7 +83,7 @@ def validate_folder(path: str | Path, progress: Callable[[int], None] | None = N
         for mask in row.masks:
             report.masks += 1
             try:
-                values = decode_labels(root / mask, "the label map")
+                values = decode_labels(files.file(root / mask, "the label map"), "the label map")
             except DissectionError as exc:
                 report.problems.append(Problem(mask, f"{str(exc).removeprefix('the label map ')} {where}"))
                 continue

@@ -32,9 +32,11 @@ import numpy as np
 
 from ...core.errors import DissectionError, UnknownNameError, refuse_options
 from ...core.hookspecs import hookimpl
+from ...core.limits import MAX_LABEL_PIXELS, check_pixels
 from ...core.types import Concept, Sample, Vocabulary, select_categories
 from .folder_dataset import CATEGORY_NAME, CONCEPTS
 from .labelmaps import MAX_ID, decode_labels, decode_rgb, read_size, selection_table
+from .paths import regular_file
 
 if TYPE_CHECKING:
     import datasets
@@ -320,7 +322,8 @@ class HFDataset:
                     item = value.as_py()
                     item = next((v for v in item if v), None) if column.many and item else item
                     if item:
-                        return read_size(self._source(item, "label map"), f"the first label map of {self.ref}")
+                        what = f"the first label map of {self.ref}"
+                        return read_size(self._source(item, what), what, MAX_LABEL_PIXELS)
         return None
 
     # ---------------------------------------------------------------------------------------- samples
@@ -329,11 +332,15 @@ class HFDataset:
         return self.length
 
     @staticmethod
-    def _source(value: dict[str, Any], what: str) -> bytes | Path:
+    def _source(value: Any, what: str) -> bytes | Path:
+        if not isinstance(value, dict):
+            raise DissectionError(f"{what} is {type(value).__name__}, not an image (bytes or a path)")
         if value.get("bytes"):
             return bytes(value["bytes"])
         if value.get("path"):
-            return Path(value["path"])
+            # A row may name a file instead of holding its bytes (datasets' imagefolder does): read it where
+            # it is, as the datasets library would, but never a FIFO or a device, which would block the run.
+            return regular_file(Path(value["path"]), f"{what} ({value['path']})")
         raise DissectionError(f"{what} has neither bytes nor a path")
 
     def _where(self, index: int, column: str) -> str:
@@ -355,9 +362,11 @@ class HFDataset:
             rgb = decode_rgb(self._source(value, what), what)
         shape = self.label_size
         if shape is None:
+            what = f"the image of {self._where(index, self.image_column)}"
             shape = rgb.shape[:2] if rgb is not None else read_size(
-                self._source(self._view("image")[index].column(self.image_column)[0].as_py() or {}, "image"),
-                f"the image of {self._where(index, self.image_column)}")
+                self._source(self._view("image")[index].column(self.image_column)[0].as_py() or {}, what), what)
+            check_pixels(shape[0], shape[1], f"{what} (the label resolution: the dataset has no label maps)",
+                         MAX_LABEL_PIXELS)
         layers = None
         image_labels: list[int] = []
         if labels:
@@ -369,12 +378,21 @@ class HFDataset:
                 if column.kind == "masks":
                     maps.extend(self._mask(item, index, column.name, shape) for item in items if item)
                 elif column.kind == "classes":
-                    image_labels.extend(int(self.lut[self.class_maps[column.name][k]]) for k in items if k >= 0)
+                    image_labels.extend(self._classes(items, index, column.name))
                 else:
                     image_labels.extend(self._ids(np.array(items, dtype=np.int64), index, column.name).tolist())
             layers = np.stack(maps) if maps else np.zeros((0, *shape), dtype=np.int32)
         selected = tuple(dict.fromkeys(n for n in image_labels if n > 0))
         return Sample(index=index, image=rgb, layers=layers, image_labels=selected, label_shape=shape)
+
+    def _classes(self, items: list[int], index: int, column: str) -> list[int]:
+        """Concept ids of ClassLabel values (-1: no label); a value past the class names is an error."""
+        classes = self.class_maps[column]
+        bad = [k for k in items if k >= len(classes)]
+        if bad:
+            raise DissectionError(f"{self._where(index, column)} holds the class {bad[0]}, but the column names "
+                                  f"only {len(classes)} classes")
+        return [int(self.lut[classes[k]]) for k in items if k >= 0]
 
     def _ids(self, values: np.ndarray, index: int, column: str) -> np.ndarray:
         values = values[values > 0]
@@ -387,10 +405,7 @@ class HFDataset:
 
     def _mask(self, value: dict[str, Any], index: int, column: str, shape: tuple[int, int]) -> np.ndarray:
         what = f"the label map of {self._where(index, column)}"
-        values = decode_labels(self._source(value, what), what)
-        if values.shape != shape:
-            raise DissectionError(f"{what} is {values.shape[0]}×{values.shape[1]} (h×w) but the first label map "
-                                  f"is {shape[0]}×{shape[1]}")
+        values = decode_labels(self._source(value, what), what, shape, "the first label map is")
         mapped = self.lut[values]
         if (mapped < 0).any():
             unknown = np.unique(values[mapped < 0])[:5].tolist()
