@@ -40,8 +40,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from netdissection.plugins.datasets.broden_writer import staging, stems, write_csv  # noqa: E402
-from netdissection.plugins.datasets.labelmaps import encode_broden_rgb  # noqa: E402
+from netdissection.plugins.datasets.broden_writer import staging, stems, write_csv
+from netdissection.plugins.datasets.labelmaps import encode_broden_rgb
 
 #: Bump when the output changes, so that cached sets of an older version are not reused.
 VERSION = 1
@@ -167,7 +167,8 @@ class Painter:
         base = np.asarray(COLORS[colour], dtype=np.float32) + rng.integers(-10, 11, size=3)
         gy, gx, amp = rng.uniform(-25, 25), rng.uniform(-25, 25), rng.uniform(0, 18)
         fy, fx = rng.uniform(4, 40, size=2)
-        shade = gy * (self.y - 0.5) + gx * (self.x - 0.5) + amp * np.sin(fy * self.y * 6.28) * np.sin(fx * self.x * 6.28)
+        ripple = np.sin(fy * self.y * 6.28) * np.sin(fx * self.x * 6.28)
+        shade = gy * (self.y - 0.5) + gx * (self.x - 0.5) + amp * ripple
         self.rgb[mask] = base + shade[mask][:, None]
 
     def finish(self) -> np.ndarray:
@@ -351,7 +352,7 @@ def statistics(path: Path) -> dict[str, float]:
         labelled.append(float((per_pixel > 0).mean()))
         depth.append(float(per_pixel[per_pixel > 0].mean()) if (per_pixel > 0).any() else 0.0)
         jpeg.append(dataset.image_path(i).stat().st_size / 1e3)
-    sh, sw = sample.label_shape
+    sh = sample.label_shape[0]
     return {"images": len(dataset), "concepts": len(dataset.vocabulary.concepts), "layers": float(np.mean(layers)),
             "distinct": float(np.mean(distinct)), "labelled": float(np.mean(labelled)), "depth": float(np.mean(depth)),
             "label_px": float(sh), "jpeg_kb": float(np.mean(jpeg))}
