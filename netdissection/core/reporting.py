@@ -5,6 +5,7 @@ Kept apart from the scheduler so that rebuilding reports (``dissect report``) ne
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ def write_reports(host: Any, result: RunResult, out: Path, reporters: Sequence[s
     """Run the report writers, then save the counts and the summary — the summary last, as the mark
     of a complete run. ``options`` gives writers their factory's keyword arguments, by writer name
     (e.g. ``{"html": {"top_k": 5}}``)."""
+    started = time.perf_counter()
     folders = layer_dirnames(result.layers)
     written: list[Path] = []
     for name, layer in result.layers.items():
@@ -69,5 +71,7 @@ def write_reports(host: Any, result: RunResult, out: Path, reporters: Sequence[s
     for _name, writer in _reporters(host, reporters, options):
         written.extend(writer.write(result, out))
     result.written = [str(p.relative_to(out)) for p in written] + [SUMMARY]
+    # The summary records how long the reports on disk took (the passes' seconds are the run's own).
+    result.seconds["reports"] = time.perf_counter() - started
     write_summary(out / SUMMARY, summary_of(result))
     return [*written, out / SUMMARY]
