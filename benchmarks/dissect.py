@@ -176,8 +176,9 @@ def report_model(model: Model, runs: dict[str, list[Measured]], images: int) -> 
             values = [m.details.get(key, float("nan")) for m in lite]
             table.add_row(f"  {key}", spread(values, 2), "", "", "")
     Console(width=140, emoji=False, highlight=False).print(table)
+    passes = [m.details["passes"] / f.seconds for m, f in zip(dissection, forward, strict=True)]
     print(f"{model.name}: dissection ÷ forward = {spread(per_round(dissection, forward), 2)}; "
-          f"passes ÷ forward = {spread([m.details['passes'] / f.seconds for m, f in zip(dissection, forward, strict=True)], 2)}"
+          f"passes ÷ forward = {spread(passes, 2)}"
           + (f"; Lite ÷ dissection = {spread(per_round(lite, dissection), 2)}" if lite else ""))
 
 
