@@ -7,7 +7,8 @@
 The run is dissected once (seeded random weights, tally and thresholds only) and kept in the temp folder.
 Then each repeat rebuilds every default report of it in a fresh process, as ``dissect`` writes them at
 the end of a run (``write_reports``: counts, tally, thresholds, plots, HTML with its strips, summary),
-timing the whole and each writer, imports of matplotlib and Pillow included (a run pays them too).
+timing the whole and each writer, imports of matplotlib and Pillow included (a run pays them too), in a
+process that holds what a run holds at that point (torch and the model).
 
 With ``--baseline``, the same is measured with the ``netdissection`` package of another checkout, the two
 alternating (so load on the machine hits both alike), and the outputs are compared: the same page, the same
@@ -42,6 +43,11 @@ from netdissection.core.results import load_run
 from netdissection.registry import build_host
 
 shutil.copytree(run, out)
+# Hold what a run holds when it writes its reports (torch, the model: ~1 GB that worker processes fork from).
+import torch, torchvision
+model = torchvision.models.resnet18()
+with torch.inference_mode():
+    model(torch.zeros(2, 3, 224, 224))
 host = build_host()
 result = load_run(Path(out))
 seconds = {}

@@ -9,6 +9,7 @@ safe default (anything but Linux), or for one task or one core, the tasks run he
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import sys
@@ -50,8 +51,13 @@ def run_tasks(tasks: Sequence[Callable[[], T]], workers: int | None = None) -> l
         return [task() for task in tasks]
     with _ONE_POOL:
         _TASKS = tasks
+        # Frozen objects are left out of garbage collection: a collection in a child would otherwise walk
+        # every object it inherited (torch's and the model's: hundreds of MB), writing into each and so
+        # copying every page of them.
+        gc.freeze()
         try:
             with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork")) as pool:
                 return list(pool.map(_run, range(len(tasks))))
         finally:
+            gc.unfreeze()
             _TASKS = ()

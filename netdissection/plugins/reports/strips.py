@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ...core.errors import DissectionError
 from ...core.types import LayerResult
 from .overlay import bounding_box, dim, draw_overlay, unit_mask, unit_overlay
 
@@ -87,11 +89,13 @@ class ImageSource:
         return self._derived(index, ("dimmed", factor), lambda _image: shrink(self.dimmed(index), factor))
 
     def preload(self, indices: Iterable[int]) -> None:
-        """Decode these images now (as many as the budget holds), e.g. before worker processes fork."""
+        """Decode these images now (as many as the budget holds), e.g. before worker processes fork. One that
+        cannot be read is left for the strips that show it to report."""
         for index in indices:
             if self._bytes >= self.budget:
                 break
-            self.dimmed(index)
+            with suppress(DissectionError, OSError):
+                self.dimmed(index)
 
 
 def shrink(pixels: np.ndarray, factor: int) -> np.ndarray:
@@ -253,38 +257,71 @@ def _background(height: int, width: int) -> np.ndarray:
 UNITS_PER_TASK = 16
 
 
-def write_layer_strips(layer: LayerResult, images: Callable[[int], np.ndarray], folder: Path, *,
-                       tile: int, quality: int, top_k: int | None, workers: int | None = None
-                       ) -> dict[int, Strip]:
-    """Write ``unit0001.jpg``... into ``folder`` (units 1-based, as in tally.csv); the strips by unit index.
+@dataclass(frozen=True)
+class StripJob:
+    """The strips of one layer, to be written into ``folder``."""
+
+    layer: LayerResult
+    folder: Path
+
+
+def write_strips(jobs: Sequence[StripJob], images: Callable[[int], np.ndarray], *, tile: int, quality: int,
+                 top_k: int | None, workers: int | None = None) -> list[dict[int, Strip] | Exception]:
+    """Write ``unit0001.jpg``... (units 1-based, as in tally.csv) into each job's folder; per job, its strips by
+    unit index, or the error (a :class:`DissectionError` or ``OSError``, e.g. an image gone bad) that stopped
+    them: a layer's failure costs only that layer's strips.
 
     The top images are decoded first, here (an :class:`ImageSource` keeps them, within its budget, with
     their dimmed copies, for all the units that share them); then units go in chunks to worker processes,
-    one per core (:mod:`.parallel`), which inherit the decoded images, draw and encode their strips, and
-    send back only what the page needs of each. ``workers``: at most this many processes (1: all here).
+    one per core, all layers in one pool (:mod:`.parallel`). The workers inherit the decoded images, draw and
+    encode their strips, and send back only what the page needs of each. ``workers``: at most this many
+    processes (1: all here).
     """
     from .parallel import run_tasks
 
-    folder.mkdir(parents=True, exist_ok=True)
-    digits = max(4, len(str(layer.units)))
     source = images if isinstance(images, ImageSource) else None
 
-    def encode(units: range) -> list[tuple[int, Strip]]:
-        done = []
-        for unit in units:
-            pictures = [(slot, index, images(index)) for slot, index in unit_tiles(layer, unit, top_k)]
-            if not pictures:
-                continue
-            strip = render_strip(layer, unit, pictures, tile, source)
-            path = folder / f"unit{unit + 1:0{digits}d}.jpg"
-            # No optimize=True: it halves the encoding speed for 5% smaller files, and leaves the pixels alone.
-            strip.save(path, format="JPEG", quality=quality)
-            done.append((unit, Strip(path, strip.width, strip.height, _tiles(layer, unit, pictures))))
+    def encode(job: StripJob, units: range) -> list[tuple[int, Strip]] | Exception:
+        layer, done = job.layer, []
+        digits = max(4, len(str(layer.units)))
+        try:
+            for unit in units:
+                pictures = [(slot, index, images(index)) for slot, index in unit_tiles(layer, unit, top_k)]
+                if not pictures:
+                    continue
+                strip = render_strip(layer, unit, pictures, tile, source)
+                path = job.folder / f"unit{unit + 1:0{digits}d}.jpg"
+                # No optimize=True: twice the encoding time for 5% smaller files, and the same pixels.
+                strip.save(path, format="JPEG", quality=quality)
+                done.append((unit, Strip(path, strip.width, strip.height, _tiles(layer, unit, pictures))))
+        except (DissectionError, OSError) as exc:
+            return exc
         return done
 
+    tasks: list[tuple[int, range]] = []
+    for j, job in enumerate(jobs):
+        job.folder.mkdir(parents=True, exist_ok=True)
+        tasks += [(j, range(start, min(job.layer.units, start + UNITS_PER_TASK)))
+                  for start in range(0, job.layer.units, UNITS_PER_TASK)]
     if source is not None:  # decoded once here, and shared by the workers, rather than once in each
-        source.preload(dict.fromkeys(i for unit in range(layer.units) for _slot, i in unit_tiles(layer, unit, top_k)))
-    chunks = [range(start, min(layer.units, start + UNITS_PER_TASK))
-              for start in range(0, layer.units, UNITS_PER_TASK)]
-    tasks: list[Callable[[], list[tuple[int, Strip]]]] = [lambda units=units: encode(units) for units in chunks]
-    return {unit: strip for done in run_tasks(tasks, workers) for unit, strip in done}
+        source.preload(dict.fromkeys(index for job in jobs for unit in range(job.layer.units)
+                                     for _slot, index in unit_tiles(job.layer, unit, top_k)))
+    outcomes = run_tasks([lambda j=j, units=units: encode(jobs[j], units) for j, units in tasks], workers)
+    results: list[dict[int, Strip] | Exception] = [{} for _ in jobs]
+    for (j, _units), outcome in zip(tasks, outcomes, strict=True):
+        if isinstance(outcome, Exception) or isinstance(results[j], Exception):
+            results[j] = results[j] if isinstance(results[j], Exception) else outcome
+        else:
+            results[j].update(outcome)  # type: ignore[union-attr]
+    return results
+
+
+def write_layer_strips(layer: LayerResult, images: Callable[[int], np.ndarray], folder: Path, *,
+                       tile: int, quality: int, top_k: int | None, workers: int | None = None
+                       ) -> dict[int, Strip]:
+    """The strips of one layer (:func:`write_strips`); raises what stopped them."""
+    (outcome,) = write_strips([StripJob(layer, folder)], images, tile=tile, quality=quality, top_k=top_k,
+                              workers=workers)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
