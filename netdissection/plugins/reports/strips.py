@@ -42,6 +42,10 @@ class Strip:
     tiles: tuple[tuple[int, float], ...]
 
 
+#: How much an image cache may grow after its preload, in each worker process that inherited it.
+PER_WORKER_BYTES = 64 << 20
+
+
 class ImageSource:
     """Dataset images by index, decoded once and kept in an LRU bounded in bytes (top images repeat
     across units, and decoding is a good part of the work), with what every overlay of the image starts
@@ -89,13 +93,15 @@ class ImageSource:
         return self._derived(index, ("dimmed", factor), lambda _image: shrink(self.dimmed(index), factor))
 
     def preload(self, indices: Iterable[int]) -> None:
-        """Decode these images now (as many as the budget holds), e.g. before worker processes fork. One that
-        cannot be read is left for the strips that show it to report."""
+        """Decode these images now (as many as the budget holds), before worker processes fork: they share
+        these pages. Each worker has its own copy of this cache, so from here on it may grow by only
+        ``PER_WORKER_BYTES`` more. An image that cannot be read is left for the strips that show it to report."""
         for index in indices:
             if self._bytes >= self.budget:
                 break
             with suppress(DissectionError, OSError):
                 self.dimmed(index)
+        self.budget = min(self.budget, self._bytes + PER_WORKER_BYTES)
 
 
 def shrink(pixels: np.ndarray, factor: int) -> np.ndarray:
