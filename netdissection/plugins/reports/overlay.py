@@ -105,18 +105,14 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, slice] | None:
     return slice(max(int(ys[0]) - 1, 0), int(ys[-1]) + 2), slice(max(int(xs[0]) - 1, 0), int(xs[-1]) + 2)
 
 
-def draw_overlay(image: np.ndarray, mask: np.ndarray, outline_width: int = 1, *, dimmed: np.ndarray | None = None,
-                 out: np.ndarray | None = None) -> np.ndarray:
+def draw_overlay(image: np.ndarray, mask: np.ndarray, outline_width: int = 1, *,
+                 dimmed: np.ndarray | None = None) -> np.ndarray:
     """``image`` (RGB uint8 ``(H, W, 3)``) with the area outside ``mask`` dimmed and its edge drawn in yellow.
 
-    ``dimmed``: ``dim(image)`` when the caller has it already (an image is a top image of many units);
-    ``out``: where to draw (an array of the image's shape, e.g. a view into a strip); returned."""
+    ``dimmed``: ``dim(image)``, when the caller has it already (an image is a top image of many units)."""
     if image.shape[:2] != mask.shape:
         raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
-    if out is None:
-        out = dim(image) if dimmed is None else dimmed.copy()
-    else:
-        np.copyto(out, dim(image) if dimmed is None else dimmed)
+    out = dim(image) if dimmed is None else dimmed.copy()
     box = bounding_box(mask)
     if box is not None:
         inside, region = mask[box], out[box]
@@ -125,8 +121,7 @@ def draw_overlay(image: np.ndarray, mask: np.ndarray, outline_width: int = 1, *,
     return out
 
 
-def unit_overlay(image: np.ndarray, raw: np.ndarray, threshold: float, outline_width: int = 1, *,
-                 dimmed: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+def unit_overlay(image: np.ndarray, raw: np.ndarray, threshold: float, outline_width: int = 1) -> np.ndarray:
     """The overlay of one top image of a unit: its raw map ``(h, w)`` upsampled to the image, thresholded
-    (strictly), drawn (``dimmed`` and ``out`` as in :func:`draw_overlay`)."""
-    return draw_overlay(image, unit_mask(raw, threshold, image.shape[:2]), outline_width, dimmed=dimmed, out=out)
+    (strictly), drawn."""
+    return draw_overlay(image, unit_mask(raw, threshold, image.shape[:2]), outline_width)

@@ -4,6 +4,12 @@ One file per unit (not per image) keeps a 512-unit layer at 512 small files and 
 the page loads fast, JPEG headers are paid once per strip, and NetDissect's readers know the look.
 The images come from the run's concept dataset; the raw maps and thresholds from the run's results,
 so no model runs again.
+
+Speed (a 512-unit layer is 5,120 thumbnails; a run's reports should take seconds): the strips are made in
+worker processes on every core; each top image is decoded and dimmed once for all the units that show it;
+and for each unit only the pixels inside its mask's box are drawn, the rest of a tile being the dimmed image
+shrunk once. :func:`render_strip` gives the same pixels as drawing each overlay whole (:func:`unit_overlays`,
+what the tests check exactly) and shrinking it (:func:`compose_strip`).
 """
 
 from __future__ import annotations
