@@ -137,3 +137,16 @@ def test_a_task_error_reaches_the_caller() -> None:
 
     with pytest.raises(DissectionError, match="image 3 is corrupt"):
         run_tasks([lambda: 1, fail, lambda: 2], workers=2)
+
+
+def _tasks_in_a_daemon(_: int) -> list[int]:
+    return run_tasks([lambda: os.getpid()] * 2, workers=2)
+
+
+def test_tasks_in_a_pool_worker_run_there() -> None:
+    """A multiprocessing pool's worker (daemonic) may not have children: its tasks run in it."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        pids = pool.map(_tasks_in_a_daemon, [0])[0]
+    assert len(set(pids)) == 1 and pids[0] != os.getpid()

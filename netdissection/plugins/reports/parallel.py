@@ -4,7 +4,8 @@ Drawing plots and encoding thumbnails is Python and NumPy work that threads cann
 GIL), so it runs in processes. They are forked from the writer's process: a task is any zero-argument
 callable (a closure over the run's results and the dataset), inherited by the children as they are, never
 pickled; only its index goes to a child and only its return value comes back. Where forking is not the
-safe default (anything but Linux), or for one task or one core, the tasks run here, one after the other.
+safe default (anything but Linux), inside a daemonic process (which may not have children), or for one
+task or one core, the tasks run here, one after the other.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def cores() -> int:
 
 
 def can_fork() -> bool:
-    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+    """Linux, and not inside a daemonic process (a multiprocessing pool's worker may have no children)."""
+    return (sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+            and not multiprocessing.current_process().daemon)
 
 
 def _run(index: int) -> Any:
