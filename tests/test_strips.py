@@ -18,6 +18,7 @@ from netdissection.plugins.reports.strips import (
     StripJob,
     compose_strip,
     render_strip,
+    shrink,
     tile_size,
     unit_overlays,
     unit_tiles,
@@ -150,3 +151,12 @@ def test_tasks_in_a_pool_worker_run_there() -> None:
     with multiprocessing.get_context("fork").Pool(1) as pool:
         pids = pool.map(_tasks_in_a_daemon, [0])[0]
     assert len(set(pids)) == 1 and pids[0] != os.getpid()
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3, 4])
+def test_shrink_is_pillows_reduce(factor: int) -> None:
+    rng = np.random.default_rng(factor)
+    for shape in [(factor, factor), (6 * factor, 2 * factor), (224 // factor * factor, 224 // factor * factor)]:
+        pixels = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        pixels[0] = 255  # the largest sums round too
+        np.testing.assert_array_equal(shrink(pixels, factor), np.asarray(Image.fromarray(pixels).reduce(factor)))

@@ -105,14 +105,11 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, slice] | None:
     return slice(max(int(ys[0]) - 1, 0), int(ys[-1]) + 2), slice(max(int(xs[0]) - 1, 0), int(xs[-1]) + 2)
 
 
-def draw_overlay(image: np.ndarray, mask: np.ndarray, outline_width: int = 1, *,
-                 dimmed: np.ndarray | None = None) -> np.ndarray:
-    """``image`` (RGB uint8 ``(H, W, 3)``) with the area outside ``mask`` dimmed and its edge drawn in yellow.
-
-    ``dimmed``: ``dim(image)``, when the caller has it already (an image is a top image of many units)."""
+def draw_overlay(image: np.ndarray, mask: np.ndarray, outline_width: int = 1) -> np.ndarray:
+    """``image`` (RGB uint8 ``(H, W, 3)``) with the area outside ``mask`` dimmed and its edge drawn in yellow."""
     if image.shape[:2] != mask.shape:
         raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
-    out = dim(image) if dimmed is None else dimmed.copy()
+    out = dim(image)
     box = bounding_box(mask)
     if box is not None:
         inside, region = mask[box], out[box]

@@ -27,7 +27,7 @@ import numpy as np
 
 from ...core.errors import DissectionError
 from ...core.types import LayerResult
-from .overlay import bounding_box, dim, draw_overlay, unit_mask, unit_overlay
+from .overlay import OUTLINE_RGB, bounding_box, dim, outline, unit_mask, unit_overlay
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -112,10 +112,17 @@ class ImageSource:
 
 def shrink(pixels: np.ndarray, factor: int) -> np.ndarray:
     """``pixels`` (H, W, 3) uint8 shrunk by an integer factor that divides H and W: each output pixel the
-    average of a factor×factor block (Pillow's ``reduce``, as :func:`scale_to` shrinks a tile)."""
+    average of a factor×factor block, exactly as Pillow's ``reduce`` (what :func:`scale_to` shrinks a tile
+    with) computes it."""
+    if factor == 1:
+        return pixels
+    if factor == 2:  # Pillow's 2×2 reduce is (sum + 2) >> 2; in NumPy, 5x faster on the small boxes drawn here
+        wide = pixels.astype(np.uint16)
+        total = wide[0::2, 0::2] + wide[1::2, 0::2] + wide[0::2, 1::2] + wide[1::2, 1::2] + 2
+        return (total >> 2).astype(np.uint8)
     from PIL import Image
 
-    return pixels if factor == 1 else np.asarray(Image.fromarray(pixels).reduce(factor))
+    return np.asarray(Image.fromarray(pixels).reduce(factor))
 
 
 def fit(shape: tuple[int, ...], tile: int) -> tuple[int, int]:
@@ -248,9 +255,11 @@ def render_strip(layer: LayerResult, unit: int, pictures: list[Picture], tile: i
         box = bounding_box(mask)
         if box is None:
             continue
+        # What draw_overlay does inside the box, on the box grown to whole blocks (still no mask on its border).
         rows, cols = _aligned(box, factor, image.shape)
-        drawn = draw_overlay(image[rows, cols], mask[rows, cols], outline_width(image.shape, square),
-                             dimmed=dimmed[rows, cols])
+        inside, drawn = mask[rows, cols], dimmed[rows, cols].copy()
+        np.copyto(drawn, image[rows, cols], where=inside[..., None])
+        drawn[outline(inside, outline_width(image.shape, square))] = OUTLINE_RGB
         view[rows.start // factor:rows.stop // factor, cols.start // factor:cols.stop // factor] = \
             shrink(drawn, factor)
     return Image.fromarray(strip)
