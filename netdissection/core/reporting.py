@@ -8,6 +8,7 @@ from the scheduler so that rebuilding reports never imports a framework.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,6 +86,7 @@ def write_results(result: RunResult, out: Path, writers: Sequence[WriterChoice] 
     from .run import QuietEvents
 
     events = events if events is not None else QuietEvents()
+    started = time.perf_counter()
     folders = layer_dirnames(result.layers)
     written: list[str] = []
     for name, layer in result.layers.items():
@@ -101,6 +103,8 @@ def write_results(result: RunResult, out: Path, writers: Sequence[WriterChoice] 
         written.extend(p for p in paths if p not in written)
     result.written = [*written, SUMMARY]
     result.plugin_errors = events.failures()
+    # The summary records how long the reports on disk took (the passes' seconds are the run's own).
+    result.seconds["reports"] = time.perf_counter() - started
     rewrite_summary(result, out)
     return [out / p for p in result.written]
 
