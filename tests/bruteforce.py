@@ -104,12 +104,14 @@ class BruteResult:
     has_category: list[set[str]]
 
 
-def dissect(acts: list[np.ndarray], data: BruteDataset, q: float = 0.005, lite: bool = False) -> BruteResult:
-    """``acts``: per image, the raw ``(units, h, w)`` float32 maps."""
+def dissect(acts: list[np.ndarray], data: BruteDataset, q: float = 0.005, lite: bool = False,
+            thresholds: np.ndarray | None = None) -> BruteResult:
+    """``acts``: per image, the raw ``(units, h, w)`` float32 maps; ``thresholds``: given, instead of the quantile's."""
     units = acts[0].shape[0]
     all_values = np.stack(acts).astype(np.float64)
-    thresholds = np.zeros(units)
-    for u in range(units):
+    given = thresholds
+    thresholds = np.zeros(units) if given is None else np.asarray(given, dtype=np.float64)
+    for u in range(units if given is None else 0):
         values = all_values[:, u].ravel()
         if lite:
             thresholds[u] = np.quantile(values, (int(1000 * (1 - q)) - 1) / 999, method="hazen")
