@@ -54,6 +54,21 @@ class LabelBatch:
             self.sets = label_sets(self.layers, self.shape, size)
         return self.sets
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> LabelBatch:
+        """The batch on ``device`` (its label sets too, when made)."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return LabelBatch(move(self.layers), move(self.image_labels), move(self.has_category), self.shape,
+                          self.sets.to(device, non_blocking) if self.sets is not None else None)
+
+    def pin_memory(self) -> LabelBatch:
+        sets = self.sets
+        if sets is not None:
+            sets = LabelSets(sets.ids.pin_memory(), sets.labels.pin_memory(), sets.image.pin_memory())
+        return LabelBatch(self.layers.pin_memory(), self.image_labels.pin_memory(), self.has_category.pin_memory(),
+                          self.shape, sets)
+
     def cell_blocks(self, plan: CellPlan) -> torch.Tensor:
         """The set ids of every pixel, one block per source cell of ``plan`` (shared by layers of one size)."""
         assert self.sets is not None
@@ -112,6 +127,22 @@ def prepare_labels(layers: torch.Tensor, image_labels: torch.Tensor, category_of
     has = (per_image > 0).float() @ one_hot > 0
     batch = LabelBatch(flat, image_labels, has[:, :categories], (sh, sw))
     return batch, truth
+
+
+@dataclass(frozen=True)
+class LabelPreparation:
+    """``prepare_labels`` with the run's vocabulary and semantics, label sets included: picklable, so that the
+    loader's worker processes prepare each batch's labels beside the main process's counting."""
+
+    category_of: np.ndarray
+    categories: int
+    semantics: str
+
+    def __call__(self, layers: torch.Tensor, image_labels: torch.Tensor) -> tuple[LabelBatch, torch.Tensor]:
+        batch, truth = prepare_labels(layers, image_labels, torch.from_numpy(self.category_of), self.categories,
+                                      self.semantics)
+        batch.label_sets(len(self.category_of))
+        return batch, truth
 
 
 class IoUAccumulator:
