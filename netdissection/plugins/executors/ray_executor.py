@@ -168,7 +168,8 @@ class Cluster:
                      "resources": {k: total[k] for k in ("CPU", "GPU", "memory") if k in total},
                      "node_cpus": max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0),
                      "node_gpus": max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0)}
-        log.info("Ray cluster %s: %d nodes, %s", self.info["address"], len(nodes), self.info["resources"])
+        log.info("Ray cluster %s: %d node%s, %g CPUs, %g GPUs", self.info["address"], len(nodes),
+                 "" if len(nodes) == 1 else "s", total.get("CPU", 0.0), total.get("GPU", 0.0))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -332,15 +333,15 @@ class _Job:
         self.group: Any = None
         self.lock = threading.Lock()
         self.stopped = False
+        self.began = time.perf_counter()  # the job's own time starts when its shards do (not while it waits)
 
     def run(self) -> None:
-        began = time.perf_counter()
         try:
             result = self.compute()
-            self.done(_Done(self.index, result=result, seconds=time.perf_counter() - began))
+            self.done(_Done(self.index, result=result, seconds=time.perf_counter() - self.began))
         except BaseException as exc:  # the job's failure is its outcome
             log.debug("job %s failed on Ray", self.job.display, exc_info=True)
-            self.done(_Done(self.index, error=exc, seconds=time.perf_counter() - began))
+            self.done(_Done(self.index, error=exc, seconds=time.perf_counter() - self.began))
         finally:
             self.release()
 
@@ -369,6 +370,7 @@ class _Job:
             self.group = placement_group([dict(wanted)] * len(shards), strategy="PACK",
                                          name=f"netdissection-{self.token}-job{self.index}")
         ray.get(self.group.ready())  # all shards at once, when the cluster has room for them
+        self.began = time.perf_counter()
         self.started(self.index)
         remote = _remote_worker()
         threads = max(1, int(wanted["CPU"]) - workers)
@@ -381,7 +383,9 @@ class _Job:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
             ).remote(worker_job, shard, total, threads, __version__) for i, shard in enumerate(shards)]
         sizes = [len(s) for s in shards]
-        seconds: dict[str, float] = {}
+        # The workers' start (a process each, the frameworks imported, the model built) apart from the passes.
+        self.gather("__ray_ready__", (), "", sizes)
+        seconds: dict[str, float] = {"workers": time.perf_counter() - self.began}
 
         begun = time.perf_counter()
         activations = merge_all(self.gather("activation_pass", (), "activations", sizes))
@@ -400,7 +404,7 @@ class _Job:
         begun = time.perf_counter()
         counts = merge_all(self.gather("iou_pass", (ray.put(thresholds),), "IoU", sizes))
         seconds["iou"] = time.perf_counter() - begun
-        seconds["passes"] = sum(seconds.values())
+        seconds["passes"] = seconds["activations"] + seconds["thresholds"] + seconds["iou"]
 
         about = self.gather("about", (), "", sizes)
         self.gather("close", (), "", sizes)
