@@ -20,6 +20,7 @@ from ..core.jobkey import Job, NotStorable, key_material, key_of
 from ..core.store import RUN, ResultsStore, StoredJob, materialise
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..core.run import PreparedRun
     from ..core.scheduler import Progress
     from ..core.types import RunResult
 
@@ -204,6 +205,17 @@ def dissect_arguments(job: Job) -> dict[str, Any]:
             "compat": job.compat, "batch_size": job.batch_size, "device": job.device, "workers": job.workers,
             "weights": job.weights, "pretrained": job.pretrained, "top_k": job.top_k, "skip_bad": job.skip_bad,
             "cache": job.cache, "cache_budget": job.cache_budget, "backend_options": dict(job.backend_options)}
+
+
+def prepare_job(job: Job, *, work_dir: str | Path | None = None, host: Any = None,
+                strict_plugins: bool | None = None) -> PreparedRun:
+    """The run a job stands for, prepared in this process as ``dissect`` prepares it — components built by name,
+    layers chosen, the plan, input spec and provenance — without running a pass: what an executor's workers
+    run shard by shard (``netdissection.core.scheduler.ShardRunner``). ``work_dir``: where the activation
+    cache goes (default: the temporary folder)."""
+    from ..api import prepare
+
+    return prepare(job.model, **dissect_arguments(job), host=host, strict_plugins=strict_plugins, work_dir=work_dir)
 
 
 def _has_layers(entry: StoredJob, requested: Sequence[str]) -> bool:

@@ -165,7 +165,7 @@ def check_layers(infos: list[LayerInfo], requested: Sequence[str] | None, model_
 class PreparedRun:
     """A run ready for its passes: the plan (components, layers, options), the input spec, the provenance
     and each layer's resolved module. :func:`run_dissection` runs it in this process; an executor that runs
-    the passes elsewhere prepares the very same run in each worker (``netdissection.api.prepare``)."""
+    the passes elsewhere prepares the very same run in each worker (``netdissection.prepare_job``)."""
 
     plan: Plan
     spec: InputSpec

@@ -6,7 +6,7 @@ partials merged here, exactly.
 
 A job is one model on one dataset. Its shards are runs of whole batches (``split_shards``), so the merged
 thresholds and counts equal the one-process run's bit for bit. Per job, one actor per shard prepares the run
-exactly as ``dissect`` does (``netdissection.api.prepare``) and keeps the model and the shard's activation
+exactly as ``dissect`` does (``netdissection.prepare_job``) and keeps the model and the shard's activation
 cache (a ``ShardRunner``) across the passes. This process (the driver) merges the activation passes, settles
 the thresholds (sending the merged rule states back while a rule wants another read), sends the thresholds
 for the IoU pass, adds the counts, and hands the run to the job context, which writes its reports and commits
@@ -232,9 +232,7 @@ class ShardWorker:
     def _prepare(self, job: Job, indices: np.ndarray, images: int, threads: int, version: str) -> None:
         import torch
 
-        from ... import __version__
-        from ...api import prepare
-        from ...compare.execution import dissect_arguments
+        from ... import __version__, prepare_job
         from ...core.scheduler import ShardRunner
 
         if version != __version__:
@@ -243,7 +241,7 @@ class ShardWorker:
         torch.set_num_threads(threads)
         work = Path(tempfile.gettempdir()) / "netdissection-shards"  # caches of killed workers are removed here
         work.mkdir(parents=True, exist_ok=True)
-        self.prepared = prepare(job.model, **dissect_arguments(job), work_dir=work)
+        self.prepared = prepare_job(job, work_dir=work)
         found = len(self.prepared.plan.dataset)
         if found != images:
             raise DissectionError(f"the dataset on {self.node} has {found} images and {images} here; every node "
