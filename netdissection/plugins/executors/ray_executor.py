@@ -239,7 +239,8 @@ class ShardWorker:
             raise DissectionError(f"the Ray worker on {self.node} has netdissection {__version__} and this process "
                                   f"{version}; install the same version on every node")
         torch.set_num_threads(threads)
-        work = Path(tempfile.gettempdir()) / "netdissection-shards"  # caches of killed workers are removed here
+        # The node's temporary folder, one per user: caches that killed workers left there are removed.
+        work = Path(tempfile.gettempdir()) / f"netdissection-shards-{os.getuid() if hasattr(os, 'getuid') else 0}"
         work.mkdir(parents=True, exist_ok=True)
         self.prepared = prepare_job(job, work_dir=work)
         found = len(self.prepared.plan.dataset)
