@@ -25,6 +25,7 @@ from .registry.failures import strict_plugins as strict_plugins_flag
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.protocols import Backend, ConceptDataset
+    from .core.run import PreparedRun
     from .core.scheduler import Progress
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,54 @@ def dissect(
                           layers=layers, writers=writers, compat=compat, out=out, batch_size=batch_size,
                           device=device, workers=workers, top_k=top_k, skip_bad=skip_bad, cache=cache,
                           cache_budget=cache_budget, progress=progress, events=relay, plugins=host.plugin_versions())
+
+
+def prepare(
+    model: Any,
+    *,
+    backend: str | None = None,
+    dataset: Any = None,
+    dataset_format: str | None = None,
+    layers: Sequence[str] | LayerChooser | None = None,
+    categories: Sequence[str] | None = None,
+    threshold: str | None = None,
+    threshold_params: Mapping[str, Any] | None = None,
+    quantile: float | None = None,
+    compat: str = "paper",
+    batch_size: int = 32,
+    device: str = "cpu",
+    workers: int | None = None,
+    weights: str | None = None,
+    pretrained: bool = False,
+    top_k: int = 10,
+    skip_bad: bool = False,
+    cache: str = "auto",
+    cache_budget: str | int | None = None,
+    host: Host | None = None,
+    backend_options: Mapping[str, Any] | None = None,
+    dataset_options: Mapping[str, Any] | None = None,
+    strict_plugins: bool | None = None,
+    work_dir: str | Path | None = None,
+) -> PreparedRun:
+    """Resolve every component by name as :func:`dissect` does and prepare the run, without running a pass:
+    the plan, input spec and provenance an executor needs to run the passes shard by shard in its workers
+    (``core.scheduler.ShardRunner``), each worker building the very plan ``dissect`` would. The arguments
+    are :func:`dissect`'s; ``work_dir`` is where the activation cache goes (default: the temporary folder)."""
+    from .core.run import prepare_run
+
+    strict = strict_plugins_flag(strict_plugins)
+    host = host if host is not None else build_host()
+    announce_load_failures(host, strict)
+    rule, _ = check_run(host, backend=backend, dataset_format=dataset_format, threshold=threshold,
+                        threshold_params=threshold_params, quantile=quantile, compat=compat, batch_size=batch_size,
+                        device=device, cache=cache, cache_budget=cache_budget, reporters=())
+    options = BackendOptions(weights=weights, device=device, pretrained=pretrained, **dict(backend_options or {}))
+    backend_name, model_backend = make_backend(host, model, backend, options, strict=strict)
+    concept_set = resolve_dataset(host, dataset, dataset_format, categories, dataset_options)
+    return prepare_run(model_backend, concept_set, rule, backend_name=backend_name, model_ref=model, layers=layers,
+                       compat=compat, batch_size=batch_size, device=device, workers=workers, top_k=top_k,
+                       skip_bad=skip_bad, cache=cache, cache_budget=cache_budget, plugins=host.plugin_versions(),
+                       work_dir=work_dir)
 
 
 def check_run(host: Host, *, backend: str | None = None, dataset_format: str | None = None,

@@ -18,6 +18,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -531,7 +532,8 @@ def main(argv: Sequence[str] | None = None, *, plugins: Sequence[Any] = ()) -> N
         group.main(args=list(argv) if argv is not None else None, prog_name="dissect", standalone_mode=False,
                    obj=context)
     except DissectionError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escaped: a message may hold brackets (pip install 'netdissection[ray]') that are not markup
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except click.ClickException as exc:
         exc.show()

@@ -107,6 +107,8 @@ def compare(
     applied to each model where it exists (``"stage:-1"``, ``"stage:*"``; default: the model's default);
     ``labels``: ``{"dropout": "0.5"}`` for every model; ``add_tallies``: ``{name: path}`` of published
     ``tally.csv`` files. ``store``: True for the default results store, a folder, or False for none.
+    ``executor``: ``"local"`` (the jobs one after another here) or another executor plugin, e.g. ``"ray"`` with
+    ``executor_options={"address": "HOST:PORT", "shards": 4}`` (without an address: a local Ray instance).
     The other options are those of :func:`netdissection.dissect`, the same for every model.
     """
     from ..api import build_host, check_run

@@ -22,7 +22,7 @@ from .types import InputSpec, LayerInfo, LayerResult, RunResult
 from .version import __version__
 
 if TYPE_CHECKING:  # the scheduler imports torch: only a run needs it
-    from .scheduler import Progress
+    from .scheduler import Plan, Progress
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,19 @@ def check_layers(infos: list[LayerInfo], requested: Sequence[str] | None, model_
     return layers
 
 
-def run_dissection(
+@dataclass
+class PreparedRun:
+    """A run ready for its passes: the plan (components, layers, options), the input spec, the provenance
+    and each layer's resolved module. :func:`run_dissection` runs it in this process; an executor that runs
+    the passes elsewhere prepares the very same run in each worker (``netdissection.prepare_job``)."""
+
+    plan: Plan
+    spec: InputSpec
+    provenance: dict[str, Any]
+    modules: dict[str, str]  # layer as requested -> the module it resolved to (stage:-1 -> stages.3)
+
+
+def prepare_run(
     backend: Backend,
     dataset: ConceptDataset,
     threshold: ThresholdChoice,
@@ -169,33 +181,25 @@ def run_dissection(
     backend_name: str,
     model_ref: Any = None,
     layers: Sequence[str] | LayerChooser | None = None,
-    writers: Sequence[WriterChoice] = (),
     compat: str = "paper",
-    out: str | Path | None = None,
     batch_size: int = 32,
     device: str = "cpu",
     workers: int | None = None,
     top_k: int = 10,
     skip_bad: bool = False,
-    progress: Progress | None = None,
     cache: str = "auto",
     cache_budget: str | int | None = None,
-    events: RunEvents | None = None,
     plugins: Mapping[str, str] | None = None,
-) -> RunResult:
-    """Dissect the model behind ``backend`` on ``dataset``: both passes for every layer at once, then (with
-    ``out``) the saved counts and ``summary.json``, then each writer, then ``summary.json`` again with every
-    file written. ``plugins`` (name → version) goes into the provenance. ``cache`` ("auto", "disk",
-    "recompute") and ``cache_budget`` (bytes, or a size like "20G") say where the reads after the first pass
-    get the maps."""
+    work_dir: str | Path | None = None,
+) -> PreparedRun:
+    """Check the options, choose the layers, and build the plan and provenance of a run (no pass runs).
+    ``work_dir``: where the activation cache goes (default: the temporary folder)."""
     from .cache import parse_size
     from .loading import default_workers
-    from .reporting import rewrite_summary, write_results
-    from .scheduler import LITE_INPUT, Plan, run_passes
+    from .scheduler import LITE_INPUT, Plan
 
     check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget)
     budget = parse_size(cache_budget)
-    events = events if events is not None else QuietEvents()
     description = backend.describe()
     model_name = str(description.get("model", model_ref))
     infos = backend.layers()
@@ -228,13 +232,51 @@ def run_dissection(
         "plugins": dict(plugins or {}),
         "python": platform.python_version(),
     }
-    events.run_start(provenance)
-    for name in layer_names:
-        events.layer_start(provenance, name)
     plan = Plan(backend=backend, dataset=dataset, layers=layer_names, make_rule=threshold.make, semantics=compat,
                 batch_size=batch_size, workers=default_workers() if workers is None else workers, device=device,
-                top_k=top_k, skip_bad=skip_bad, work_dir=Path(out) if out is not None else None,
+                top_k=top_k, skip_bad=skip_bad, work_dir=Path(work_dir) if work_dir is not None else None,
                 cache=cache, cache_budget=budget)
+    return PreparedRun(plan, spec, provenance, resolved)
+
+
+def run_dissection(
+    backend: Backend,
+    dataset: ConceptDataset,
+    threshold: ThresholdChoice,
+    *,
+    backend_name: str,
+    model_ref: Any = None,
+    layers: Sequence[str] | LayerChooser | None = None,
+    writers: Sequence[WriterChoice] = (),
+    compat: str = "paper",
+    out: str | Path | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    workers: int | None = None,
+    top_k: int = 10,
+    skip_bad: bool = False,
+    progress: Progress | None = None,
+    cache: str = "auto",
+    cache_budget: str | int | None = None,
+    events: RunEvents | None = None,
+    plugins: Mapping[str, str] | None = None,
+) -> RunResult:
+    """Dissect the model behind ``backend`` on ``dataset``: both passes for every layer at once, then (with
+    ``out``) the saved counts and ``summary.json``, then each writer, then ``summary.json`` again with every
+    file written. ``plugins`` (name → version) goes into the provenance. ``cache`` ("auto", "disk",
+    "recompute") and ``cache_budget`` (bytes, or a size like "20G") say where the reads after the first pass
+    get the maps."""
+    from .reporting import rewrite_summary, write_results
+    from .scheduler import run_passes
+
+    prepared = prepare_run(backend, dataset, threshold, backend_name=backend_name, model_ref=model_ref, layers=layers,
+                           compat=compat, batch_size=batch_size, device=device, workers=workers, top_k=top_k,
+                           skip_bad=skip_bad, cache=cache, cache_budget=cache_budget, plugins=plugins, work_dir=out)
+    plan, spec, provenance, resolved = prepared.plan, prepared.spec, prepared.provenance, prepared.modules
+    events = events if events is not None else QuietEvents()
+    events.run_start(provenance)
+    for name in plan.layers:
+        events.layer_start(provenance, name)
     started = time.perf_counter()
     try:
         if out is not None:

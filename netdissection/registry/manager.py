@@ -35,6 +35,7 @@ BUILTIN_PLUGINS = (
     "netdissection.plugins.reports.html_report",
     "netdissection.plugins.reports.report_command",
     "netdissection.plugins.executors.local",
+    "netdissection.plugins.executors.ray_executor",
     "netdissection.compare.commands",
 )
 
