@@ -22,6 +22,7 @@ from .types import InputSpec, LayerInfo, LayerResult, RunResult
 from .version import __version__
 
 if TYPE_CHECKING:  # the scheduler imports torch: only a run needs it
+    from .rotation import Rotation
     from .scheduler import Progress
 
 log = logging.getLogger(__name__)
@@ -182,12 +183,13 @@ def run_dissection(
     cache_budget: str | int | None = None,
     events: RunEvents | None = None,
     plugins: Mapping[str, str] | None = None,
+    rotation: Rotation | None = None,
 ) -> RunResult:
     """Dissect the model behind ``backend`` on ``dataset``: both passes for every layer at once, then (with
     ``out``) the saved counts and ``summary.json``, then each writer, then ``summary.json`` again with every
     file written. ``plugins`` (name → version) goes into the provenance. ``cache`` ("auto", "disk",
     "recompute") and ``cache_budget`` (bytes, or a size like "20G") say where the reads after the first pass
-    get the maps."""
+    get the maps. ``rotation`` reads every dissected layer's units in a rotated basis (``core/rotation.py``)."""
     from .cache import parse_size
     from .loading import default_workers
     from .reporting import rewrite_summary, write_results
@@ -228,13 +230,18 @@ def run_dissection(
         "plugins": dict(plugins or {}),
         "python": platform.python_version(),
     }
+    transforms: dict[str, Any] = {}
+    if rotation is not None:
+        from .rotation import rotation_transforms
+
+        transforms, provenance["rotation"] = rotation_transforms(rotation, infos, layer_names, resolved)
     events.run_start(provenance)
     for name in layer_names:
         events.layer_start(provenance, name)
     plan = Plan(backend=backend, dataset=dataset, layers=layer_names, make_rule=threshold.make, semantics=compat,
                 batch_size=batch_size, workers=default_workers() if workers is None else workers, device=device,
                 top_k=top_k, skip_bad=skip_bad, work_dir=Path(out) if out is not None else None,
-                cache=cache, cache_budget=budget)
+                cache=cache, cache_budget=budget, transforms=transforms)
     started = time.perf_counter()
     try:
         if out is not None:
