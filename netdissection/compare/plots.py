@@ -192,11 +192,12 @@ class Panel:
 
 
 def group_name(key: tuple[str, ...], keys: Sequence[tuple[str, ...]]) -> str:
-    """A group's name in a legend: the parts of its key that tell it from the other groups (its labels,
-    when only they differ), else all of them."""
-    differing = [i for i in range(len(key)) if len({k[i] for k in keys}) > 1]
-    parts = [key[i] for i in (differing or range(len(key))) if key[i]]
-    return " · ".join(parts) or key[0]
+    """A group's name in a legend: what tells it from the other groups (its own labels, when only labels
+    differ: ``dropout=0.5``), else its whole key."""
+    shared = set.intersection(*({t for t in k[-1].split(", ") if t} for k in keys))
+    differing = [key[i] for i in range(len(key) - 1) if len({k[i] for k in keys}) > 1 and key[i]]
+    tags = [t for t in key[-1].split(", ") if t and t not in shared]
+    return " · ".join([*differing, ", ".join(tags)] if tags else differing) or " · ".join(p for p in key if p)
 
 
 def curve_panels(series: Mapping[tuple[str, str, str], Mapping[str, Any]], categories: Sequence[str],

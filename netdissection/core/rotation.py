@@ -21,8 +21,8 @@ first column negated when its determinant is −1 (Haar on SO(U)).
 The rotation is a layer transform (``scheduler.Plan.transforms``): it acts on the backend's maps before the
 threshold rule, the top images, the activation cache and the IoU pass see them, so every backend gets it.
 The matrix is applied in float32, the maps' own precision; an exact identity (α = 0) leaves the maps as
-they are. Building it costs O(U³) in float64 — the Schur form is most of it (about 2 s at 512 units and a
-minute at 2,048 on two cores) — once per layer, seed and process whatever the α. It needs
+they are. Building it costs O(U³) in float64 — the Schur form, needed for 0 < α < 1, is most of it (about
+2 s at 512 units and a minute at 2,048 on two cores) — once per layer, seed and process whatever the α. It needs
 :data:`MATRICES` U×U float64 matrices at once (the Gaussian draw, Q, its Schur form T and basis Z, Q^α):
 layers above :data:`MAX_ROTATION_UNITS` units (2.5 GiB of them) are refused before any pass runs.
 """
@@ -186,20 +186,27 @@ def fractional_rotation(q: np.ndarray, alpha: float, planes: Planes | None = Non
 
 
 @functools.lru_cache(maxsize=2)
-def _layer_rotation(units: int, entropy: tuple[int, ...]) -> tuple[np.ndarray, Planes]:
-    """A layer's Q and its planes, kept for the next α of the same layer and seed (one Schur form for a
-    whole ``--rotate 0,0.2,...,1`` comparison)."""
-    q = haar_rotation(units, np.random.default_rng(np.random.SeedSequence(list(entropy))))
-    return q, rotation_planes(q)
+def _layer_q(units: int, entropy: tuple[int, ...]) -> np.ndarray:
+    return haar_rotation(units, np.random.default_rng(np.random.SeedSequence(list(entropy))))
+
+
+@functools.lru_cache(maxsize=2)
+def _layer_planes(units: int, entropy: tuple[int, ...]) -> Planes:
+    """A layer's Q in planes, kept for the next α of the same layer and seed (one Schur form for a whole
+    ``--rotate 0,0.2,...,1`` comparison)."""
+    return rotation_planes(_layer_q(units, entropy))
 
 
 def layer_matrix(rotation: Rotation, layer: str, units: int) -> np.ndarray:
-    """The layer's Q^α (float64), Q drawn from the rotation's seed and the layer's module name."""
+    """The layer's Q^α (float64), Q drawn from the rotation's seed and the layer's module name. Only a
+    fractional α needs the Schur form."""
     check_units(layer, units)
     if rotation.alpha == 0.0:
         return np.eye(units)
-    q, planes = _layer_rotation(units, tuple(seed_sequence(rotation.seed, layer)))
-    return fractional_rotation(q, rotation.alpha, planes)
+    entropy = tuple(seed_sequence(rotation.seed, layer))
+    if rotation.alpha == 1.0:
+        return _layer_q(units, entropy).copy()
+    return planes_power(_layer_planes(units, entropy), rotation.alpha)
 
 
 # ---- the transform -------------------------------------------------------------------------------------------
