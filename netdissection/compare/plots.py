@@ -182,6 +182,7 @@ class Curve:
     xs: list[float]
     ys: list[float]
     style: str = "-"
+    marker: str = "o"
     baseline: float | None = None  # the group's random model, drawn as a dashed horizontal line
 
 
@@ -227,8 +228,8 @@ def curve_panels(series: Mapping[tuple[str, str, str], Mapping[str, Any]], categ
                                       ("paper_unique", f"unique concepts, {PAPER_RULE}"))]
     keys = list(series)
     palette = GROUP_COLOURS
-    columns = [("detectors", f"all categories: detectors, {REPORT_RULE}"),
-               ("paper_unique", f"all categories: unique concepts, {PAPER_RULE}"),
+    columns = [("detectors", "all categories: detectors (report rule)"),
+               ("paper_unique", "all categories: unique concepts (paper rule)"),
                *((f"{c}_paper_unique", f"{c}: unique concepts (paper rule)") for c in categories)]
     panels = []
     for column, title in columns:
@@ -237,7 +238,8 @@ def curve_panels(series: Mapping[tuple[str, str, str], Mapping[str, Any]], categ
             points = group["points"]
             panel.curves.append(Curve(group_name(key, keys), palette[i % len(palette)],
                                       [float(r[x_field]) for r in points], values(points, column),
-                                      style=GROUP_STYLES[(i // len(palette)) % len(GROUP_STYLES)],
+                                      style=GROUP_STYLES[i % len(GROUP_STYLES)],
+                                      marker=GROUP_MARKERS[i % len(GROUP_MARKERS)],
                                       baseline=baseline(group, column)))
         panels.append(panel)
     return panels
@@ -245,7 +247,8 @@ def curve_panels(series: Mapping[tuple[str, str, str], Mapping[str, Any]], categ
 
 #: Colours and line styles of groups (matplotlib's tab10 without the greys).
 GROUP_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
-GROUP_STYLES = ("-", "--", ":", "-.")
+GROUP_STYLES = ("-", "--", "-.", ":")  # a group drawn over another of the same values still shows
+GROUP_MARKERS = ("o", "s", "^", "D", "v")
 
 
 def draw_curves(panels: Sequence[Panel], title: str, xlabel: str, scale: str = "linear",
@@ -261,7 +264,7 @@ def draw_curves(panels: Sequence[Panel], title: str, xlabel: str, scale: str = "
     xs = [x for panel in panels for curve in panel.curves for x in curve.xs]
     for axes, panel in zip(axes_grid.flat, panels, strict=False):
         for curve in panel.curves:
-            axes.plot(curve.xs, curve.ys, curve.style, marker="o", markersize=3, color=curve.colour,
+            axes.plot(curve.xs, curve.ys, curve.style, marker=curve.marker, markersize=3, color=curve.colour,
                       label=curve.label)
             if curve.baseline is not None:
                 axes.axhline(curve.baseline, color=curve.colour, linestyle=(0, (2, 3)), linewidth=0.9, alpha=0.7)
@@ -273,6 +276,8 @@ def draw_curves(panels: Sequence[Panel], title: str, xlabel: str, scale: str = "
             ticks = sorted(set(xs))
             axes.set_xticks(ticks, [f"{x:g}" for x in ticks], fontsize=8)
             axes.xaxis.set_minor_locator(_null_locator())
+        highest = max((y for curve in panel.curves for y in [*curve.ys, curve.baseline or 0.0]), default=0.0)
+        axes.set_ylim(0, max(1.0, highest) * 1.08)  # counts: from 0, and a flat line is not magnified
         axes.set_title(panel.title, fontsize=8)
         axes.set_xlabel(xlabel + (", log scale" if scale != "linear" else ""), fontsize=8)
         axes.yaxis.get_major_locator().set_params(integer=True)
@@ -286,16 +291,20 @@ def draw_curves(panels: Sequence[Panel], title: str, xlabel: str, scale: str = "
 
 def draw_vs_x(series: Mapping[tuple[str, str, str], Mapping[str, Any]], categories: Sequence[str]) -> Any:
     xs = [float(r["x"]) for g in series.values() for r in g["points"]]
-    return draw_curves(curve_panels(series, categories, "x"),
-                       "detectors per category against the checkpoints' x (dashed horizontal: random weights)",
-                       "x (from the checkpoint names)", x_scale(xs),
+    title = "detectors per category against the checkpoints' x (dashed horizontal: random weights)"
+    if len(series) > 1:
+        title = (f"detectors against the checkpoints' x, one line per group (dashed horizontal: the group's random "
+                 f"weights)\n{REPORT_RULE}; {PAPER_RULE}")
+    return draw_curves(curve_panels(series, categories, "x"), title, "x (from the checkpoint names)", x_scale(xs),
                        legend_title="category" if len(series) == 1 else "group")
 
 
 def draw_vs_rotation(series: Mapping[tuple[str, str, str], Mapping[str, Any]], categories: Sequence[str]) -> Any:
-    return draw_curves(curve_panels(series, categories, "rotate"),
-                       "detectors against the rotation of the units' basis: Q^α, Q a random rotation "
-                       "(α = 0: the units as they are)", "α", legend_title="category" if len(series) == 1 else "group")
+    title = "detectors against the rotation of the units' basis: Q^α, Q a random rotation (α = 0: the units as is)"
+    if len(series) > 1:
+        title += f"\n{REPORT_RULE}; {PAPER_RULE}"
+    return draw_curves(curve_panels(series, categories, "rotate"), title, "α",
+                       legend_title="category" if len(series) == 1 else "group")
 
 
 def _null_locator() -> Any:
