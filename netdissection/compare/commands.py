@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..core.execution import JobOutcome
     from ..core.jobkey import Job
+    from .specs import CheckpointSeries
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class _OrderedCommand(click.Command):
 
 
 def series_of(checkpoints: Sequence[str], labels: Sequence[str], order: Sequence[str | None]) -> tuple[
-        list[Any], list[str]]:
+        list[CheckpointSeries], list[str]]:
     """Each ``--checkpoints`` as a series with the ``--label``s typed after it (before the next one), and the
     ``--label``s typed before the first (or all of them, without checkpoints), which tag every row."""
     from .specs import CheckpointSeries, parse_label
@@ -182,7 +183,8 @@ def _compare_options(function: Any) -> Any:
                           "'models/*.onnx'."),
         click.option("--exclude", multiple=True, help="Comma-separated patterns of models to leave out ('*in22k*')."),
         click.option("--models-file", type=click.Path(dir_okay=False),
-                     help="One 'MODEL [--weights FILE] [--layer L]... [--label K=V]...' per line; # comments."),
+                     help="One 'MODEL [--weights FILE] [--layer L]... [--label K=V]... [--checkpoints GLOBS]' per "
+                          "line; # comments."),
         click.option("--checkpoints", multiple=True,
                      help="Checkpoints of the one model, as globs ('ckpt/epoch_*.pt'); 'random' adds the untrained "
                           "model. Repeat for several series (training settings), each followed by its --label."),
