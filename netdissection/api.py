@@ -65,6 +65,8 @@ def dissect(
     backend_options: Mapping[str, Any] | None = None,
     dataset_options: Mapping[str, Any] | None = None,
     strict_plugins: bool | None = None,
+    rotate: float | None = None,
+    rotate_seed: int = 0,
 ) -> RunResult:
     """Dissect ``model`` on a concept dataset; with ``out``, save the results and write the reports there.
 
@@ -97,12 +99,16 @@ def dissect(
         backend_options: ``input_size``, ``mean``, ``std``, ``bgr`` for the backend.
         dataset_options: format options (``image_column``, ``mask_columns``, ``split``, ``concepts``).
         strict_plugins: make any plugin failure an error (default: ``$NETDISSECTION_STRICT_PLUGINS``).
+        rotate, rotate_seed: read every dissected layer's units in a rotated basis, Q^rotate with Q a random
+            rotation drawn from ``rotate_seed`` and the layer's name (``rotate`` in [0, 1]; 0: no change).
 
     Returns the per-layer counts (thresholds, I, G, A, top images) and the provenance.
     Raises ``DissectionError`` (one line naming the thing and the fix) for any user mistake.
     """
+    from .core.rotation import check_rotation
     from .core.run import run_dissection
 
+    rotation = check_rotation(rotate, rotate_seed)
     strict = strict_plugins_flag(strict_plugins)
     host = host if host is not None else build_host()
     announce_load_failures(host, strict)
@@ -120,7 +126,8 @@ def dissect(
     return run_dissection(model_backend, concept_set, rule, backend_name=backend_name, model_ref=model,
                           layers=layers, writers=writers, compat=compat, out=out, batch_size=batch_size,
                           device=device, workers=workers, top_k=top_k, skip_bad=skip_bad, cache=cache,
-                          cache_budget=cache_budget, progress=progress, events=relay, plugins=host.plugin_versions())
+                          cache_budget=cache_budget, progress=progress, events=relay, plugins=host.plugin_versions(),
+                          rotation=rotation)
 
 
 def prepare(
@@ -149,13 +156,17 @@ def prepare(
     dataset_options: Mapping[str, Any] | None = None,
     strict_plugins: bool | None = None,
     work_dir: str | Path | None = None,
+    rotate: float | None = None,
+    rotate_seed: int = 0,
 ) -> PreparedRun:
     """Resolve every component by name as :func:`dissect` does and prepare the run, without running a pass:
     the plan, input spec and provenance an executor needs to run the passes shard by shard in its workers
     (``core.scheduler.ShardRunner``), each worker building the very plan ``dissect`` would. The arguments
     are :func:`dissect`'s; ``work_dir`` is where the activation cache goes (default: the temporary folder)."""
+    from .core.rotation import check_rotation
     from .core.run import prepare_run
 
+    rotation = check_rotation(rotate, rotate_seed)
     strict = strict_plugins_flag(strict_plugins)
     host = host if host is not None else build_host()
     announce_load_failures(host, strict)
@@ -168,7 +179,7 @@ def prepare(
     return prepare_run(model_backend, concept_set, rule, backend_name=backend_name, model_ref=model, layers=layers,
                        compat=compat, batch_size=batch_size, device=device, workers=workers, top_k=top_k,
                        skip_bad=skip_bad, cache=cache, cache_budget=cache_budget, plugins=host.plugin_versions(),
-                       work_dir=work_dir)
+                       work_dir=work_dir, rotation=rotation)
 
 
 def check_run(host: Host, *, backend: str | None = None, dataset_format: str | None = None,

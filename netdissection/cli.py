@@ -285,6 +285,10 @@ def cli() -> None:
 @click.option("--store", "store_dir", type=click.Path(file_okay=False),
               help="Results store folder (default: the cache folder; $NETDISSECTION_CACHE moves it).")
 @click.option("--no-store", is_flag=True, help="Compute even if the results store has this run; store nothing.")
+@click.option("--rotate", "rotate", type=float, metavar="ALPHA",
+              help="Dissect the units in a rotated basis Q^ALPHA (0: none, 1: a random rotation Q).")
+@click.option("--rotate-seed", type=int, default=0, show_default=True,
+              help="Seed of the random rotation Q (each layer's Q also depends on its name).")
 @_strict_option
 @_verbose_option
 @click.pass_obj
@@ -297,7 +301,7 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
                 input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                 std: tuple[float, float, float] | None, bgr: bool, image_column: str | None,
                 mask_columns: tuple[str, ...], split: str | None, concepts: str | None, store_dir: str | None,
-                no_store: bool, strict_plugins: bool, verbose: int) -> None:
+                no_store: bool, rotate: float | None, rotate_seed: int, strict_plugins: bool, verbose: int) -> None:
     """Dissect MODEL: a model name (resnet18, ...) or a model file.
 
     A run already in the results store is read from it (no model runs) and its results written to --out.
@@ -305,6 +309,7 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
     from .api import announce_load_failures, check_run
     from .compare.execution import dissect_stored
     from .core.jobkey import Job
+    from .core.rotation import check_rotation
     from .core.store import ResultsStore
     from .registry.failures import strict_plugins as strict_plugins_flag
 
@@ -317,6 +322,7 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
     check_run(context.host, backend=backend, dataset_format=dataset_format, threshold=threshold,
               threshold_params=threshold_params, quantile=quantile, compat=compat, batch_size=batch_size,
               device=device, cache=cache, cache_budget=cache_budget, reporters=writers, make_rule=False)
+    check_rotation(rotate, rotate_seed)
     dataset_options = {k: v for k, v in dict(image_column=image_column, split=split, concepts=concepts,
                                               mask_columns=list(mask_columns) or None).items() if v is not None}
     out_dir = Path(out) if out else Path("dissection") / _safe_stem(model)
@@ -326,7 +332,8 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
               dataset_options=dataset_options, threshold=threshold, threshold_params=threshold_params,
               quantile=quantile, compat=compat, top_k=top_k, skip_bad=skip_bad,
               backend_options=_backend_options(input_size, mean, std, bgr), device=device, batch_size=batch_size,
-              workers=workers, reporters=writers, cache=cache, cache_budget=cache_budget)
+              workers=workers, reporters=writers, cache=cache, cache_budget=cache_budget, rotate=rotate,
+              rotate_seed=rotate_seed)
     store = None if no_store else ResultsStore(store_dir)
     with RichProgress(context.err) as progress:
         result, outcome = dissect_stored(job, out_dir, store, context.host, progress,

@@ -32,6 +32,9 @@ def print_summary(console: Console, result: RunResult, out_dir: Path, seconds: f
     notice = random_weights_notice(result.provenance)
     if notice:
         console.print(Text(notice, style="bold yellow"))
+    rotated = rotation_notice(result.provenance)
+    if rotated:
+        console.print(Text(rotated, style="bold yellow"))
     for name, layer in result.layers.items():
         rows = unit_scores(layer)
         counts = count_detectors(rows, layer.vocabulary.categories)
@@ -58,6 +61,15 @@ def random_weights_notice(provenance: dict) -> str | None:  # type: ignore[type-
         return None
     return (f"random weights, seed {seed['seed']}: not a trained model (pass --weights FILE or --pretrained "
             "to dissect trained weights)")
+
+
+def rotation_notice(provenance: dict) -> str | None:  # type: ignore[type-arg]
+    """One line saying that the units were read in a rotated basis (``--rotate``), or None."""
+    rotation = provenance.get("rotation")
+    if not rotation:
+        return None
+    return (f"units in a rotated basis: Q^{rotation['alpha']:g}, Q a random rotation from seed {rotation['seed']} "
+            "and each layer's name (--rotate)")
 
 
 def headline(counts: DetectorCounts) -> str:

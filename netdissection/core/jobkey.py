@@ -3,7 +3,8 @@
 A *job* is one dissection: a model with its weights, the layers, the concept dataset and the protocol.
 Its *key* hashes the model reference (or a model file's SHA-256), the weights' SHA-256, the backend and
 its options (and the versions of the frameworks it runs on), the layers as requested, a fingerprint of
-the dataset, the threshold rule and its parameters, the semantics, and :data:`PROTOCOL_VERSION`.
+the dataset, the threshold rule and its parameters, the semantics, a basis rotation (α, seed, method) where
+there is one, and :data:`PROTOCOL_VERSION`.
 
 Computing a key imports no framework and reads no image: a finished job is found in the results store
 without starting torch. The dataset fingerprint hashes the bytes of the small index and label files
@@ -67,6 +68,9 @@ class Job:
     skip_bad: bool = False
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    #: ``--rotate``: the layers' units read in the basis Q^rotate, Q drawn from ``rotate_seed`` (None: as they are).
+    rotate: float | None = None
+    rotate_seed: int = 0
     # How it runs: not in the key.
     batch_size: int = 32
     workers: int | None = None
@@ -219,7 +223,15 @@ def key_material(job: Job, host: Any, rule: Mapping[str, Any], memo: DigestMemo 
         "semantics": job.compat,
         "top_k": int(job.top_k),
         "skip_bad": bool(job.skip_bad),
+        # Only where a job rotates, so that the keys of every other job stay as they were.
+        **({"rotation": _rotation_identity(job)} if job.rotate is not None else {}),
     }
+
+
+def _rotation_identity(job: Job) -> dict[str, Any]:
+    from .rotation import Rotation
+
+    return Rotation(float(job.rotate or 0.0), int(job.rotate_seed)).key()
 
 
 def key_of(material: Mapping[str, Any]) -> str:

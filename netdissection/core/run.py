@@ -22,6 +22,7 @@ from .types import InputSpec, LayerInfo, LayerResult, RunResult
 from .version import __version__
 
 if TYPE_CHECKING:  # the scheduler imports torch: only a run needs it
+    from .rotation import Rotation
     from .scheduler import Plan, Progress
 
 log = logging.getLogger(__name__)
@@ -191,9 +192,11 @@ def prepare_run(
     cache_budget: str | int | None = None,
     plugins: Mapping[str, str] | None = None,
     work_dir: str | Path | None = None,
+    rotation: Rotation | None = None,
 ) -> PreparedRun:
     """Check the options, choose the layers, and build the plan and provenance of a run (no pass runs).
-    ``work_dir``: where the activation cache goes (default: the temporary folder)."""
+    ``work_dir``: where the activation cache goes (default: the temporary folder). ``rotation`` reads every
+    dissected layer's units in a rotated basis (``core/rotation.py``)."""
     from .cache import parse_size
     from .loading import default_workers
     from .scheduler import LITE_INPUT, Plan
@@ -232,10 +235,15 @@ def prepare_run(
         "plugins": dict(plugins or {}),
         "python": platform.python_version(),
     }
+    transforms: dict[str, Any] = {}
+    if rotation is not None:
+        from .rotation import rotation_transforms
+
+        transforms, provenance["rotation"] = rotation_transforms(rotation, infos, layer_names, resolved)
     plan = Plan(backend=backend, dataset=dataset, layers=layer_names, make_rule=threshold.make, semantics=compat,
                 batch_size=batch_size, workers=default_workers() if workers is None else workers, device=device,
                 top_k=top_k, skip_bad=skip_bad, work_dir=Path(work_dir) if work_dir is not None else None,
-                cache=cache, cache_budget=budget)
+                cache=cache, cache_budget=budget, transforms=transforms)
     return PreparedRun(plan, spec, provenance, resolved)
 
 
@@ -260,18 +268,20 @@ def run_dissection(
     cache_budget: str | int | None = None,
     events: RunEvents | None = None,
     plugins: Mapping[str, str] | None = None,
+    rotation: Rotation | None = None,
 ) -> RunResult:
     """Dissect the model behind ``backend`` on ``dataset``: both passes for every layer at once, then (with
     ``out``) the saved counts and ``summary.json``, then each writer, then ``summary.json`` again with every
     file written. ``plugins`` (name → version) goes into the provenance. ``cache`` ("auto", "disk",
     "recompute") and ``cache_budget`` (bytes, or a size like "20G") say where the reads after the first pass
-    get the maps."""
+    get the maps. ``rotation`` reads every dissected layer's units in a rotated basis (``core/rotation.py``)."""
     from .reporting import rewrite_summary, write_results
     from .scheduler import run_passes
 
     prepared = prepare_run(backend, dataset, threshold, backend_name=backend_name, model_ref=model_ref, layers=layers,
                            compat=compat, batch_size=batch_size, device=device, workers=workers, top_k=top_k,
-                           skip_bad=skip_bad, cache=cache, cache_budget=cache_budget, plugins=plugins, work_dir=out)
+                           skip_bad=skip_bad, cache=cache, cache_budget=cache_budget, plugins=plugins, work_dir=out,
+                           rotation=rotation)
     plan, spec, provenance, resolved = prepared.plan, prepared.spec, prepared.provenance, prepared.modules
     events = events if events is not None else QuietEvents()
     events.run_start(provenance)
