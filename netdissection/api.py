@@ -64,6 +64,8 @@ def dissect(
     backend_options: Mapping[str, Any] | None = None,
     dataset_options: Mapping[str, Any] | None = None,
     strict_plugins: bool | None = None,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> RunResult:
     """Dissect ``model`` on a concept dataset; with ``out``, save the results and write the reports there.
 
@@ -96,6 +98,9 @@ def dissect(
         backend_options: ``input_size``, ``mean``, ``std``, ``bgr`` for the backend.
         dataset_options: format options (``image_column``, ``mask_columns``, ``split``, ``concepts``).
         strict_plugins: make any plugin failure an error (default: ``$NETDISSECTION_STRICT_PLUGINS``).
+        bootstrap, bootstrap_seed: resample the images ``bootstrap`` times (0: no bootstrap; 200 is
+            customary) for 95% intervals of each unit's best IoU and of the detector counts, with the stability
+            of each unit's label and detector status (``LayerResult.bootstrap``); the model does not run again.
 
     Returns the per-layer counts (thresholds, I, G, A, top images) and the provenance.
     Raises ``DissectionError`` (one line naming the thing and the fix) for any user mistake.
@@ -109,7 +114,8 @@ def dissect(
     rule, writer_entries = check_run(host, backend=backend, dataset_format=dataset_format, threshold=threshold,
                                      threshold_params=threshold_params, quantile=quantile, compat=compat,
                                      batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget,
-                                     reporters=reporters if out is not None else ())
+                                     reporters=reporters if out is not None else (), bootstrap=bootstrap,
+                                     bootstrap_seed=bootstrap_seed)
     writers = make_writers(writer_entries, relay)
     relay.writers = writers
 
@@ -119,19 +125,22 @@ def dissect(
     return run_dissection(model_backend, concept_set, rule, backend_name=backend_name, model_ref=model,
                           layers=layers, writers=writers, compat=compat, out=out, batch_size=batch_size,
                           device=device, workers=workers, top_k=top_k, skip_bad=skip_bad, cache=cache,
-                          cache_budget=cache_budget, progress=progress, events=relay, plugins=host.plugin_versions())
+                          cache_budget=cache_budget, progress=progress, events=relay, plugins=host.plugin_versions(),
+                          bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
 
 
 def check_run(host: Host, *, backend: str | None = None, dataset_format: str | None = None,
               threshold: str | None = None, threshold_params: Mapping[str, Any] | None = None,
               quantile: float | None = None, compat: str = "paper", batch_size: int = 32, device: str = "cpu",
               cache: str = "auto", cache_budget: str | int | None = None,
-              reporters: Sequence[str] | None = None, make_rule: bool = True) -> tuple[ThresholdChoice, list[Any]]:
+              reporters: Sequence[str] | None = None, make_rule: bool = True, bootstrap: int = 0,
+              bootstrap_seed: int = 0) -> tuple[ThresholdChoice, list[Any]]:
     """Check a run's options and every name it uses before a model is built, a dataset opened or a pass run,
     so that a typo fails at once, in one line. Returns the threshold rule (made once, so its parameter
     values are checked too, unless ``make_rule`` is False: then no framework is imported) and the writers'
     catalog entries (``reporters=()``: none; ``None``: the default writers)."""
-    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget)
+    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget,
+                  bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     # Every name first, in a blink: a typo in a writer, rule or format fails before anything is imported.
     host.component("threshold", threshold or DEFAULT_THRESHOLD)
     entries = [host.component("reporter", name) for name in writer_names(host, reporters)] if reporters != () else []

@@ -116,10 +116,12 @@ class QuietEvents:
 
 
 def check_options(*, compat: str, batch_size: int, device: str, cache: str = "auto",
-                  cache_budget: str | int | None = None) -> None:
+                  cache_budget: str | int | None = None, bootstrap: int = 0, bootstrap_seed: int = 0) -> None:
     """The run options every backend and dataset share, checked before anything is built."""
+    from .bootstrap import check_bootstrap
     from .cache import CACHE_MODES, parse_size
 
+    check_bootstrap(bootstrap, bootstrap_seed)
     if cache not in CACHE_MODES:
         raise DissectionError(f"--cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
     parse_size(cache_budget)
@@ -182,19 +184,25 @@ def run_dissection(
     cache_budget: str | int | None = None,
     events: RunEvents | None = None,
     plugins: Mapping[str, str] | None = None,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> RunResult:
     """Dissect the model behind ``backend`` on ``dataset``: both passes for every layer at once, then (with
     ``out``) the saved counts and ``summary.json``, then each writer, then ``summary.json`` again with every
     file written. ``plugins`` (name → version) goes into the provenance. ``cache`` ("auto", "disk",
     "recompute") and ``cache_budget`` (bytes, or a size like "20G") say where the reads after the first pass
-    get the maps."""
+    get the maps. ``bootstrap`` resamples (0: none) with ``bootstrap_seed`` give each unit and count an
+    interval (``core/bootstrap.py``)."""
+    from .bootstrap import BootstrapSpec
     from .cache import parse_size
     from .loading import default_workers
     from .reporting import rewrite_summary, write_results
     from .scheduler import LITE_INPUT, Plan, run_passes
 
-    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget)
+    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget,
+                  bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     budget = parse_size(cache_budget)
+    resampling = BootstrapSpec(bootstrap, bootstrap_seed) if bootstrap else None
     events = events if events is not None else QuietEvents()
     description = backend.describe()
     model_name = str(description.get("model", model_ref))
@@ -228,13 +236,15 @@ def run_dissection(
         "plugins": dict(plugins or {}),
         "python": platform.python_version(),
     }
+    if resampling is not None:
+        provenance["bootstrap"] = resampling.provenance(len(dataset))
     events.run_start(provenance)
     for name in layer_names:
         events.layer_start(provenance, name)
     plan = Plan(backend=backend, dataset=dataset, layers=layer_names, make_rule=threshold.make, semantics=compat,
                 batch_size=batch_size, workers=default_workers() if workers is None else workers, device=device,
                 top_k=top_k, skip_bad=skip_bad, work_dir=Path(out) if out is not None else None,
-                cache=cache, cache_budget=budget)
+                cache=cache, cache_budget=budget, bootstrap=resampling)
     started = time.perf_counter()
     try:
         if out is not None:
