@@ -98,6 +98,8 @@ def compare(
     events: JobEvents | None = None,
     host: Any = None,
     strict_plugins: bool | None = None,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> CompareTable:
     """Dissect every model and compare them; returns the table (and writes it to ``out`` if given).
 
@@ -115,7 +117,8 @@ def compare(
     # Every option and name before any model is looked for: a typo fails at once.
     rule, _ = check_run(host, backend=backend, dataset_format=dataset_format, threshold=threshold,
                         threshold_params=threshold_params, quantile=quantile, compat=compat, batch_size=batch_size,
-                        device=device, cache=cache, cache_budget=cache_budget, reporters=reporters, make_rule=False)
+                        device=device, cache=cache, cache_budget=cache_budget, reporters=reporters, make_rule=False,
+                        bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     runner = make_executor(host, executor, executor_options)
     tallies = _tallies(add_tallies)
     common = _labels(labels)
@@ -135,7 +138,8 @@ def compare(
                 threshold=threshold, threshold_params=dict(threshold_params or {}), quantile=quantile,
                 compat=compat, top_k=top_k, skip_bad=skip_bad,
                 backend_options={k: v for k, v in (backend_options or {}).items() if v is not None},
-                device=device, batch_size=batch_size, workers=workers,
+                device=device, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, batch_size=batch_size,
+                workers=workers,
                 reporters=tuple(reporters) if reporters else None, cache=cache, cache_budget=cache_budget,
                 name=s.name or _display(s), x=s.x, labels={**common, **s.labels}) for s in specs]
     results_store = None if store is False or store is None else ResultsStore(None if store is True else store)

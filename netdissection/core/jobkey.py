@@ -67,6 +67,8 @@ class Job:
     skip_bad: bool = False
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    bootstrap: int = 0  # resamples (0: none); in the key with its seed only when there are resamples
+    bootstrap_seed: int = 0
     # How it runs: not in the key.
     batch_size: int = 32
     workers: int | None = None
@@ -203,7 +205,7 @@ def key_material(job: Job, host: Any, rule: Mapping[str, Any], memo: DigestMemo 
     the caller already has it (else its factory is asked). Raises :class:`NotStorable` for a dataset that is
     not on this machine."""
     memo = memo or DigestMemo()
-    return {
+    material = {
         "protocol": PROTOCOL_VERSION,
         "model": _model_identity(job.model, memo),
         "backend": _backend_identity(host, job.backend),
@@ -220,6 +222,11 @@ def key_material(job: Job, host: Any, rule: Mapping[str, Any], memo: DigestMemo 
         "top_k": int(job.top_k),
         "skip_bad": bool(job.skip_bad),
     }
+    if job.bootstrap:  # without one a run is what it always was, and keeps its key
+        from .bootstrap import BLOCKS
+
+        material["bootstrap"] = {"resamples": int(job.bootstrap), "seed": int(job.bootstrap_seed), "blocks": BLOCKS}
+    return material
 
 
 def key_of(material: Mapping[str, Any]) -> str:
