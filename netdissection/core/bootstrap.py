@@ -312,38 +312,38 @@ def resample_scores(result: LayerResult, blocks: LayerCounts, block_truth: np.nd
     float64), IoU as :func:`~netdissection.core.scores.iou_matrix` computes it, best concepts with ties to
     the lower label number, as :func:`~netdissection.core.scores.unit_labels` picks them."""
     category_of = result.vocabulary.primary_category_index()
-    columns = np.flatnonzero(category_of >= 0)  # the concepts, by ascending label number
-    cats = category_of[columns]
+    # The concepts by category, then label number: each category's IoUs are a slice, no copy.
+    columns = np.flatnonzero(category_of >= 0)
+    columns = columns[np.argsort(category_of[columns], kind="stable")]
     resamples, k = weights.shape
     units, categories = result.units, len(result.vocabulary.categories)
-    labels = np.zeros((resamples, units), dtype=np.int64)
-    scores = np.zeros((resamples, units))
+    bounds = np.searchsorted(category_of[columns], np.arange(categories + 1))
     category_labels = np.zeros((resamples, units, categories), dtype=np.int64)
     category_scores = np.zeros((resamples, units, categories))
-    if columns.size == 0:
-        return Resampled(labels, scores, category_labels, category_scores)
     activation = (weights @ blocks.activation.reshape(k, -1).astype(np.float64)).reshape(resamples, units, -1)
     truth = weights @ block_truth[:, columns].astype(np.float64)  # (B, L')
-    members = [np.flatnonzero(cats == c) for c in range(categories)]
-    step = max(1, CHUNK_BYTES // (resamples * columns.size * 8 * 3))
+    step = max(1, CHUNK_BYTES // (resamples * max(1, columns.size) * 8 * 3))
     for start in range(0, units, step):
         chunk = slice(start, min(units, start + step))
         n = chunk.stop - chunk.start
         block = blocks.intersection[:, chunk][:, :, columns].astype(np.float64).reshape(k, -1)
         inter = (weights @ block).reshape(resamples, n, columns.size)
-        denominator = activation[:, chunk][:, :, cats] + truth[:, None, :] - inter
-        iou = np.zeros_like(inter)
-        np.divide(inter, denominator, out=iou, where=denominator > 0)
-        best = iou.argmax(axis=2)
-        labels[:, chunk] = columns[best]
-        scores[:, chunk] = np.take_along_axis(iou, best[:, :, None], axis=2)[:, :, 0]
-        for c, member in enumerate(members):
-            if member.size == 0:
+        for c in range(categories):
+            lo, hi = bounds[c], bounds[c + 1]
+            if lo == hi:
                 continue
-            within = iou[:, :, member]
-            top = within.argmax(axis=2)
-            category_labels[:, chunk, c] = columns[member][top]
-            category_scores[:, chunk, c] = np.take_along_axis(within, top[:, :, None], axis=2)[:, :, 0]
+            within = inter[:, :, lo:hi]
+            denominator = activation[:, chunk, c, None] + truth[:, None, lo:hi] - within
+            iou = np.zeros_like(within)
+            np.divide(within, denominator, out=iou, where=denominator > 0)
+            top = iou.argmax(axis=2)
+            category_labels[:, chunk, c] = columns[lo:hi][top]
+            category_scores[:, chunk, c] = np.take_along_axis(iou, top[:, :, None], axis=2)[:, :, 0]
+    # The best overall is the best of the categories' bests; among equal IoUs, the lowest label number.
+    scores = category_scores.max(axis=2, initial=0.0)
+    tied = (category_scores == scores[:, :, None]) & (category_labels > 0)
+    labels = np.where(tied, category_labels, np.iinfo(np.int64).max).min(axis=2, initial=np.iinfo(np.int64).max)
+    labels[labels == np.iinfo(np.int64).max] = columns.min(initial=0)
     return Resampled(labels, scores, category_labels, category_scores)
 
 
