@@ -325,6 +325,16 @@ def test_a_bootstrap_adds_columns_intervals_and_provenance(runs: dict[str, Path]
         assert sum(float(r[-1]) < STABLE for r in rows[1:]) == int(boot_layer.unstable.sum())
 
 
+def test_reports_rebuilt_from_the_saved_run_keep_the_intervals(runs: dict[str, Path], tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    netdissection.write_reports(netdissection.load_results(runs["boot"]), again, reporters=["tally"])
+    for layer in ("1", "2"):
+        assert (again / layer / "tally.csv").read_bytes() == (runs["boot"] / layer / "tally.csv").read_bytes()
+    saved = json.loads((runs["boot"] / "summary.json").read_text())
+    rebuilt = json.loads((again / "summary.json").read_text())
+    assert [e["bootstrap"] for e in rebuilt["layers"]] == [e["bootstrap"] for e in saved["layers"]]
+
+
 def test_the_html_report_and_the_terminal_show_the_intervals(runs: dict[str, Path]) -> None:
     page = (runs["boot"] / "report.html").read_text()
     summary = json.loads((runs["boot"] / "summary.json").read_text())

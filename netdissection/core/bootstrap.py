@@ -16,7 +16,7 @@ block sums are independent draws of the same distribution: resampling them estim
 over the whole dataset as resampling images would, with K draws instead of N.
 
 ``K`` = :data:`BLOCKS` (or the number of images, when there are fewer): 50 blocks give the spread of a sum
-to within ~10% (the standard error of a variance from K draws is √(2/K)), and keep the memory at
+to within ~10% (a standard deviation estimated from K draws is off by about 1/√(2K)), and keep the memory at
 ``50 × 4`` bytes per (unit, label number) — 120 MB for 512 units on Broden's 1,197 concepts, about a tenth
 of what the run itself takes. The counts of a block are int32 (promoted to int64 should a block hold more
 label pixels than int32 counts); denser storage was not needed: on a Broden-like set most (unit, concept)

@@ -11,6 +11,10 @@ executor that runs shards elsewhere (one runner per worker) drives them the same
     results = layer_results(partial, thresholds, counts, dataset.vocabulary)
     for r in runners: r.close()
 
+With ``plan.bootstrap`` the IoU pass counts per block of images, ``r.iou_pass(thresholds,
+plan.bootstrap.accumulator(len(dataset)))``, and ``plan.bootstrap.attach(results, counts)`` gives each layer
+its intervals (``core/bootstrap.py``); ``run_passes`` does both.
+
 One forward pass serves every layer. The reads after the activation pass (the IoU pass, and any
 further read a threshold rule asks for) take the raw maps from an on-disk cache at layer resolution,
 or recompute them with another forward pass where the cache would not fit (``Plan.cache``). Nothing
