@@ -180,6 +180,9 @@ class BlockCounts:
         self.bound = torch.zeros(blocks, dtype=torch.int64)
         self.total_truth = torch.zeros(category_of.shape[0], dtype=torch.int64)
         self._labels: LabelBatch | None = None  # the batch whose per-block truth is counted
+        held = sum(acc.intersection.nbytes for acc in self.layers.values())
+        log.log(logging.INFO if held > 256 << 20 else logging.DEBUG,
+                "bootstrap: the IoU pass keeps %d blocks of counts, %.0f MB", blocks, held / 2**20)
 
     def add_truth(self, indices: np.ndarray, truth: torch.Tensor) -> None:
         # Each image's own truth counts come with the labels in ``add``; the batch's sum checks them.
