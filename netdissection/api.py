@@ -67,6 +67,8 @@ def dissect(
     strict_plugins: bool | None = None,
     rotate: float | None = None,
     rotate_seed: int = 0,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> RunResult:
     """Dissect ``model`` on a concept dataset; with ``out``, save the results and write the reports there.
 
@@ -101,6 +103,9 @@ def dissect(
         strict_plugins: make any plugin failure an error (default: ``$NETDISSECTION_STRICT_PLUGINS``).
         rotate, rotate_seed: read every dissected layer's units in a rotated basis, Q^rotate with Q a random
             rotation drawn from ``rotate_seed`` and the layer's name (``rotate`` in [0, 1]; 0: no change).
+        bootstrap, bootstrap_seed: resample the images ``bootstrap`` times (0: no bootstrap; 200 is
+            customary) for 95% intervals of each unit's best IoU and of the detector counts, with the stability
+            of each unit's label and detector status (``LayerResult.bootstrap``); the model does not run again.
 
     Returns the per-layer counts (thresholds, I, G, A, top images) and the provenance.
     Raises ``DissectionError`` (one line naming the thing and the fix) for any user mistake.
@@ -116,7 +121,8 @@ def dissect(
     rule, writer_entries = check_run(host, backend=backend, dataset_format=dataset_format, threshold=threshold,
                                      threshold_params=threshold_params, quantile=quantile, compat=compat,
                                      batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget,
-                                     reporters=reporters if out is not None else ())
+                                     reporters=reporters if out is not None else (), bootstrap=bootstrap,
+                                     bootstrap_seed=bootstrap_seed)
     writers = make_writers(writer_entries, relay)
     relay.writers = writers
 
@@ -127,7 +133,7 @@ def dissect(
                           layers=layers, writers=writers, compat=compat, out=out, batch_size=batch_size,
                           device=device, workers=workers, top_k=top_k, skip_bad=skip_bad, cache=cache,
                           cache_budget=cache_budget, progress=progress, events=relay, plugins=host.plugin_versions(),
-                          rotation=rotation)
+                          rotation=rotation, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
 
 
 def prepare(
@@ -158,6 +164,8 @@ def prepare(
     work_dir: str | Path | None = None,
     rotate: float | None = None,
     rotate_seed: int = 0,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> PreparedRun:
     """Resolve every component by name as :func:`dissect` does and prepare the run, without running a pass:
     the plan, input spec and provenance an executor needs to run the passes shard by shard in its workers
@@ -172,26 +180,29 @@ def prepare(
     announce_load_failures(host, strict)
     rule, _ = check_run(host, backend=backend, dataset_format=dataset_format, threshold=threshold,
                         threshold_params=threshold_params, quantile=quantile, compat=compat, batch_size=batch_size,
-                        device=device, cache=cache, cache_budget=cache_budget, reporters=())
+                        device=device, cache=cache, cache_budget=cache_budget, reporters=(), bootstrap=bootstrap,
+                        bootstrap_seed=bootstrap_seed)
     options = BackendOptions(weights=weights, device=device, pretrained=pretrained, **dict(backend_options or {}))
     backend_name, model_backend = make_backend(host, model, backend, options, strict=strict)
     concept_set = resolve_dataset(host, dataset, dataset_format, categories, dataset_options)
     return prepare_run(model_backend, concept_set, rule, backend_name=backend_name, model_ref=model, layers=layers,
                        compat=compat, batch_size=batch_size, device=device, workers=workers, top_k=top_k,
                        skip_bad=skip_bad, cache=cache, cache_budget=cache_budget, plugins=host.plugin_versions(),
-                       work_dir=work_dir, rotation=rotation)
+                       work_dir=work_dir, rotation=rotation, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
 
 
 def check_run(host: Host, *, backend: str | None = None, dataset_format: str | None = None,
               threshold: str | None = None, threshold_params: Mapping[str, Any] | None = None,
               quantile: float | None = None, compat: str = "paper", batch_size: int = 32, device: str = "cpu",
               cache: str = "auto", cache_budget: str | int | None = None,
-              reporters: Sequence[str] | None = None, make_rule: bool = True) -> tuple[ThresholdChoice, list[Any]]:
+              reporters: Sequence[str] | None = None, make_rule: bool = True, bootstrap: int = 0,
+              bootstrap_seed: int = 0) -> tuple[ThresholdChoice, list[Any]]:
     """Check a run's options and every name it uses before a model is built, a dataset opened or a pass run,
     so that a typo fails at once, in one line. Returns the threshold rule (made once, so its parameter
     values are checked too, unless ``make_rule`` is False: then no framework is imported) and the writers'
     catalog entries (``reporters=()``: none; ``None``: the default writers)."""
-    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget)
+    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget,
+                  bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     # Every name first, in a blink: a typo in a writer, rule or format fails before anything is imported.
     host.component("threshold", threshold or DEFAULT_THRESHOLD)
     entries = [host.component("reporter", name) for name in writer_names(host, reporters)] if reporters != () else []

@@ -181,6 +181,17 @@ def _input_options(command: Callable[..., Any]) -> Callable[..., Any]:
     ], command)
 
 
+def _bootstrap_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--bootstrap B`` and ``--bootstrap-seed S``: intervals from resampling the images (no model run again)."""
+    return _apply([
+        click.option("--bootstrap", type=int, default=0, show_default=True, metavar="B",
+                     help="Resample the images B times (200 is customary) for 95% intervals of each unit's IoU and "
+                          "of the detector counts, and the stability of each label; 0: none."),
+        click.option("--bootstrap-seed", type=int, default=0, show_default=True, metavar="S",
+                     help="Seed of the bootstrap: which images share a block, and the resamples."),
+    ], command)
+
+
 def _backend_options(input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                      std: tuple[float, float, float] | None, bgr: bool) -> dict[str, Any]:
     """What ``_input_options`` gave, as ``dissect(backend_options=...)``: only the options the user set."""
@@ -223,6 +234,9 @@ class CliContext:
 
     def input_options(self, command: Callable[..., Any]) -> Callable[..., Any]:
         return _input_options(command)
+
+    def bootstrap_options(self, command: Callable[..., Any]) -> Callable[..., Any]:
+        return _bootstrap_options(command)
 
     def backend_options(self, input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                         std: tuple[float, float, float] | None, bgr: bool) -> dict[str, Any]:
@@ -276,6 +290,7 @@ def cli() -> None:
               help="Where the reads after the first pass get the maps: a disk cache, or another forward pass; "
               "auto: the disk when the cache fits the budget and the free space.")
 @click.option("--cache-budget", metavar="SIZE", help="Most disk the activation cache may take, e.g. 500M, 20G.")
+@_bootstrap_options
 @_input_options
 @click.option("--image-column", help="Dataset image column (HuggingFace datasets).")
 @click.option("--mask-column", "mask_columns", multiple=True, help="Dataset mask column (repeatable).")
@@ -297,7 +312,7 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
                 categories: tuple[str, ...], threshold: str | None, threshold_params: dict[str, Any],
                 quantile: float | None, compat: str, out: str | None, batch_size: int, device: str,
                 workers: int | None, top_k: int, reporters: tuple[str, ...], skip_bad: bool,
-                cache: str, cache_budget: str | None,
+                cache: str, cache_budget: str | None, bootstrap: int, bootstrap_seed: int,
                 input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                 std: tuple[float, float, float] | None, bgr: bool, image_column: str | None,
                 mask_columns: tuple[str, ...], split: str | None, concepts: str | None, store_dir: str | None,
@@ -321,7 +336,8 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
     announce_load_failures(context.host, strict_plugins_flag(strict_plugins or None))
     check_run(context.host, backend=backend, dataset_format=dataset_format, threshold=threshold,
               threshold_params=threshold_params, quantile=quantile, compat=compat, batch_size=batch_size,
-              device=device, cache=cache, cache_budget=cache_budget, reporters=writers, make_rule=False)
+              device=device, cache=cache, cache_budget=cache_budget, reporters=writers, make_rule=False,
+              bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     check_rotation(rotate, rotate_seed)
     dataset_options = {k: v for k, v in dict(image_column=image_column, split=split, concepts=concepts,
                                               mask_columns=list(mask_columns) or None).items() if v is not None}
@@ -333,7 +349,7 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
               quantile=quantile, compat=compat, top_k=top_k, skip_bad=skip_bad,
               backend_options=_backend_options(input_size, mean, std, bgr), device=device, batch_size=batch_size,
               workers=workers, reporters=writers, cache=cache, cache_budget=cache_budget, rotate=rotate,
-              rotate_seed=rotate_seed)
+              rotate_seed=rotate_seed, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     store = None if no_store else ResultsStore(store_dir)
     with RichProgress(context.err) as progress:
         result, outcome = dissect_stored(job, out_dir, store, context.host, progress,

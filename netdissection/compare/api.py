@@ -100,6 +100,8 @@ def compare(
     strict_plugins: bool | None = None,
     rotate: float | Sequence[float] | None = None,
     rotate_seed: int = 0,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> CompareTable:
     """Dissect every model and compare them; returns the table (and writes it to ``out`` if given).
 
@@ -122,7 +124,8 @@ def compare(
     # Every option and name before any model is looked for: a typo fails at once.
     rule, _ = check_run(host, backend=backend, dataset_format=dataset_format, threshold=threshold,
                         threshold_params=threshold_params, quantile=quantile, compat=compat, batch_size=batch_size,
-                        device=device, cache=cache, cache_budget=cache_budget, reporters=reporters, make_rule=False)
+                        device=device, cache=cache, cache_budget=cache_budget, reporters=reporters, make_rule=False,
+                        bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     alphas = _alphas(rotate, rotate_seed)
     runner = make_executor(host, executor, executor_options)
     tallies = _tallies(add_tallies)
@@ -143,7 +146,8 @@ def compare(
                 threshold=threshold, threshold_params=dict(threshold_params or {}), quantile=quantile,
                 compat=compat, top_k=top_k, skip_bad=skip_bad,
                 backend_options={k: v for k, v in (backend_options or {}).items() if v is not None},
-                device=device, batch_size=batch_size, workers=workers,
+                device=device, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, batch_size=batch_size,
+                workers=workers,
                 reporters=tuple(reporters) if reporters else None, cache=cache, cache_budget=cache_budget,
                 name=s.name or _display(s), x=s.x, labels={**common, **s.labels}, rotate=alpha,
                 rotate_seed=rotate_seed if alpha is not None else 0) for s in specs for alpha in alphas]

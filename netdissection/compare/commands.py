@@ -115,6 +115,7 @@ def _dissect_options(function: Any, context: CommandContext) -> Any:
                      help="Where each run's later reads get the maps: a disk cache, or another forward pass."),
         click.option("--cache-budget", metavar="SIZE", help="Most disk an activation cache may take, e.g. 20G."),
         context.input_options,
+        context.bootstrap_options,
         click.option("--image-column", help="Dataset image column (HuggingFace datasets)."),
         click.option("--mask-column", "mask_columns", multiple=True, help="Dataset mask column (repeatable)."),
         click.option("--split", help="Dataset split (HuggingFace datasets)."),

@@ -96,6 +96,10 @@ class CommandContext(Protocol):
         """A click decorator adding ``--input-size``, ``--mean``, ``--std`` and ``--bgr``."""
         ...
 
+    def bootstrap_options(self, command: Callable[..., Any]) -> Callable[..., Any]:
+        """A click decorator adding ``--bootstrap B`` and ``--bootstrap-seed S`` (ints, default 0)."""
+        ...
+
     def backend_options(self, input_size: Any, mean: Any, std: Any, bgr: bool) -> dict[str, Any]:
         """The values of ``input_options`` as ``dissect(backend_options=...)``: only those the user set."""
         ...

@@ -71,6 +71,8 @@ class Job:
     #: ``--rotate``: the layers' units read in the basis Q^rotate, Q drawn from ``rotate_seed`` (None: as they are).
     rotate: float | None = None
     rotate_seed: int = 0
+    bootstrap: int = 0  # resamples (0: none); in the key with its seed only when there are resamples
+    bootstrap_seed: int = 0
     # How it runs: not in the key.
     batch_size: int = 32
     workers: int | None = None
@@ -207,7 +209,7 @@ def key_material(job: Job, host: Any, rule: Mapping[str, Any], memo: DigestMemo 
     the caller already has it (else its factory is asked). Raises :class:`NotStorable` for a dataset that is
     not on this machine."""
     memo = memo or DigestMemo()
-    return {
+    material = {
         "protocol": PROTOCOL_VERSION,
         "model": _model_identity(job.model, memo),
         "backend": _backend_identity(host, job.backend),
@@ -226,6 +228,11 @@ def key_material(job: Job, host: Any, rule: Mapping[str, Any], memo: DigestMemo 
         # Only where a job rotates, so that the keys of every other job stay as they were.
         **({"rotation": _rotation_identity(job)} if job.rotate is not None else {}),
     }
+    if job.bootstrap:  # without one a run is what it always was, and keeps its key
+        from .bootstrap import BLOCKS
+
+        material["bootstrap"] = {"resamples": int(job.bootstrap), "seed": int(job.bootstrap_seed), "blocks": BLOCKS}
+    return material
 
 
 def _rotation_identity(job: Job) -> dict[str, Any]:

@@ -54,6 +54,7 @@ def summary_of(result: RunResult) -> dict[str, Any]:
             "paper_unique_labels_total": counts.paper_unique_total,
             "mean_iou_of_detectors": sum(detector_ious) / len(detector_ious) if detector_ious else None,
             "seconds": layer.seconds,
+            **({"bootstrap": layer.bootstrap.to_json()} if layer.bootstrap is not None else {}),
         })
     return {
         "format": "netdissection-run/1",

@@ -117,10 +117,12 @@ class QuietEvents:
 
 
 def check_options(*, compat: str, batch_size: int, device: str, cache: str = "auto",
-                  cache_budget: str | int | None = None) -> None:
+                  cache_budget: str | int | None = None, bootstrap: int = 0, bootstrap_seed: int = 0) -> None:
     """The run options every backend and dataset share, checked before anything is built."""
+    from .bootstrap import check_bootstrap
     from .cache import CACHE_MODES, parse_size
 
+    check_bootstrap(bootstrap, bootstrap_seed)
     if cache not in CACHE_MODES:
         raise DissectionError(f"--cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
     parse_size(cache_budget)
@@ -193,16 +195,22 @@ def prepare_run(
     plugins: Mapping[str, str] | None = None,
     work_dir: str | Path | None = None,
     rotation: Rotation | None = None,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> PreparedRun:
     """Check the options, choose the layers, and build the plan and provenance of a run (no pass runs).
     ``work_dir``: where the activation cache goes (default: the temporary folder). ``rotation`` reads every
-    dissected layer's units in a rotated basis (``core/rotation.py``)."""
+    dissected layer's units in a rotated basis (``core/rotation.py``). ``bootstrap`` resamples (0: none)
+    with ``bootstrap_seed`` give each unit and count an interval (``core/bootstrap.py``)."""
+    from .bootstrap import BootstrapSpec
     from .cache import parse_size
     from .loading import default_workers
     from .scheduler import LITE_INPUT, Plan
 
-    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget)
+    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget,
+                  bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     budget = parse_size(cache_budget)
+    resampling = BootstrapSpec(bootstrap, bootstrap_seed) if bootstrap else None
     description = backend.describe()
     model_name = str(description.get("model", model_ref))
     infos = backend.layers()
@@ -235,6 +243,8 @@ def prepare_run(
         "plugins": dict(plugins or {}),
         "python": platform.python_version(),
     }
+    if resampling is not None:
+        provenance["bootstrap"] = resampling.provenance(len(dataset))
     transforms: dict[str, Any] = {}
     if rotation is not None:
         from .rotation import rotation_transforms
@@ -243,7 +253,7 @@ def prepare_run(
     plan = Plan(backend=backend, dataset=dataset, layers=layer_names, make_rule=threshold.make, semantics=compat,
                 batch_size=batch_size, workers=default_workers() if workers is None else workers, device=device,
                 top_k=top_k, skip_bad=skip_bad, work_dir=Path(work_dir) if work_dir is not None else None,
-                cache=cache, cache_budget=budget, transforms=transforms)
+                cache=cache, cache_budget=budget, transforms=transforms, bootstrap=resampling)
     return PreparedRun(plan, spec, provenance, resolved)
 
 
@@ -269,19 +279,23 @@ def run_dissection(
     events: RunEvents | None = None,
     plugins: Mapping[str, str] | None = None,
     rotation: Rotation | None = None,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> RunResult:
     """Dissect the model behind ``backend`` on ``dataset``: both passes for every layer at once, then (with
     ``out``) the saved counts and ``summary.json``, then each writer, then ``summary.json`` again with every
     file written. ``plugins`` (name → version) goes into the provenance. ``cache`` ("auto", "disk",
     "recompute") and ``cache_budget`` (bytes, or a size like "20G") say where the reads after the first pass
-    get the maps. ``rotation`` reads every dissected layer's units in a rotated basis (``core/rotation.py``)."""
+    get the maps. ``rotation`` reads every dissected layer's units in a rotated basis (``core/rotation.py``).
+    ``bootstrap`` resamples (0: none) with ``bootstrap_seed`` give each unit and count an interval
+    (``core/bootstrap.py``)."""
     from .reporting import rewrite_summary, write_results
     from .scheduler import run_passes
 
     prepared = prepare_run(backend, dataset, threshold, backend_name=backend_name, model_ref=model_ref, layers=layers,
                            compat=compat, batch_size=batch_size, device=device, workers=workers, top_k=top_k,
                            skip_bad=skip_bad, cache=cache, cache_budget=cache_budget, plugins=plugins, work_dir=out,
-                           rotation=rotation)
+                           rotation=rotation, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     plan, spec, provenance, resolved = prepared.plan, prepared.spec, prepared.provenance, prepared.modules
     events = events if events is not None else QuietEvents()
     events.run_start(provenance)

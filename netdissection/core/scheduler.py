@@ -11,6 +11,10 @@ executor that runs shards elsewhere (one runner per worker) drives them the same
     results = layer_results(partial, thresholds, counts, dataset.vocabulary)
     for r in runners: r.close()
 
+With ``plan.bootstrap`` the IoU pass counts per block of images, ``r.iou_pass(thresholds,
+plan.bootstrap.accumulator(len(dataset)))``, and ``plan.bootstrap.attach(results, counts)`` gives each layer
+its intervals (``core/bootstrap.py``); ``run_passes`` does both.
+
 One forward pass serves every layer. The reads after the activation pass (the IoU pass, and any
 further read a threshold rule asks for) take the raw maps from an on-disk cache at layer resolution,
 or recompute them with another forward pass where the cache would not fit (``Plan.cache``). Nothing
@@ -26,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -48,6 +52,9 @@ from .partials import (
 from .protocols import Backend, ConceptDataset, ThresholdRule
 from .topimages import TopImagesPartial
 from .types import InputSpec, LayerResult, Vocabulary
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .bootstrap import BootstrapSpec
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +108,9 @@ class Plan:
     #: ``(layer, units) -> accumulator`` fed every (transformed) map of the layer in the activation
     #: pass and merged across shards (``partials.LayerAccumulator``), e.g. per-unit diagnostics.
     make_diagnostics: Callable[[str, int], LayerAccumulator] | None = lambda layer, units: UnitStatistics()
+    #: With a bootstrap, the IoU pass keeps its counts per block of images and each layer's result gets
+    #: its intervals (``LayerResult.bootstrap``); None counts as before.
+    bootstrap: BootstrapSpec | None = None
 
 
 def preprocess(images: torch.Tensor, spec: InputSpec, device: str) -> torch.Tensor:
@@ -364,12 +374,17 @@ def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = No
         seconds["thresholds"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        counts = merge_all(runner.iou_pass(thresholds) for runner in runners)
+        accumulator = plan.bootstrap.accumulator(total) if plan.bootstrap is not None else TallyCounts
+        counts = merge_all(runner.iou_pass(thresholds, accumulator) for runner in runners)
         seconds["iou"] = time.perf_counter() - start
     finally:
         for runner in runners:
             runner.close()
     results = layer_results(activations, thresholds, counts, dataset.vocabulary)
+    if plan.bootstrap is not None:
+        start = time.perf_counter()
+        plan.bootstrap.attach(results, counts)
+        seconds["bootstrap"] = time.perf_counter() - start
     for name, result in results.items():
         for warning in result.warnings:
             log.warning("layer %s: %s", name, warning)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .bootstrap import LayerBootstrap
 
 #: The six Broden categories, in Broden's ``category.csv`` order.
 BRODEN_CATEGORIES = ("object", "part", "scene", "material", "texture", "color")
@@ -193,6 +196,8 @@ class LayerResult:
     map_shape: tuple[int, int, int] | None = None
     #: Why the layer's numbers may mean little (spatially constant maps, empty masks, ...).
     warnings: list[str] = field(default_factory=list)
+    #: The intervals of a run with ``--bootstrap`` (None without).
+    bootstrap: LayerBootstrap | None = None
 
     @property
     def units(self) -> int:
