@@ -184,7 +184,8 @@ class ExecutionContext:
                          workers=job.workers, weights=job.weights, pretrained=job.pretrained, top_k=job.top_k,
                          reporters=list(job.reporters) if job.reporters else None, skip_bad=job.skip_bad,
                          cache=job.cache, cache_budget=job.cache_budget, progress=progress, host=self.host,
-                         backend_options=dict(job.backend_options), strict_plugins=self.strict_plugins)
+                         backend_options=dict(job.backend_options), strict_plugins=self.strict_plugins,
+                         explain=job.explain, explain_params=dict(job.explain_params), explain_units=job.explain_units)
         if opened is None and result.dataset is not None:
             self._datasets[ident] = result.dataset
         return result

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import DissectionError, UnknownNameError
+from .explain import ExplainerChoice, check_explainer, check_units, run_explainer
 from .protocols import Backend, ConceptDataset, ReportWriter, ThresholdRule
 from .types import InputSpec, LayerInfo, LayerResult, RunResult
 from .version import __version__
@@ -182,12 +183,13 @@ def run_dissection(
     cache_budget: str | int | None = None,
     events: RunEvents | None = None,
     plugins: Mapping[str, str] | None = None,
+    explainer: ExplainerChoice | None = None,
 ) -> RunResult:
     """Dissect the model behind ``backend`` on ``dataset``: both passes for every layer at once, then (with
     ``out``) the saved counts and ``summary.json``, then each writer, then ``summary.json`` again with every
     file written. ``plugins`` (name → version) goes into the provenance. ``cache`` ("auto", "disk",
     "recompute") and ``cache_budget`` (bytes, or a size like "20G") say where the reads after the first pass
-    get the maps."""
+    get the maps. ``explainer``: labels units otherwise too, after the IoU pass (``core.explain``)."""
     from .cache import parse_size
     from .loading import default_workers
     from .reporting import rewrite_summary, write_results
@@ -228,13 +230,20 @@ def run_dissection(
         "plugins": dict(plugins or {}),
         "python": platform.python_version(),
     }
+    if explainer is not None:
+        # Before anything runs: the units exist in every layer, the explainer knows the concepts it names.
+        sizes = {i.name: i.units for i in infos if i.name in layer_names and i.shape}
+        check_units(explainer.units, sizes)
+        check_explainer(explainer, dataset.vocabulary)
+        provenance["explainer"] = explainer.record()
     events.run_start(provenance)
     for name in layer_names:
         events.layer_start(provenance, name)
     plan = Plan(backend=backend, dataset=dataset, layers=layer_names, make_rule=threshold.make, semantics=compat,
                 batch_size=batch_size, workers=default_workers() if workers is None else workers, device=device,
                 top_k=top_k, skip_bad=skip_bad, work_dir=Path(out) if out is not None else None,
-                cache=cache, cache_budget=budget)
+                cache=cache, cache_budget=budget,
+                explain=(lambda results, read: run_explainer(explainer, results, read)) if explainer else None)
     started = time.perf_counter()
     try:
         if out is not None:

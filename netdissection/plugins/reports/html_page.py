@@ -14,7 +14,7 @@ from typing import Any
 from ...core.files import layer_dirnames
 from ...core.reporting import random_weights
 from ...core.scores import DetectorCounts, UnitScore, count_detectors, unit_scores
-from ...core.types import DETECTOR_IOU, LayerResult, RunResult, layer_described
+from ...core.types import DETECTOR_IOU, Explanation, LayerResult, RunResult, layer_described
 from .html_assets import CSS, JS
 from .html_report import FILES
 from .plots import LAYER_PLOTS, LAYERS_PLOT
@@ -155,7 +155,9 @@ def _layer_section(name: str, folder: str, layer: LayerResult, rows: Sequence[Un
                    src: Mapping[int, str], strips: Mapping[int, Strip], categories: Sequence[str],
                    plots: str) -> str:
     index = {c: i for i, c in enumerate(categories)}
-    cards = [_card(row, index, src.get(row.unit - 1), strips.get(row.unit - 1)) for row in rows]
+    explained = {e.unit: e for e in layer.explanations or ()}
+    cards = [_card(row, index, src.get(row.unit - 1), strips.get(row.unit - 1), explained.get(row.unit))
+             for row in rows]
     headline = (f"{counts.detectors}/{counts.units} units are detectors covering {counts.unique_labels} concepts "
                 f"(IoU ≥ {DETECTOR_IOU})")
     warnings = "".join(f'<p class="notice warning">{escape(w)}</p>' for w in layer.warnings)
@@ -167,7 +169,8 @@ def _layer_section(name: str, folder: str, layer: LayerResult, rows: Sequence[Un
             f'<div class="grid" id="grid-{escape(folder)}">{"".join(cards)}</div></section>')
 
 
-def _card(row: UnitScore, category_index: Mapping[str, int], src: str | None, strip: Strip | None) -> str:
+def _card(row: UnitScore, category_index: Mapping[str, int], src: str | None, strip: Strip | None,
+          explanation: Explanation | None = None) -> str:
     detector = row.score >= DETECTOR_IOU
     classes = ["card", "det" if detector else "below"]
     if row.category in category_index:
@@ -182,5 +185,13 @@ def _card(row: UnitScore, category_index: Mapping[str, int], src: str | None, st
             f'data-label="{escape(row.label)}" data-cat="{escape(row.category)}">'
             f'<div class="info"><span class="unit">unit {row.unit}</span><span class="label">{escape(row.label)}'
             f'</span><span class="cat">{escape(row.category)}</span><span class="iou">IoU {row.score:.3f}</span>'
-            f"</div>{image}</div>")
+            f"{_formula(explanation)}</div>{image}</div>")
+
+
+def _formula(explanation: Explanation | None) -> str:
+    """The unit's explanation (``--explain``), on a line of its own in the card."""
+    if explanation is None:
+        return ""
+    return (f'<span class="formula" style="flex-basis:100%" title="explanation of length {explanation.length}">'
+            f"{escape(explanation.formula)} <span class=\"iou\">IoU {explanation.iou:.3f}</span></span>")
 
