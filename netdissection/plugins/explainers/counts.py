@@ -10,8 +10,11 @@ and for every formula ``overlap[F, l] = |F ∩ l|`` and ``size[F] = |F|``. From 
 ``I[u, l] = |M_u ∩ l|`` and ``G[l] = |l|``, the IoU of ``F AND l``, ``F OR l`` and ``F AND NOT l`` follows
 exactly for every l at once (``compositional.expand``): a search step of the whole beam is one read.
 
-The unit masks are the protocol's (``core.upsample.active_pixels``: only the active pixels are visited);
-formula masks are evaluated on the labels of each batch, a bounded number at a time (``MASK_BUDGET``).
+Pixels that carry the same labels (the same label in each layer, the same image-level labels) are alike for
+every formula and every concept, so each batch's pixels are grouped by their *signature* — its distinct rows
+of labels, usually a few thousand for hundreds of thousands of pixels — and formulas are evaluated once per
+signature, not per pixel. A unit's mask (``core.upsample.active_pixels``: only active pixels are visited)
+becomes a count per signature. Every count is an integer sum: exact.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from ...core.types import Vocabulary
 from ...core.upsample import active_pixels
 from .formulas import AND, AND_NOT, OR, Formula, Leaf, leaves
 
-#: Bytes of formula and concept masks a batch holds at once (each is one byte per labelled pixel of the batch).
-MASK_BUDGET = 64 << 20
+#: Bytes of formula-by-signature truth tables a batch holds at once.
+TABLE_BUDGET = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,36 @@ class FormulaPartial:
                               self.images + other.images)
 
 
+def unique(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.unique(keys, return_inverse=True, return_counts=True)`` — through numpy on the CPU, where it
+    is several times faster."""
+    if keys.device.type != "cpu":
+        values, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+        return values, inverse, counts
+    values_np, inverse_np, counts_np = np.unique(keys.numpy(), return_inverse=True, return_counts=True)
+    return torch.from_numpy(values_np), torch.from_numpy(inverse_np.reshape(-1)), torch.from_numpy(counts_np)
+
+
+#: Odd 64-bit multipliers that hash a row of labels to one key (collisions are checked for, never trusted).
+_MIX = torch.from_numpy(np.random.default_rng(20200).integers(-(2**62), 2**62, size=64, dtype=np.int64) | 1)
+
+
+def signatures(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct rows of ``rows`` ``(P, W)``: each row's signature ``(P,)``, the signatures' rows
+    ``(n, W)`` and how many rows each has ``(n,)``. Rows are grouped by a hash, then checked equal to their
+    signature's row; a collision (never seen) falls back to an exact ``unique`` over rows."""
+    width = rows.shape[1]
+    mix = torch.cat([_MIX] * (width // len(_MIX) + 1))[:width].to(rows.device)
+    _, inverse, counts = unique((rows * mix).sum(dim=1))
+    inverse = inverse.to(rows.device)
+    first = torch.empty(len(counts), dtype=torch.int64, device=rows.device)
+    first.scatter_(0, inverse, torch.arange(rows.shape[0], device=rows.device))
+    table = rows[first]
+    if not torch.equal(table[inverse], rows):
+        table, inverse, counts = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
+    return inverse, table, counts.to(rows.device)
+
+
 class FormulaCounts:
     """The IoU pass's accumulator for a :class:`FormulaRequest` (``core.iou.CountsAccumulator``).
 
@@ -96,8 +129,6 @@ class FormulaCounts:
         for name, (units, formula) in request.slots.items():
             units_t = torch.as_tensor(np.asarray(units, dtype=np.int64), device=self.device)
             formula_t = torch.as_tensor(np.asarray(formula, dtype=np.int64), device=self.device)
-            if formula_t.numel() and bool((formula_t[1:] < formula_t[:-1]).any()):
-                raise ValueError("the slots of a layer must be sorted by formula")
             self.slots[name] = (units_t, formula_t)
             n = int(units_t.numel())
             self.counts[name] = (torch.zeros(n * self.labels_size, dtype=torch.int64, device=self.device),
@@ -107,8 +138,10 @@ class FormulaCounts:
         self.size = torch.zeros(formulas, dtype=torch.int64, device=self.device)
         self.images = 0
         self._batch: LabelBatch | None = None
-        self._leaves: dict[int, torch.Tensor] = {}
-        self._chunks: dict[int, torch.Tensor] = {}
+        self._signature: torch.Tensor = torch.zeros(0, dtype=torch.int64)
+        self._labels: torch.Tensor = torch.zeros(0, 0, dtype=torch.int64)
+        self._member: torch.Tensor = torch.zeros(0, 0, dtype=torch.bool)
+        self._tables: dict[int, torch.Tensor] = {}
 
     # ---- CountsAccumulator
 
@@ -116,7 +149,7 @@ class FormulaCounts:
         self.images += len(indices)
 
     def add(self, layer: str, indices: np.ndarray, activations: torch.Tensor, labels: LabelBatch) -> None:
-        if labels is not self._batch:  # a new batch: its formula masks, and the counts of formulas alone
+        if labels is not self._batch:  # a new batch: its signatures, and the counts of formulas alone
             self._start_batch(labels)
         slots = self.slots.get(layer)
         if slots is None or slots[0].numel() == 0:
@@ -131,41 +164,49 @@ class FormulaCounts:
         return FormulaPartial(layers, self.overlap.view(-1, self.labels_size).cpu().numpy(), self.size.cpu().numpy(),
                               self.images)
 
-    # ---- masks
+    # ---- signatures and truth tables
 
     def _start_batch(self, labels: LabelBatch) -> None:
-        self._batch, self._leaves, self._chunks = labels, {}, {}
-        for chunk in range(self._chunk_count(labels)):
-            start, masks = self._chunk(labels, chunk)
-            self._count_formulas(labels, start, masks)
+        n, _, pixels = labels.layers.shape
+        levels = labels.image_labels.shape[1]
+        # Each pixel's labels: one per label layer, then the image's image-level labels.
+        rows = torch.cat([labels.layers.transpose(1, 2),
+                          labels.image_labels.unsqueeze(1).expand(n, pixels, levels)], dim=2).reshape(n * pixels, -1)
+        self._batch, self._tables = labels, {}
+        self._signature, self._labels, weight = signatures(rows)
+        # member[g, l]: the pixels of signature g carry label l (label 0, unlabelled, is no concept).
+        self._member = torch.zeros(len(weight), self.labels_size, dtype=torch.bool, device=self.device)
+        self._member.scatter_(1, self._labels, True)
+        self._member[:, 0] = False
+        for chunk in range(self._chunk_count()):
+            start, table = self._table(chunk)
+            self.size[start:start + len(table)] += (table * weight).sum(dim=1)
+            rows_of, signature = torch.nonzero(table, as_tuple=True)
+            self._count_labels(self.overlap, rows_of + start, signature, weight[signature])
 
-    def _pixels(self, labels: LabelBatch) -> int:
-        return int(labels.layers.shape[0]) * labels.shape[0] * labels.shape[1]
+    def _chunk_size(self) -> int:
+        return max(1, TABLE_BUDGET // 2 // max(1, self._member.shape[0]))
 
-    def _chunk_size(self, labels: LabelBatch) -> int:
-        return max(1, MASK_BUDGET // 2 // max(1, self._pixels(labels)))
+    def _chunk_count(self) -> int:
+        return -(-len(self.request.formulas) // self._chunk_size())
 
-    def _chunk_count(self, labels: LabelBatch) -> int:
-        return -(-len(self.request.formulas) // self._chunk_size(labels))
-
-    def _chunk(self, labels: LabelBatch, chunk: int) -> tuple[int, torch.Tensor]:
-        """The masks ``(c, N·S)`` of the formulas of one chunk, and the index of its first formula; kept for
-        the batch while they fit in half the budget (the concept masks get the other half)."""
-        size = self._chunk_size(labels)
+    def _table(self, chunk: int) -> tuple[int, torch.Tensor]:
+        """The truth of the formulas of one chunk on every signature ``(c, n)`` bool, and the chunk's first
+        formula; kept for the batch while the tables fit the budget."""
+        size = self._chunk_size()
         start = chunk * size
-        masks = self._chunks.get(chunk)
-        if masks is None:
-            formulas = self.request.formulas[start:start + size]
-            masks = torch.stack([self._mask(labels, f) for f in formulas])
-            if (len(self._chunks) + 1) * masks.numel() <= MASK_BUDGET // 2:
-                self._chunks[chunk] = masks
-        return start, masks
+        table = self._tables.get(chunk)
+        if table is None:
+            table = torch.stack([self._truth(f) for f in self.request.formulas[start:start + size]])
+            if (len(self._tables) + 1) * table.numel() <= TABLE_BUDGET:
+                self._tables[chunk] = table
+        return start, table
 
-    def _mask(self, labels: LabelBatch, formula: Formula) -> torch.Tensor:
-        """A formula's mask over the batch's pixels, ``(N·S,)`` bool."""
+    def _truth(self, formula: Formula) -> torch.Tensor:
+        """Whether the pixels of each signature are in the formula's mask ``(n,)``."""
         if isinstance(formula, Leaf):
-            return self._leaf(labels, formula.label)
-        left, right = self._mask(labels, formula.left), self._mask(labels, formula.right)
+            return self._member[:, formula.label]
+        left, right = self._truth(formula.left), self._truth(formula.right)
         if formula.op == AND:
             return left & right
         if formula.op == OR:
@@ -174,50 +215,15 @@ class FormulaCounts:
             return left & ~right
         raise ValueError(f"unknown operator {formula.op!r}")
 
-    def _leaf(self, labels: LabelBatch, label: int) -> torch.Tensor:
-        """A concept's mask: any label layer gives it at the pixel, or it is an image-level label."""
-        mask = self._leaves.get(label)
-        if mask is None:
-            n = labels.layers.shape[0]
-            mask = (labels.layers == label).any(dim=1) | (labels.image_labels == label).any(dim=1, keepdim=True)
-            mask = mask.reshape(-1)
-            if (len(self._leaves) + 1) * n * labels.layers.shape[2] > MASK_BUDGET // 2:
-                self._leaves = {}
-            self._leaves[label] = mask
-        return mask
-
-    # ---- counting
-
-    def _labels_under(self, labels: LabelBatch, flat: torch.Tensor) -> torch.Tensor:
-        """The pixel labels ``(P, K)`` at flat pixel indices (image · S + pixel) of the batch."""
-        pixels = labels.layers.shape[2]
-        return labels.layers[flat // pixels, :, flat % pixels]
-
-    def _add_image_level(self, into: torch.Tensor, labels: LabelBatch, per_image: torch.Tensor, first: int) -> None:
-        """Image-level labels cover every pixel: ``per_image`` ``(R, N)`` pixels of each row (slot or formula
-        ``first + r``) in each image adds to the row's count of each of the image's image-level labels."""
-        levels = labels.image_labels  # (N, J)
-        if levels.numel() == 0:
-            return
-        rows, images = torch.nonzero(per_image, as_tuple=True)
-        if rows.numel() == 0:
-            return
-        level = levels[images]  # (hits, J)
-        weight = per_image[rows, images].unsqueeze(1).expand_as(level)
-        ok = level > 0
-        keys = (rows + first).unsqueeze(1).expand_as(level)[ok] * self.labels_size + level[ok]
-        into.index_add_(0, keys, weight[ok])
-
-    def _count_formulas(self, labels: LabelBatch, start: int, masks: torch.Tensor) -> None:
-        """``|F|`` and ``|F ∩ l|`` for every l, for the formulas of one chunk."""
-        n = labels.layers.shape[0]
-        self.size[start:start + masks.shape[0]] += masks.sum(dim=1)
-        row, flat = torch.nonzero(masks, as_tuple=True)
-        under = self._labels_under(labels, flat)
+    def _count_labels(self, into: torch.Tensor, row: torch.Tensor, signature: torch.Tensor,
+                      weight: torch.Tensor) -> None:
+        """Add ``weight`` pixels of ``signature`` to ``row``'s count of each label they carry."""
+        under = self._labels[signature]  # (hits, W)
         keep = under > 0
-        keys = (row + start).unsqueeze(1).expand_as(under)[keep] * self.labels_size + under[keep]
-        self.overlap += torch.bincount(keys, minlength=self.overlap.numel())
-        self._add_image_level(self.overlap, labels, masks.view(masks.shape[0], n, -1).sum(dim=2), start)
+        keys = row.unsqueeze(1).expand_as(under)[keep] * self.labels_size + under[keep]
+        into.index_add_(0, keys, weight.unsqueeze(1).expand_as(under)[keep])
+
+    # ---- a layer's masks
 
     def _add_layer(self, layer: str, activations: torch.Tensor, labels: LabelBatch, slot_units: torch.Tensor,
                    slot_formula: torch.Tensor) -> None:
@@ -241,43 +247,42 @@ class FormulaCounts:
         if not found_images:
             return
         mask_image, mask_unit = torch.cat(found_images), torch.cat(found_units)
-        mask_flat = mask_image * pixels + torch.cat(found_pixels)
         count = len(unit_of)
         # Mask area per (image, unit), and the area term: images in the formula's domain or having c.
-        areas = torch.bincount(mask_image * count + mask_unit, minlength=n * count).view(n, count)
         # (Elementwise sums, not matrix products: integer matmul is not there on every device.)
+        areas = torch.bincount(mask_image * count + mask_unit, minlength=n * count).view(n, count)
         has = labels.has_category  # (N, C)
         weight = areas[:, slot_unit].T  # (S, N)
         in_domain = (self.formula_categories[slot_formula].unsqueeze(1) & has.unsqueeze(0)).any(dim=2)  # (S, N)
         area += (weight * in_domain).sum(dim=1, keepdim=True) \
             + ((weight * ~in_domain).unsqueeze(2) * has.unsqueeze(0)).sum(dim=1)
 
-        # The active pixels grouped by unit, so that each slot takes its unit's run of them.
-        order = torch.argsort(mask_unit, stable=True)
-        mask_flat = mask_flat[order]
-        per_unit = torch.bincount(mask_unit, minlength=count)
+        # Each unit's mask as pixels per signature: (unit, signature, pixels), grouped by unit.
+        signatures_of = self._signature[mask_image * pixels + torch.cat(found_pixels)]
+        keys, _, pixels_of = unique(mask_unit * len(self._labels) + signatures_of)
+        keys, pixels_of = keys.to(self.device), pixels_of.to(self.device)
+        pair_unit, pair_signature = keys // len(self._labels), keys % len(self._labels)
+        per_unit = torch.bincount(pair_unit, minlength=count)
         offsets = torch.cumsum(per_unit, 0) - per_unit
-        size = self._chunk_size(labels)
-        bounds = torch.searchsorted(slot_formula, torch.arange(0, len(self.request.formulas) + size, size,
-                                                               device=self.device))
-        for chunk in range(self._chunk_count(labels)):
+        # Each slot takes its unit's run of pairs, a chunk of formulas at a time.
+        size = self._chunk_size()
+        order = torch.argsort(slot_formula, stable=True)
+        bounds = torch.searchsorted(slot_formula[order], torch.arange(0, len(self.request.formulas) + size, size,
+                                                                      device=self.device))
+        for chunk in range(self._chunk_count()):
             low, high = int(bounds[chunk]), int(bounds[chunk + 1])
             if low == high:
                 continue
-            start, masks = self._chunk(labels, chunk)
-            runs = per_unit[slot_unit[low:high]]
+            start, table = self._table(chunk)
+            slots = order[low:high]
+            runs = per_unit[slot_unit[slots]]
             total = int(runs.sum())
             if total == 0:
                 continue
-            slot = torch.repeat_interleave(torch.arange(low, high, device=self.device), runs)
-            begin = torch.repeat_interleave(offsets[slot_unit[low:high]] - (torch.cumsum(runs, 0) - runs), runs)
-            flat = mask_flat[begin + torch.arange(total, device=self.device)]
-            hit = masks[slot_formula[slot] - start, flat]
-            slot, flat = slot[hit], flat[hit]
-            inter += torch.bincount(slot, minlength=inter.numel())
-            under = self._labels_under(labels, flat)
-            keep = under > 0
-            keys = slot.unsqueeze(1).expand_as(under)[keep] * self.labels_size + under[keep]
-            joint += torch.bincount(keys, minlength=joint.numel())
-            per_image = torch.bincount((slot - low) * n + flat // pixels, minlength=(high - low) * n).view(-1, n)
-            self._add_image_level(joint, labels, per_image, low)
+            slot = torch.repeat_interleave(slots, runs)
+            begin = torch.repeat_interleave(offsets[slot_unit[slots]] - (torch.cumsum(runs, 0) - runs), runs)
+            pair = begin + torch.arange(total, device=self.device)
+            hit = table[slot_formula[slot] - start, pair_signature[pair]]
+            slot, pair = slot[hit], pair[hit]
+            inter.index_add_(0, slot, pixels_of[pair])
+            self._count_labels(joint, slot, pair_signature[pair], pixels_of[pair])
