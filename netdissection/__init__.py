@@ -25,6 +25,7 @@ from .core.protocols import Backend, ConceptDataset, ReportWriter, ThresholdRule
 from .core.types import (
     BackendOptions,
     Concept,
+    Explanation,
     InputSpec,
     LayerInfo,
     LayerResult,
@@ -41,6 +42,7 @@ __all__ = [
     "Concept",
     "ConceptDataset",
     "DissectionError",
+    "Explanation",
     "InputSpec",
     "LayerInfo",
     "LayerResult",

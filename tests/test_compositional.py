@@ -511,3 +511,14 @@ def test_dead_units_and_no_pixels_are_explained_with_zero(setup: Setup) -> None:
     rows = result.layers["2"].explanations or []
     assert [r.iou for r in rows] == [0.0, 0.0] and all(r.length == 1 for r in rows)
 
+
+
+def test_signatures_are_exact_even_when_the_hash_collides(monkeypatch: pytest.MonkeyPatch) -> None:
+    from netdissection.plugins.explainers import counts
+
+    rows = torch.tensor([[1, 2], [2, 1], [1, 2], [0, 0], [3, 0]])
+    for mix in (counts._MIX, torch.zeros_like(counts._MIX)):  # zeros: every row hashes alike
+        monkeypatch.setattr(counts, "_MIX", mix)
+        inverse, table, weight = counts.signatures(rows)
+        assert torch.equal(table[inverse], rows)
+        assert len(table) == 4 and sorted(weight.tolist()) == [1, 1, 1, 2]
