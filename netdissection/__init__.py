@@ -26,6 +26,7 @@ from .core.protocols import Backend, ConceptDataset, ReportWriter, ThresholdRule
 from .core.types import (
     BackendOptions,
     Concept,
+    Explanation,
     InputSpec,
     LayerInfo,
     LayerResult,
@@ -42,6 +43,7 @@ __all__ = [
     "Concept",
     "ConceptDataset",
     "DissectionError",
+    "Explanation",
     "InputSpec",
     "LayerInfo",
     "LayerResult",

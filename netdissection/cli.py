@@ -192,6 +192,35 @@ def _bootstrap_options(command: Callable[..., Any]) -> Callable[..., Any]:
     ], command)
 
 
+def _explain_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--explain NAME``, ``--explain-param KEY=VALUE``, ``--formula-length``, ``--beam`` and ``--units``."""
+    return _apply([
+        click.option("--explain", metavar="NAME", help="Also label units with an explainer: compositional, "
+                     "formulas of concepts with AND, OR, AND NOT (see: dissect plugins)."),
+        click.option("--explain-param", "explain_params", multiple=True, metavar="KEY=VALUE", callback=_params,
+                     help="A parameter of the explainer (repeatable), e.g. formula='red-c AND ball' to score one "
+                     "formula."),
+        click.option("--formula-length", type=int, help="compositional: the most concepts in a formula (default 3; "
+                     "each one past the first reads the dataset once more)."),
+        click.option("--beam", type=int, help="compositional: formulas kept per unit at each step (default 5)."),
+        click.option("--units", metavar="1,5,9", help="Explain only these units (1-based as in tally.csv; ranges "
+                     "like 1-8 too). Default: every unit."),
+    ], command)
+
+
+def _explain_params(params: dict[str, Any], formula_length: int | None, beam: int | None) -> dict[str, Any]:
+    """The explainer's parameters: ``--explain-param`` and the named options, which must not disagree."""
+    params = dict(params)
+    for key, value in (("formula_length", formula_length), ("beam", beam)):
+        if value is None:
+            continue
+        if key in params and params[key] != value:
+            raise DissectionError(f"--{key.replace('_', '-')} {value} and --explain-param {key}={params[key]} "
+                                  "disagree; give one")
+        params[key] = value
+    return params
+
+
 def _backend_options(input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                      std: tuple[float, float, float] | None, bgr: bool) -> dict[str, Any]:
     """What ``_input_options`` gave, as ``dissect(backend_options=...)``: only the options the user set."""
@@ -276,6 +305,7 @@ def cli() -> None:
               "layer with a spatial map.")
 @click.option("--categories", multiple=True, help="Comma-separated categories to use (default: all).")
 @_threshold_options
+@_explain_options
 @click.option("--compat", type=click.Choice(["paper", "lite"]), default="paper", show_default=True,
               help="'lite' reproduces NetDissect-Lite's numbers.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: dissection/MODEL).")
@@ -310,8 +340,10 @@ def cli() -> None:
 def run_command(context: CliContext, model: str, backend: str | None, weights: str | None, pretrained: bool,
                 dataset: str | None, dataset_format: str | None, layers: tuple[str, ...],
                 categories: tuple[str, ...], threshold: str | None, threshold_params: dict[str, Any],
-                quantile: float | None, compat: str, out: str | None, batch_size: int, device: str,
-                workers: int | None, top_k: int, reporters: tuple[str, ...], skip_bad: bool,
+                quantile: float | None, explain: str | None, explain_params: dict[str, Any],
+                formula_length: int | None, beam: int | None, units: str | None,
+                compat: str, out: str | None, batch_size: int, device: str, workers: int | None,
+                top_k: int, reporters: tuple[str, ...], skip_bad: bool,
                 cache: str, cache_budget: str | None, bootstrap: int, bootstrap_seed: int,
                 input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                 std: tuple[float, float, float] | None, bgr: bool, image_column: str | None,
@@ -323,6 +355,7 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
     """
     from .api import announce_load_failures, check_run
     from .compare.execution import dissect_stored
+    from .core.explain import parse_units
     from .core.jobkey import Job
     from .core.rotation import check_rotation
     from .core.store import ResultsStore
@@ -332,12 +365,15 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
     if no_store and store_dir:
         raise DissectionError("--store and --no-store contradict each other; pass one")
     writers = tuple(_split(reporters)) or None
+    explain_params = _explain_params(explain_params, formula_length, beam)
+    explain_units = parse_units(units)
     # Every name and option before the store is asked or a model built: a typo fails at once.
     announce_load_failures(context.host, strict_plugins_flag(strict_plugins or None))
     check_run(context.host, backend=backend, dataset_format=dataset_format, threshold=threshold,
               threshold_params=threshold_params, quantile=quantile, compat=compat, batch_size=batch_size,
               device=device, cache=cache, cache_budget=cache_budget, reporters=writers, make_rule=False,
-              bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
+              bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, explain=explain, explain_params=explain_params,
+              explain_units=explain_units)
     check_rotation(rotate, rotate_seed)
     dataset_options = {k: v for k, v in dict(image_column=image_column, split=split, concepts=concepts,
                                               mask_columns=list(mask_columns) or None).items() if v is not None}
@@ -349,7 +385,8 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
               quantile=quantile, compat=compat, top_k=top_k, skip_bad=skip_bad,
               backend_options=_backend_options(input_size, mean, std, bgr), device=device, batch_size=batch_size,
               workers=workers, reporters=writers, cache=cache, cache_budget=cache_budget, rotate=rotate,
-              rotate_seed=rotate_seed, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
+              rotate_seed=rotate_seed, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
+              explain=explain, explain_params=explain_params, explain_units=explain_units)
     store = None if no_store else ResultsStore(store_dir)
     with RichProgress(context.err) as progress:
         result, outcome = dissect_stored(job, out_dir, store, context.host, progress,

@@ -139,6 +139,8 @@ def timing_line(result: RunResult, seconds: float) -> str:
             parts.append(f"{name} {s[key]:.1f} s ({result.images / max(s[key], 1e-9):.0f}/s)")
     if s.get("thresholds", 0) >= 0.05:  # usually a few ms: not worth a column of the line
         parts.append(f"thresholds {s['thresholds']:.1f} s")
+    if "explain" in s:  # --explain: the explainer's reads and search
+        parts.append(f"explain {s['explain']:.1f} s")
     return " · ".join(parts)
 
 

@@ -206,7 +206,8 @@ def dissect_arguments(job: Job) -> dict[str, Any]:
             "weights": job.weights, "pretrained": job.pretrained, "top_k": job.top_k, "skip_bad": job.skip_bad,
             "cache": job.cache, "cache_budget": job.cache_budget, "backend_options": dict(job.backend_options),
             "rotate": job.rotate, "rotate_seed": job.rotate_seed, "bootstrap": job.bootstrap,
-            "bootstrap_seed": job.bootstrap_seed}
+            "bootstrap_seed": job.bootstrap_seed, "explain": job.explain, "explain_params": dict(job.explain_params),
+            "explain_units": job.explain_units}
 
 
 def prepare_job(job: Job, *, work_dir: str | Path | None = None, host: Any = None,

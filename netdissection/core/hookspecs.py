@@ -181,6 +181,22 @@ def dissect_register_executors(register: Register) -> None:
 
 
 @hookspec
+def dissect_register_explainers(register: Register) -> None:
+    """Register explainers, which label units otherwise than with one concept: ``register(name, factory,
+    description=...)``; ``--explain NAME`` picks one (``explain=`` in Python).
+
+    ``factory(**params) -> Explainer`` (``core.explain``): ``params`` are the user's ``--explain-param
+    KEY=VALUE`` and named options (``--formula-length N`` is ``formula_length=N``, ``--beam B`` is
+    ``beam=B``); the host also passes ``compat`` to factories whose signature names it. A parameter the
+    signature does not take is refused before any pass runs (unless it takes ``**params``); the factory
+    refuses bad values with ``DissectionError``, and is called once while the options are checked, so keep
+    it cheap. Provenance and the job key record the name, plugin and parameters (defaults included) and the
+    units. The explainer's ``explain(layers, read, units)`` runs after the IoU pass, with ``read(factory)``
+    for further passes over the dataset; its rows go to ``<layer>/explanations.csv`` and the HTML report.
+    """
+
+
+@hookspec
 def dissect_register_commands(cli: click.Group, context: CommandContext) -> None:
     """Add subcommands to the ``dissect`` group: ``cli.add_command(...)`` or ``@cli.command()``.
 

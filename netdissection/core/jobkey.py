@@ -73,6 +73,9 @@ class Job:
     rotate_seed: int = 0
     bootstrap: int = 0  # resamples (0: none); in the key with its seed only when there are resamples
     bootstrap_seed: int = 0
+    explain: str | None = None  # an explainer's name (--explain), its parameters and units (1-based)
+    explain_params: Mapping[str, Any] = field(default_factory=dict)
+    explain_units: tuple[int, ...] | None = None
     # How it runs: not in the key.
     batch_size: int = 32
     workers: int | None = None
@@ -227,6 +230,8 @@ def key_material(job: Job, host: Any, rule: Mapping[str, Any], memo: DigestMemo 
         "skip_bad": bool(job.skip_bad),
         # Only where a job rotates, so that the keys of every other job stay as they were.
         **({"rotation": _rotation_identity(job)} if job.rotate is not None else {}),
+        # Only when given, so that the keys of runs without an explainer stay what they were.
+        **({"explain": _explainer_identity(host, job)} if job.explain is not None else {}),
     }
     if job.bootstrap:  # without one a run is what it always was, and keeps its key
         from .bootstrap import BLOCKS
@@ -277,6 +282,20 @@ def _backend_identity(host: Any, backend: str | None) -> dict[str, Any]:
     third_party = {r.name: r.version for r in host.plugins if r.name in plugins and r.source != "builtin"}
     return {"requested": backend, "frameworks": {p: _package_version(p) for p in packages},
             "plugins": dict(sorted(third_party.items()))}
+
+
+def _explainer_identity(host: Any, job: Job) -> dict[str, Any]:
+    """The explainer, its parameters as it runs with them (defaults included) and the units; a third-party
+    plugin's version too (built-in explainers are covered by the protocol version)."""
+    from .explain import explainer_params
+
+    assert job.explain is not None
+    entry = host.catalog("explainer").get(job.explain)
+    _, params = explainer_params(job.explain, entry.factory, job.explain_params, compat=job.compat)
+    record = next((r for r in host.plugins if r.name == entry.plugin), None)
+    version = record.version if record is not None and record.source != "builtin" else None
+    return {"name": job.explain, "params": _plain(dict(sorted(params.items()))),
+            "units": list(job.explain_units) if job.explain_units is not None else None, "plugin_version": version}
 
 
 def _dataset_identity(host: Any, job: Job, memo: DigestMemo, builtin_root: Path | None) -> dict[str, Any]:

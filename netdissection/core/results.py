@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DissectionError
+from .explain import EXPLANATIONS, read_explanations
 from .files import atomic_write, atomic_write_text
 from .types import Concept, LayerResult, RunResult, TopImages, Vocabulary
 
@@ -82,6 +83,9 @@ def load_run(out_dir: str | Path) -> RunResult:
                     top_images=top, seconds=entry.get("seconds", {}), module=entry.get("module"),
                     map_shape=tuple(entry["map"]) if entry.get("map") else None,
                     warnings=list(entry.get("warnings", [])), bootstrap=bootstrap)
+            explained = root / entry["folder"] / EXPLANATIONS
+            if explained.is_file():
+                layers[entry["layer"]].explanations = read_explanations(explained)
     except (OSError, KeyError, ValueError) as exc:
         raise DissectionError(f"{root} holds an unreadable run ({exc}); run the dissection again") from None
     return RunResult(layers=layers, provenance=summary["provenance"], seconds=summary.get("seconds", {}),

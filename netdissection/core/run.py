@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import DissectionError, UnknownNameError
+from .explain import ExplainerChoice, check_explainer, check_units, run_explainer
 from .protocols import Backend, ConceptDataset, ReportWriter, ThresholdRule
 from .types import InputSpec, LayerInfo, LayerResult, RunResult
 from .version import __version__
@@ -197,11 +198,13 @@ def prepare_run(
     rotation: Rotation | None = None,
     bootstrap: int = 0,
     bootstrap_seed: int = 0,
+    explainer: ExplainerChoice | None = None,
 ) -> PreparedRun:
     """Check the options, choose the layers, and build the plan and provenance of a run (no pass runs).
     ``work_dir``: where the activation cache goes (default: the temporary folder). ``rotation`` reads every
     dissected layer's units in a rotated basis (``core/rotation.py``). ``bootstrap`` resamples (0: none)
-    with ``bootstrap_seed`` give each unit and count an interval (``core/bootstrap.py``)."""
+    with ``bootstrap_seed`` give each unit and count an interval (``core/bootstrap.py``). ``explainer``:
+    labels units otherwise too, after the IoU pass (``core.explain``)."""
     from .bootstrap import BootstrapSpec
     from .cache import parse_size
     from .loading import default_workers
@@ -250,10 +253,17 @@ def prepare_run(
         from .rotation import rotation_transforms
 
         transforms, provenance["rotation"] = rotation_transforms(rotation, infos, layer_names, resolved)
+    if explainer is not None:
+        # Before anything runs: the units exist in every layer, the explainer knows the concepts it names.
+        sizes = {i.name: i.units for i in infos if i.name in layer_names and i.shape}
+        check_units(explainer.units, sizes)
+        check_explainer(explainer, dataset.vocabulary)
+        provenance["explainer"] = explainer.record()
     plan = Plan(backend=backend, dataset=dataset, layers=layer_names, make_rule=threshold.make, semantics=compat,
                 batch_size=batch_size, workers=default_workers() if workers is None else workers, device=device,
                 top_k=top_k, skip_bad=skip_bad, work_dir=Path(work_dir) if work_dir is not None else None,
-                cache=cache, cache_budget=budget, transforms=transforms, bootstrap=resampling)
+                cache=cache, cache_budget=budget, transforms=transforms, bootstrap=resampling,
+                explain=(lambda results, read: run_explainer(explainer, results, read)) if explainer else None)
     return PreparedRun(plan, spec, provenance, resolved)
 
 
@@ -281,6 +291,7 @@ def run_dissection(
     rotation: Rotation | None = None,
     bootstrap: int = 0,
     bootstrap_seed: int = 0,
+    explainer: ExplainerChoice | None = None,
 ) -> RunResult:
     """Dissect the model behind ``backend`` on ``dataset``: both passes for every layer at once, then (with
     ``out``) the saved counts and ``summary.json``, then each writer, then ``summary.json`` again with every
@@ -288,14 +299,15 @@ def run_dissection(
     "recompute") and ``cache_budget`` (bytes, or a size like "20G") say where the reads after the first pass
     get the maps. ``rotation`` reads every dissected layer's units in a rotated basis (``core/rotation.py``).
     ``bootstrap`` resamples (0: none) with ``bootstrap_seed`` give each unit and count an interval
-    (``core/bootstrap.py``)."""
+    (``core/bootstrap.py``). ``explainer``: labels units otherwise too, after the IoU pass (``core.explain``)."""
     from .reporting import rewrite_summary, write_results
     from .scheduler import run_passes
 
     prepared = prepare_run(backend, dataset, threshold, backend_name=backend_name, model_ref=model_ref, layers=layers,
                            compat=compat, batch_size=batch_size, device=device, workers=workers, top_k=top_k,
                            skip_bad=skip_bad, cache=cache, cache_budget=cache_budget, plugins=plugins, work_dir=out,
-                           rotation=rotation, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
+                           rotation=rotation, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
+                           explainer=explainer)
     plan, spec, provenance, resolved = prepared.plan, prepared.spec, prepared.provenance, prepared.modules
     events = events if events is not None else QuietEvents()
     events.run_start(provenance)

@@ -39,6 +39,7 @@ from . import loading
 from .cache import ActivationCache, cache_prefix, choose_cache, remove_stale_caches
 from .diagnostics import UnitStatistics
 from .errors import DissectionError
+from .explain import Read
 from .iou import CountsAccumulator, TallyCounts, prepare_labels
 from .partials import (
     ActivationPartial,
@@ -51,7 +52,7 @@ from .partials import (
 )
 from .protocols import Backend, ConceptDataset, ThresholdRule
 from .topimages import TopImagesPartial
-from .types import InputSpec, LayerResult, Vocabulary
+from .types import Explanation, InputSpec, LayerResult, Vocabulary
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bootstrap import BootstrapSpec
@@ -111,6 +112,10 @@ class Plan:
     #: With a bootstrap, the IoU pass keeps its counts per block of images and each layer's result gets
     #: its intervals (``LayerResult.bootstrap``); None counts as before.
     bootstrap: BootstrapSpec | None = None
+    #: ``(layer results, read) -> explanations per layer``, run after the IoU pass while the shards are
+    #: still open: ``read(factory)`` is one more IoU pass counting into ``factory``'s accumulators, merged
+    #: (``core.explain``). Its rows land in each ``LayerResult.explanations``.
+    explain: Callable[[dict[str, LayerResult], Read], Mapping[str, Sequence[Explanation]]] | None = None
 
 
 def preprocess(images: torch.Tensor, spec: InputSpec, device: str) -> torch.Tensor:
@@ -229,16 +234,17 @@ class ShardRunner:
         return updated
 
     def iou_pass(self, thresholds: Mapping[str, np.ndarray],
-                 accumulator: AccumulatorFactory = TallyCounts) -> CountsPartial:
+                 accumulator: AccumulatorFactory = TallyCounts, stage: str = "IoU") -> CountsPartial:
         """Count I, G, A for every layer of ``thresholds`` over the shard's images (into the
-        ``accumulator`` the factory builds; by default sums over the shard) and return its partial."""
+        ``accumulator`` the factory builds; by default sums over the shard) and return its partial.
+        ``stage`` names the read in the progress bars."""
         plan = self.plan
         vocabulary = plan.dataset.vocabulary
         category_of = torch.from_numpy(vocabulary.primary_category_index()).to(plan.device)
         categories = len(vocabulary.categories)
         counts = accumulator(thresholds, vocabulary, plan.semantics, plan.device)
         layers = list(thresholds)
-        self.progress.start("IoU", len(self.indices))
+        self.progress.start(stage, len(self.indices))
         try:
             batches: Iterator[tuple[loading.Batch, np.ndarray, dict[str, torch.Tensor] | None]]
             batches = self._recomputed(layers, labels=True) if self.recompute else self._cached_with_labels()
@@ -377,10 +383,20 @@ def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = No
         accumulator = plan.bootstrap.accumulator(total) if plan.bootstrap is not None else TallyCounts
         counts = merge_all(runner.iou_pass(thresholds, accumulator) for runner in runners)
         seconds["iou"] = time.perf_counter() - start
+        results = layer_results(activations, thresholds, counts, dataset.vocabulary)
+
+        if plan.explain is not None:
+            start = time.perf_counter()
+
+            def read(factory: AccumulatorFactory, stage: str = "explain") -> CountsPartial:
+                return merge_all(r.iou_pass(thresholds, accumulator=factory, stage=stage) for r in runners)
+
+            for name, rows in plan.explain(results, read).items():
+                results[name].explanations = list(rows)
+            seconds["explain"] = time.perf_counter() - start
     finally:
         for runner in runners:
             runner.close()
-    results = layer_results(activations, thresholds, counts, dataset.vocabulary)
     if plan.bootstrap is not None:
         start = time.perf_counter()
         plan.bootstrap.attach(results, counts)

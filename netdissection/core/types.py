@@ -178,6 +178,23 @@ class TopImages:
     maps: np.ndarray
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """One unit's explanation by an explainer (``--explain NAME``): a formula over concepts and its IoU.
+
+    ``unit`` is 1-based, as in tally.csv; ``formula`` the explainer's text (``(red-c AND ball) OR box``);
+    ``length`` the number of concepts in it; ``label`` and ``label_iou`` the unit's ordinary label (its best
+    single concept, as in tally.csv) and that label's IoU, for comparison.
+    """
+
+    unit: int
+    formula: str
+    iou: float
+    length: int
+    label: str
+    label_iou: float
+
+
 @dataclass
 class LayerResult:
     """Everything the protocol computes for one layer; every derived number comes from these counts."""
@@ -198,6 +215,8 @@ class LayerResult:
     warnings: list[str] = field(default_factory=list)
     #: The intervals of a run with ``--bootstrap`` (None without).
     bootstrap: LayerBootstrap | None = None
+    #: The explainer's results (``--explain``), by unit; None when no explainer ran.
+    explanations: list[Explanation] | None = None
 
     @property
     def units(self) -> int:

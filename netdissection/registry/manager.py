@@ -36,6 +36,7 @@ BUILTIN_PLUGINS = (
     "netdissection.plugins.reports.report_command",
     "netdissection.plugins.executors.local",
     "netdissection.plugins.executors.ray_executor",
+    "netdissection.plugins.explainers.compositional",
     "netdissection.compare.commands",
 )
 
@@ -46,6 +47,7 @@ COMPONENT_KINDS = {
     "threshold": "dissect_register_thresholds",
     "reporter": "dissect_register_reporters",
     "executor": "dissect_register_executors",
+    "explainer": "dissect_register_explainers",
 }
 
 

@@ -269,7 +269,11 @@ class ShardWorker:
 
     def iou_pass(self, thresholds: Mapping[str, np.ndarray]) -> Any:
         self._ready()
-        return self.runner.iou_pass(thresholds)
+        resampling = self.prepared.plan.bootstrap
+        if resampling is None:
+            return self.runner.iou_pass(thresholds)
+        # Blocks of the whole dataset's images, so the shards' block counts add up as one run's would.
+        return self.runner.iou_pass(thresholds, resampling.accumulator(len(self.prepared.plan.dataset)))
 
     def about(self) -> dict[str, Any]:
         """The run's provenance and resolved modules (as ``dissect`` records them), and where this shard ran."""
@@ -354,6 +358,9 @@ class _Job:
         from ...core.types import RunResult
 
         job, total = self.job, len(self.dataset)
+        if job.explain is not None:
+            raise DissectionError(f"--explain {job.explain} runs with the local executor, not on Ray: drop "
+                                  "--executor ray or --explain")
         if total == 0:
             raise DissectionError("the concept dataset has no images")
         workers = job.workers if job.workers is not None else 0
@@ -408,6 +415,12 @@ class _Job:
         about = self.gather("about", (), "", sizes)
         self.gather("close", (), "", sizes)
         results = layer_results(activations, thresholds, counts, self.dataset.vocabulary)
+        if job.bootstrap:
+            from ...core.bootstrap import BootstrapSpec
+
+            begun = time.perf_counter()
+            BootstrapSpec(job.bootstrap, job.bootstrap_seed).attach(results, counts)
+            seconds["bootstrap"] = time.perf_counter() - begun
         modules = about[0]["modules"]
         for name, result in results.items():
             result.seconds = dict(seconds)

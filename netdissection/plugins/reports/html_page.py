@@ -14,7 +14,7 @@ from typing import Any
 from ...core.files import layer_dirnames
 from ...core.reporting import random_weights
 from ...core.scores import DetectorCounts, UnitScore, count_detectors, unit_scores
-from ...core.types import DETECTOR_IOU, LayerResult, RunResult, layer_described
+from ...core.types import DETECTOR_IOU, Explanation, LayerResult, RunResult, layer_described
 from . import html_bootstrap
 from .html_assets import CSS, JS
 from .html_report import FILES
@@ -166,8 +166,9 @@ def _layer_section(name: str, folder: str, layer: LayerResult, rows: Sequence[Un
                    plots: str) -> str:
     index = {c: i for i, c in enumerate(categories)}
     boot = layer.bootstrap
+    explained = {e.unit: e for e in layer.explanations or ()}
     cards = [_card(row, index, src.get(row.unit - 1), strips.get(row.unit - 1),
-                   html_bootstrap.card_parts(boot, row.unit - 1)) for row in rows]
+                   html_bootstrap.card_parts(boot, row.unit - 1), explained.get(row.unit)) for row in rows]
     headline = (f"{counts.detectors}/{counts.units} units are detectors covering {counts.unique_labels} concepts "
                 f"(IoU ≥ {DETECTOR_IOU})")
     warnings = "".join(f'<p class="notice warning">{escape(w)}</p>' for w in layer.warnings)
@@ -181,7 +182,7 @@ def _layer_section(name: str, folder: str, layer: LayerResult, rows: Sequence[Un
 
 
 def _card(row: UnitScore, category_index: Mapping[str, int], src: str | None, strip: Strip | None,
-          bootstrap: tuple[str, str] = ("", "")) -> str:
+          bootstrap: tuple[str, str] = ("", ""), explanation: Explanation | None = None) -> str:
     detector = row.score >= DETECTOR_IOU
     classes = ["card", "det" if detector else "below"]
     if row.category in category_index:
@@ -198,5 +199,13 @@ def _card(row: UnitScore, category_index: Mapping[str, int], src: str | None, st
             f'data-label="{escape(row.label)}" data-cat="{escape(row.category)}">'
             f'<div class="info"><span class="unit">unit {row.unit}</span><span class="label">{escape(row.label)}'
             f'</span><span class="cat">{escape(row.category)}</span><span class="iou">IoU {row.score:.3f}</span>'
-            f"{bootstrap[1]}</div>{image}</div>")
+            f"{bootstrap[1]}{_formula(explanation)}</div>{image}</div>")
+
+
+def _formula(explanation: Explanation | None) -> str:
+    """The unit's explanation (``--explain``), on a line of its own in the card."""
+    if explanation is None:
+        return ""
+    return (f'<span class="formula" style="flex-basis:100%" title="explanation of length {explanation.length}">'
+            f"{escape(explanation.formula)} <span class=\"iou\">IoU {explanation.iou:.3f}</span></span>")
 
