@@ -163,6 +163,24 @@ def test_three_shards_equal_the_unsharded_run(ray_cluster: Any, concept_set: Pat
     assert failed_key is not None and not (store / "jobs" / failed_key).exists()  # a failure leaves nothing
 
 
+@pytest.mark.slow
+def test_bootstrap_on_shards_equals_the_unsharded_bootstrap(ray_cluster: Any, concept_set: Path,
+                                                            tmp_path: Path) -> None:
+    """The shards count into blocks of the whole dataset's images: merged, the intervals (tally.csv's last
+    columns, counts.npz's block arrays, summary.json's intervals) are those of the local run."""
+    resampled = {**options("paper"), "bootstrap": 20, "bootstrap_seed": 3}
+    with torch_threads(1):
+        netdissection.compare([MODEL], dataset=concept_set, store=False, out=tmp_path / "local", **resampled)
+    netdissection.compare([MODEL], dataset=concept_set, store=False, out=tmp_path / "ray", executor="ray",
+                          executor_options={"shards": 3}, **resampled)
+    local, sharded = tmp_path / "local" / "runs" / "test_resnet", tmp_path / "ray" / "runs" / "test_resnet"
+    assert_same_run(sharded, local)
+    assert all("score-lo" in tally.read_text().splitlines()[0] for tally in local.glob("*/tally.csv"))
+    layers = {name: json.loads((run / "summary.json").read_text())["layers"] for name, run in
+              (("local", local), ("ray", sharded))}
+    assert [layer["bootstrap"] for layer in layers["ray"]] == [layer["bootstrap"] for layer in layers["local"]]
+
+
 def kill_shard(ray: Any, shard: int, *, wait: bool) -> None:
     """Kill the process of the worker of ``shard`` (``ray.kill``, restart allowed, as a crash would end it);
     with ``wait``, until Ray has restarted it."""
