@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 #: Semantics of the counts: "paper" (the protocol) or "lite" (NetDissect-Lite's numbers).
 SEMANTICS = ("paper", "lite")
 
+#: (image, unit) pairs processed at once where a pass visits each pair's mask pixels (the explainers').
+PAIR_CHUNK = 4096
+
 
 @dataclass
 class LabelBatch:
@@ -38,6 +41,7 @@ class LabelBatch:
     ``layers`` ``(N, K, S)`` label numbers per flattened pixel (paper semantics: a label repeated at
     the same pixel in another layer is zeroed so it counts once); ``image_labels`` ``(N, J)``
     image-level labels padded with 0; ``has_category`` ``(N, C)`` which categories each image has;
+    ``truth`` ``(N, L)`` each image's truth counts G (their sum over the batch is the batch's G);
     ``sets`` the batch's distinct label sets (``masks.label_sets``; made when first needed).
     """
 
@@ -45,6 +49,7 @@ class LabelBatch:
     image_labels: torch.Tensor
     has_category: torch.Tensor
     shape: tuple[int, int]
+    truth: torch.Tensor | None = None
     sets: LabelSets | None = None
     _blocks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -60,14 +65,15 @@ class LabelBatch:
             return t.to(device, non_blocking=non_blocking)
 
         return LabelBatch(move(self.layers), move(self.image_labels), move(self.has_category), self.shape,
-                          self.sets.to(device, non_blocking) if self.sets is not None else None)
+                          truth=move(self.truth) if self.truth is not None else None,
+                          sets=self.sets.to(device, non_blocking) if self.sets is not None else None)
 
     def pin_memory(self) -> LabelBatch:
         sets = self.sets
         if sets is not None:
             sets = LabelSets(sets.ids.pin_memory(), sets.labels.pin_memory(), sets.image.pin_memory())
         return LabelBatch(self.layers.pin_memory(), self.image_labels.pin_memory(), self.has_category.pin_memory(),
-                          self.shape, sets)
+                          self.shape, truth=self.truth.pin_memory() if self.truth is not None else None, sets=sets)
 
     def cell_blocks(self, plan: CellPlan) -> torch.Tensor:
         """The set ids of every pixel, one block per source cell of ``plan`` (shared by layers of one size)."""
@@ -125,7 +131,7 @@ def prepare_labels(layers: torch.Tensor, image_labels: torch.Tensor, category_of
     one_hot = torch.zeros(size, categories + 1, device=device)
     one_hot[torch.arange(size, device=device), torch.where(category_of >= 0, category_of, categories).to(device)] = 1
     has = (per_image > 0).float() @ one_hot > 0
-    batch = LabelBatch(flat, image_labels, has[:, :categories], (sh, sw))
+    batch = LabelBatch(flat, image_labels, has[:, :categories], (sh, sw), truth=per_image)
     return batch, truth
 
 
@@ -146,10 +152,15 @@ class LabelPreparation:
 
 
 class IoUAccumulator:
-    """Accumulates I[u, l] and A[u, c] for one layer over batches of raw activations."""
+    """Accumulates I[u, l] and A[u, c] for one layer over batches of raw activations.
+
+    With ``groups`` > 1 it keeps them per group of images (blocks of a bootstrap): each ``add`` says
+    which group each image belongs to, and the counts come out ``(groups, U, ·)``. ``dtype``: that of
+    the intersection counts (a caller keeping many groups may take int32 where the counts fit).
+    """
 
     def __init__(self, thresholds: torch.Tensor, category_of: torch.Tensor, categories: int,
-                 semantics: str = "paper") -> None:
+                 semantics: str = "paper", *, groups: int = 1, dtype: torch.dtype = torch.int64) -> None:
         if semantics not in SEMANTICS:
             raise ValueError(f"semantics must be one of {SEMANTICS}")
         self.device = thresholds.device
@@ -160,14 +171,16 @@ class IoUAccumulator:
         self.size = category_of.shape[0]
         self.categories = categories
         self.semantics = semantics
-        self.intersection = torch.zeros(self.units * self.size, dtype=torch.int64, device=self.device)
-        self.activation = torch.zeros(self.units, categories, dtype=torch.int64, device=self.device)
+        self.groups = groups
+        self.intersection = torch.zeros(groups * self.units * self.size, dtype=dtype, device=self.device)
+        self.activation = torch.zeros(groups * self.units, categories, dtype=torch.int64, device=self.device)
         self.pairs_seen = 0
         self.pairs_upsampled = 0
         self._plans: dict[tuple[int, int, int, int], CellPlan] = {}
 
-    def add(self, activations: torch.Tensor, labels: LabelBatch) -> None:
-        """Count one batch: ``activations`` ``(N, U, h, w)`` raw maps of the batch's images."""
+    def add(self, activations: torch.Tensor, labels: LabelBatch, group: torch.Tensor | None = None) -> None:
+        """Count one batch: ``activations`` ``(N, U, h, w)`` raw maps of the batch's images; ``group``
+        ``(N,)`` the group of each image (with ``groups`` > 1)."""
         n, units, h, w = activations.shape
         acts = activations.detach().to(self.device, torch.float32).contiguous()
         peaks = acts.amax(dim=(2, 3))
@@ -184,25 +197,31 @@ class IoUAccumulator:
         maps = acts.view(n * units, h, w).index_select(0, image_idx * units + unit_idx)
         counts = count_sets(maps, image_idx, unit_idx, self.thresholds.index_select(0, unit_idx), plan,
                             labels.cell_blocks(plan), sets.count, self.units)
-        self._spread(counts, sets, labels, n)
+        self._spread(counts, sets, labels, n, None if group is None else group.to(self.device))
 
-    def _spread(self, counts: torch.Tensor, sets: LabelSets, labels: LabelBatch, n: int) -> None:
-        """Add the mask pixels per (unit, label set) ``counts`` to I and A."""
+    def _spread(self, counts: torch.Tensor, sets: LabelSets, labels: LabelBatch, n: int,
+                group: torch.Tensor | None) -> None:
+        """Add the mask pixels per (unit, label set) ``counts`` to I and A (in each image's group's rows)."""
         found = torch.nonzero(counts.view(-1)).flatten()
         pixels = counts.view(-1).index_select(0, found)
         unit, member = found // sets.count, found % sets.count
-        for column in sets.labels.index_select(0, member).unbind(1):  # a set's labels; 0 = none
-            self.intersection.index_add_(0, unit * self.size + column, pixels * (column > 0))
-        # Mask area per (unit, image); image-level labels cover every pixel, so each adds the whole area.
         image = sets.image.index_select(0, member)
+        # The row each count goes to: its unit, in its image's group when there are groups.
+        row = unit if group is None else group.index_select(0, image) * self.units + unit
+        for column in sets.labels.index_select(0, member).unbind(1):  # a set's labels; 0 = none
+            self.intersection.index_add_(0, row * self.size + column,
+                                         (pixels * (column > 0)).to(self.intersection.dtype))
+        # Mask area per (unit, image); image-level labels cover every pixel, so each adds the whole area.
         area = torch.zeros(self.units * n, dtype=torch.int64, device=self.device)
         area.index_add_(0, unit * n + image, pixels)
         found = torch.nonzero(area).flatten()
         pair_area = area.index_select(0, found)
         pair_unit, pair_image = found // n, found % n
+        pair_row = pair_unit if group is None else group.index_select(0, pair_image) * self.units + pair_unit
         level = labels.image_labels.index_select(0, pair_image)  # (pairs, J)
         for column in level.unbind(1):
-            self.intersection.index_add_(0, pair_unit * self.size + column, pair_area * (column > 0))
+            self.intersection.index_add_(0, pair_row * self.size + column,
+                                         (pair_area * (column > 0)).to(self.intersection.dtype))
 
         if self.semantics == "paper":
             has = labels.has_category.index_select(0, pair_image).long()  # (pairs, C)
@@ -218,10 +237,14 @@ class IoUAccumulator:
             level_cats = torch.where((level_cats >= 0) & (level > 0), level_cats, sentinel)
             table[(pair_unit * n + pair_image).unsqueeze(1).expand_as(level_cats), level_cats] = 1
             has = table.index_select(0, pair_unit * n + pair_image)[:, :sentinel]
-        self.activation.index_add_(0, pair_unit, has * pair_area.unsqueeze(1))
+        self.activation.index_add_(0, pair_row, has * pair_area.unsqueeze(1))
 
     def counts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``I`` ``(U, L)`` and ``A`` ``(U, C)``, int64 on the CPU."""
+        """``I`` ``(U, L)`` and ``A`` ``(U, C)``, int64 on the CPU (with groups: ``(groups, U, L)`` in the
+        accumulator's dtype and ``(groups, U, C)``)."""
+        if self.groups > 1:
+            return (self.intersection.reshape(self.groups, self.units, self.size).cpu(),
+                    self.activation.reshape(self.groups, self.units, -1).cpu())
         return self.intersection.reshape(self.units, self.size).cpu(), self.activation.cpu()
 
 

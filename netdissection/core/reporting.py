@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .explain import EXPLANATIONS, write_explanations
 from .files import layer_dirnames
 from .results import COUNTS, SUMMARY, save_counts, vocabulary_to_json, write_summary
 from .scores import count_detectors, unit_scores
@@ -54,6 +55,7 @@ def summary_of(result: RunResult) -> dict[str, Any]:
             "paper_unique_labels_total": counts.paper_unique_total,
             "mean_iou_of_detectors": sum(detector_ious) / len(detector_ious) if detector_ious else None,
             "seconds": layer.seconds,
+            **({"bootstrap": layer.bootstrap.to_json()} if layer.bootstrap is not None else {}),
         })
     return {
         "format": "netdissection-run/1",
@@ -91,6 +93,9 @@ def write_results(result: RunResult, out: Path, writers: Sequence[WriterChoice] 
     written: list[str] = []
     for name, layer in result.layers.items():
         written.append(_relative(save_counts(layer, out / folders[name] / COUNTS), out))
+        if layer.explanations is not None:  # a result, like the counts: written whichever writers run
+            written.append(_relative(write_explanations(layer.explanations, out / folders[name] / EXPLANATIONS),
+                                     out))
     result.written = [*written, SUMMARY]
     result.plugin_errors = events.failures()
     rewrite_summary(result, out)  # from here on the results are complete: `dissect report` can rebuild
