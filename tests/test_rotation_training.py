@@ -111,3 +111,4 @@ def test_detectors_emerge_over_training_in_two_settings(run_cli: Any, tmp_path: 
     assert panels[0].curves[1].ys == [float(r["detectors"]) for r in rows[2:]]
     svg = (cmp / "detectors_vs_x.svg").read_text()
     assert "dropout=0.5" in svg and "dropout=0<" in svg.replace("dropout=0.5", "")
+    assert "random weights" not in svg  # no random baseline in this comparison: the title promises no dashed one

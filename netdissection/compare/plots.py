@@ -291,10 +291,14 @@ def draw_curves(panels: Sequence[Panel], title: str, xlabel: str, scale: str = "
 
 def draw_vs_x(series: Mapping[tuple[str, str, str], Mapping[str, Any]], categories: Sequence[str]) -> Any:
     xs = [float(r["x"]) for g in series.values() for r in g["points"]]
-    title = "detectors per category against the checkpoints' x (dashed horizontal: random weights)"
+    # The note on the dashed baseline only where one is drawn: a second group's line is dashed too.
+    has_baseline = any(g.get("baseline") is not None for g in series.values())
+    title = "detectors per category against the checkpoints' x" + (
+        " (dashed horizontal: random weights)" if has_baseline else "")
     if len(series) > 1:
-        title = (f"detectors against the checkpoints' x, one line per group (dashed horizontal: the group's random "
-                 f"weights)\n{REPORT_RULE}; {PAPER_RULE}")
+        title = ("detectors against the checkpoints' x, one line per group"
+                 + (" (dashed horizontal: the group's random weights)" if has_baseline else "")
+                 + f"\n{REPORT_RULE}; {PAPER_RULE}")
     return draw_curves(curve_panels(series, categories, "x"), title, "x (from the checkpoint names)", x_scale(xs),
                        legend_title="category" if len(series) == 1 else "group")
 
