@@ -103,8 +103,9 @@ def measure(kind: str, model: Model, data: Path, args: argparse.Namespace, keep:
             argv = [str(HERE / "plain_forward.py"), "--dataset", str(data), "--model", model.name,
                     "--weights", str(weights(model)), *common, *(["--timm"] if model.backend == "timm" else [])]
         elif kind == "dissection":
+            # --no-store: every round computes (a later round would otherwise be read from the results store).
             argv = ["-m", "netdissection.cli", "run", model.name, "--backend", model.backend, "--weights",
-                    str(weights(model)), "--dataset", str(data), "--out", str(out), *common]
+                    str(weights(model)), "--dataset", str(data), "--out", str(out), "--no-store", *common]
             for layer in model.layers:
                 argv += ["--layer", layer]
         else:

@@ -109,7 +109,9 @@ def dissect(acts: list[np.ndarray], data: BruteDataset, q: float = 0.005, lite: 
     """``acts``: per image, the raw ``(units, h, w)`` float32 maps; ``thresholds``: given (e.g. a whole
     run's, to count a subset of its images), else computed from ``acts``."""
     units = acts[0].shape[0]
-    if thresholds is None:
+    if thresholds is not None:
+        thresholds = np.asarray(thresholds, dtype=np.float64)
+    else:
         all_values = np.stack(acts).astype(np.float64)
         thresholds = np.zeros(units)
         for u in range(units):

@@ -145,6 +145,21 @@ def test_shards_merge_to_the_unsharded_run(broden: Path, compat: str) -> None:
     assert_same_results(got, expected)
 
 
+@pytest.mark.parametrize("compat", ["paper", "lite"])
+def test_labels_prepared_in_loader_workers_give_the_same_results(broden: Path, compat: str) -> None:
+    """The IoU pass's labels prepared in the loader's worker processes (label sets crossing to this
+    process with each batch) count what labels prepared here count: from the disk cache, from
+    recomputed maps, and in shards."""
+    expected, _, _ = run_passes(*plan_for(tiny_model(), broden, compat, radix_layer=None))
+    for cache in ("disk", "recompute"):
+        plan, spec = plan_for(tiny_model(), broden, compat, radix_layer=None, cache=cache)
+        plan.workers = 2
+        got, _, _ = run_passes(plan, spec)
+        assert_same_results(got, expected)
+    got, _, _ = sharded(plan, spec, split_shards(20, 3, BATCH))
+    assert_same_results(got, expected)
+
+
 def test_any_subsets_merge_to_the_unsharded_run(broden: Path) -> None:
     """Shards of images in shuffled order; top images that tie on their peak keep the lower index."""
     plan, spec = plan_for(elementwise_model(), broden, "paper", radix_layer=None)

@@ -4,32 +4,33 @@ Two facts make it fast and still exact:
 
 * Bilinear upsampling is a convex combination of source values, so a unit whose raw map never
   exceeds its threshold in an image has an empty mask there, and within a map only the cells with
-  a corner above the threshold can hold mask pixels (see ``upsample.active_pixels``). Only those
-  cells are evaluated — usually a small fraction of the (image, unit, pixel) space.
-* Intersections are counted with one ``bincount`` over the label ids under the active pixels,
-  keyed by (unit, label), instead of comparing masks with every concept.
+  a corner above the threshold can hold mask pixels (see ``upsample``). Only those cells are
+  evaluated — usually a small fraction of the (image, unit, pixel) space.
+* Intersections are counted with one ``bincount`` over (unit, label set) keys of the mask pixels
+  (``masks``: a pixel's labels are one of its image's few distinct label sets), then spread over
+  each set's labels, instead of comparing masks with every concept.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from .masks import CellPlan, LabelSets, cell_blocks, count_sets, floor_float32, label_sets
 from .partials import CountsPartial, LayerCounts
 from .types import Vocabulary
-from .upsample import active_pixels
 
 log = logging.getLogger(__name__)
 
 #: Semantics of the counts: "paper" (the protocol) or "lite" (NetDissect-Lite's numbers).
 SEMANTICS = ("paper", "lite")
 
-#: (image, unit) pairs processed at once; bounds the working memory of the pass.
+#: (image, unit) pairs processed at once where a pass visits each pair's mask pixels (the explainers').
 PAIR_CHUNK = 4096
 
 
@@ -40,7 +41,8 @@ class LabelBatch:
     ``layers`` ``(N, K, S)`` label numbers per flattened pixel (paper semantics: a label repeated at
     the same pixel in another layer is zeroed so it counts once); ``image_labels`` ``(N, J)``
     image-level labels padded with 0; ``has_category`` ``(N, C)`` which categories each image has;
-    ``truth`` ``(N, L)`` each image's truth counts G (their sum over the batch is the batch's G).
+    ``truth`` ``(N, L)`` each image's truth counts G (their sum over the batch is the batch's G);
+    ``sets`` the batch's distinct label sets (``masks.label_sets``; made when first needed).
     """
 
     layers: torch.Tensor
@@ -48,24 +50,58 @@ class LabelBatch:
     has_category: torch.Tensor
     shape: tuple[int, int]
     truth: torch.Tensor | None = None
+    sets: LabelSets | None = None
+    _blocks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def label_sets(self, size: int) -> LabelSets:
+        """The distinct label sets of the batch (label numbers below ``size``)."""
+        if self.sets is None:
+            self.sets = label_sets(self.layers, self.shape, size)
+        return self.sets
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> LabelBatch:
+        """The batch on ``device`` (its label sets too, when made)."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return LabelBatch(move(self.layers), move(self.image_labels), move(self.has_category), self.shape,
+                          truth=move(self.truth) if self.truth is not None else None,
+                          sets=self.sets.to(device, non_blocking) if self.sets is not None else None)
+
+    def pin_memory(self) -> LabelBatch:
+        sets = self.sets
+        if sets is not None:
+            sets = LabelSets(sets.ids.pin_memory(), sets.labels.pin_memory(), sets.image.pin_memory())
+        return LabelBatch(self.layers.pin_memory(), self.image_labels.pin_memory(), self.has_category.pin_memory(),
+                          self.shape, truth=self.truth.pin_memory() if self.truth is not None else None, sets=sets)
+
+    def cell_blocks(self, plan: CellPlan) -> torch.Tensor:
+        """The set ids of every pixel, one block per source cell of ``plan`` (shared by layers of one size)."""
+        assert self.sets is not None
+        if plan.map_shape not in self._blocks:
+            self._blocks[plan.map_shape] = cell_blocks(self.sets.ids, plan.rows, plan.cols, 0)
+        return self._blocks[plan.map_shape]
 
 
 def prepare_labels(layers: torch.Tensor, image_labels: torch.Tensor, category_of: torch.Tensor,
                    categories: int, semantics: str) -> tuple[LabelBatch, torch.Tensor]:
     """Prepare a batch's labels; return them and the batch's truth counts G (per label number).
 
-    ``layers`` ``(N, K, sh, sw)`` int64, ``image_labels`` ``(N, J)`` int64 (0 = padding),
+    ``layers`` ``(N, K, sh, sw)`` integer label numbers, ``image_labels`` ``(N, J)`` integers (0 = padding),
     ``category_of`` ``(L,)`` the primary category index of each label number (-1 = not a concept).
     """
     n, k, sh, sw = layers.shape
+    device = layers.device
     size = category_of.shape[0]
-    # Label numbers outside the vocabulary (or of unselected categories) count as unlabelled.
-    # category_of[0] is -1, so a 0 stays 0.
+    # Label numbers outside the vocabulary (or of unselected categories) count as unlabelled: one lookup
+    # in a table that keeps a concept's number and maps anything else to 0 (category_of[0] is -1).
+    numbers = torch.arange(size, device=device, dtype=layers.dtype)
+    keep = torch.where(category_of.to(device) >= 0, numbers, 0)
     flat = layers.reshape(n, k, sh * sw)
-    flat = torch.where((flat > 0) & (flat < size), flat, 0)
-    flat = torch.where(category_of[flat] >= 0, flat, 0)
-    image_labels = torch.where((image_labels > 0) & (image_labels < size), image_labels, 0)
-    image_labels = torch.where(category_of[image_labels] >= 0, image_labels, 0)
+    flat = keep.index_select(0, torch.where((flat > 0) & (flat < size), flat, 0).view(-1)).view(n, k, sh * sw)
+    image_labels = image_labels.to(layers.dtype)
+    image_labels = keep.index_select(0, torch.where((image_labels > 0) & (image_labels < size), image_labels, 0)
+                                     .view(-1)).view(image_labels.shape)
     if semantics == "paper":
         # A pixel counts once for a label however many layers give it, and an image-level label
         # already covers every pixel.
@@ -79,19 +115,40 @@ def prepare_labels(layers: torch.Tensor, image_labels: torch.Tensor, category_of
             flat.masked_fill_(flat == level.view(n, 1, 1), 0)
 
     # Per image, how many pixels carry each label: the truth counts G and which categories it has.
-    image_of = torch.arange(n, device=layers.device).view(n, 1) * size
-    per_image = torch.bincount((flat.reshape(n, -1) + image_of).reshape(-1), minlength=n * size)
-    per_image += torch.bincount((image_labels + image_of).reshape(-1), minlength=n * size) * (sh * sw)
+    image_of = torch.arange(n, device=device, dtype=torch.int64).view(n, 1) * size
+    per_image = torch.zeros(n * size, dtype=torch.int64, device=device)
+    keys = flat.reshape(n, -1) + image_of
+    one = torch.ones(1, dtype=torch.int64, device=device)
+    per_image.scatter_add_(0, keys.view(-1), one.expand(keys.numel()))
+    levels = (image_labels + image_of).view(-1)
+    per_image.scatter_add_(0, levels, (one * (sh * sw)).expand(levels.numel()))
     per_image = per_image.view(n, size)
     per_image[:, 0] = 0
     truth = per_image.sum(dim=0)
 
     # has_category[x, c]: any label of primary category c occurs in x (pixel or image level).
-    one_hot = torch.zeros(size, categories + 1, dtype=torch.int64, device=layers.device)
-    one_hot[torch.arange(size, device=layers.device), torch.where(category_of >= 0, category_of, categories)] = 1
-    has = (per_image > 0).long() @ one_hot > 0
-    batch = LabelBatch(flat, image_labels, has[:, :categories], (sh, sw), per_image)
+    # (A float product: integer matrix products are not on every device; the counts are exact in float32.)
+    one_hot = torch.zeros(size, categories + 1, device=device)
+    one_hot[torch.arange(size, device=device), torch.where(category_of >= 0, category_of, categories).to(device)] = 1
+    has = (per_image > 0).float() @ one_hot > 0
+    batch = LabelBatch(flat, image_labels, has[:, :categories], (sh, sw), truth=per_image)
     return batch, truth
+
+
+@dataclass(frozen=True)
+class LabelPreparation:
+    """``prepare_labels`` with the run's vocabulary and semantics, label sets included: picklable, so that the
+    loader's worker processes prepare each batch's labels beside the main process's counting."""
+
+    category_of: np.ndarray
+    categories: int
+    semantics: str
+
+    def __call__(self, layers: torch.Tensor, image_labels: torch.Tensor) -> tuple[LabelBatch, torch.Tensor]:
+        batch, truth = prepare_labels(layers, image_labels, torch.from_numpy(self.category_of), self.categories,
+                                      self.semantics)
+        batch.label_sets(len(self.category_of))
+        return batch, truth
 
 
 class IoUAccumulator:
@@ -108,6 +165,7 @@ class IoUAccumulator:
             raise ValueError(f"semantics must be one of {SEMANTICS}")
         self.device = thresholds.device
         self.thresholds = thresholds.double()
+        self.limits = floor_float32(self.thresholds)  # float32 maps: x > t exactly when x > limit
         self.units = thresholds.shape[0]
         self.category_of = category_of.to(self.device)
         self.size = category_of.shape[0]
@@ -118,59 +176,68 @@ class IoUAccumulator:
         self.activation = torch.zeros(groups * self.units, categories, dtype=torch.int64, device=self.device)
         self.pairs_seen = 0
         self.pairs_upsampled = 0
+        self._plans: dict[tuple[int, int, int, int], CellPlan] = {}
 
     def add(self, activations: torch.Tensor, labels: LabelBatch, group: torch.Tensor | None = None) -> None:
         """Count one batch: ``activations`` ``(N, U, h, w)`` raw maps of the batch's images; ``group``
         ``(N,)`` the group of each image (with ``groups`` > 1)."""
-        n, units = activations.shape[:2]
-        peaks = activations.amax(dim=(2, 3)).double()
-        image_idx, unit_idx = torch.nonzero(peaks > self.thresholds, as_tuple=True)
+        n, units, h, w = activations.shape
+        acts = activations.detach().to(self.device, torch.float32).contiguous()
+        peaks = acts.amax(dim=(2, 3))
+        image_idx, unit_idx = torch.nonzero(peaks > self.limits, as_tuple=True)
         self.pairs_seen += n * units
         self.pairs_upsampled += int(image_idx.numel())
-        for start in range(0, image_idx.numel(), PAIR_CHUNK):
-            stop = start + PAIR_CHUNK
-            self._add_pairs(activations, labels, image_idx[start:stop], unit_idx[start:stop], group)
+        if image_idx.numel() == 0:
+            return
+        key = (h, w, *labels.shape)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = CellPlan.of((h, w), labels.shape, self.device)
+        sets = labels.label_sets(self.size)
+        maps = acts.view(n * units, h, w).index_select(0, image_idx * units + unit_idx)
+        counts = count_sets(maps, image_idx, unit_idx, self.thresholds.index_select(0, unit_idx), plan,
+                            labels.cell_blocks(plan), sets.count, self.units)
+        self._spread(counts, sets, labels, n, None if group is None else group.to(self.device))
 
-    def _add_pairs(self, activations: torch.Tensor, labels: LabelBatch, image_idx: torch.Tensor,
-                   unit_idx: torch.Tensor, group: torch.Tensor | None = None) -> None:
-        sh, sw = labels.shape
-        maps = activations[image_idx, unit_idx]
-        pair, pixel = active_pixels(maps, self.thresholds[unit_idx], sh, sw)
-        area = torch.bincount(pair, minlength=len(image_idx))
-        under = labels.layers[image_idx[pair], :, pixel]  # (active pixels, K) label numbers
-        # The row each pair counts into: its unit, in its image's group when there are groups.
-        row = unit_idx if group is None else group[image_idx] * self.units + unit_idx
-        owner = row[pair].unsqueeze(1).expand_as(under)
-        keep = under > 0
-        keys = owner[keep] * self.size + under[keep]
-        if self.groups == 1:
-            self.intersection += torch.bincount(keys, minlength=self.units * self.size)
-        else:  # a bincount over every group's counts would allocate all of them for each chunk
-            self.intersection.index_add_(0, keys, torch.ones_like(keys, dtype=self.intersection.dtype))
-
-        # Image-level labels cover every pixel: each adds the whole mask area.
-        image_level = labels.image_labels[image_idx]  # (pairs, J)
-        if image_level.numel():
-            weight = area.unsqueeze(1).expand_as(image_level)
-            ok = (image_level > 0) & (weight > 0)
-            keys = row.unsqueeze(1).expand_as(image_level)[ok] * self.size + image_level[ok]
-            self.intersection.index_add_(0, keys, weight[ok].to(self.intersection.dtype))
+    def _spread(self, counts: torch.Tensor, sets: LabelSets, labels: LabelBatch, n: int,
+                group: torch.Tensor | None) -> None:
+        """Add the mask pixels per (unit, label set) ``counts`` to I and A (in each image's group's rows)."""
+        found = torch.nonzero(counts.view(-1)).flatten()
+        pixels = counts.view(-1).index_select(0, found)
+        unit, member = found // sets.count, found % sets.count
+        image = sets.image.index_select(0, member)
+        # The row each count goes to: its unit, in its image's group when there are groups.
+        row = unit if group is None else group.index_select(0, image) * self.units + unit
+        for column in sets.labels.index_select(0, member).unbind(1):  # a set's labels; 0 = none
+            self.intersection.index_add_(0, row * self.size + column,
+                                         (pixels * (column > 0)).to(self.intersection.dtype))
+        # Mask area per (unit, image); image-level labels cover every pixel, so each adds the whole area.
+        area = torch.zeros(self.units * n, dtype=torch.int64, device=self.device)
+        area.index_add_(0, unit * n + image, pixels)
+        found = torch.nonzero(area).flatten()
+        pair_area = area.index_select(0, found)
+        pair_unit, pair_image = found // n, found % n
+        pair_row = pair_unit if group is None else group.index_select(0, pair_image) * self.units + pair_unit
+        level = labels.image_labels.index_select(0, pair_image)  # (pairs, J)
+        for column in level.unbind(1):
+            self.intersection.index_add_(0, pair_row * self.size + column,
+                                         (pair_area * (column > 0)).to(self.intersection.dtype))
 
         if self.semantics == "paper":
-            has = labels.has_category[image_idx].long()  # (pairs, C)
+            has = labels.has_category.index_select(0, pair_image).long()  # (pairs, C)
         else:
             # NetDissect-Lite counts a mask only in images where the category occurs under it.
             sentinel = self.categories
-            cats = self.category_of[under[keep]]
-            cats[cats < 0] = sentinel
-            rows = pair.unsqueeze(1).expand_as(under)[keep]
-            has = torch.zeros(len(image_idx), self.categories + 1, dtype=torch.int64, device=self.device)
-            has[rows, cats] = 1
-            level_cats = self.category_of[image_level]
-            level_cats[(level_cats < 0) | (image_level == 0)] = sentinel
-            has.scatter_(1, level_cats, 1)
-            has = has[:, : self.categories] * (area > 0).long().unsqueeze(1)
-        self.activation.index_add_(0, row, has * area.unsqueeze(1))
+            table = torch.zeros(self.units * n, sentinel + 1, dtype=torch.int64, device=self.device)
+            rows = unit * n + image
+            for column in sets.labels.index_select(0, member).unbind(1):
+                cats = self.category_of[column]
+                table[rows, torch.where(cats >= 0, cats, sentinel)] = 1
+            level_cats = self.category_of[level]
+            level_cats = torch.where((level_cats >= 0) & (level > 0), level_cats, sentinel)
+            table[(pair_unit * n + pair_image).unsqueeze(1).expand_as(level_cats), level_cats] = 1
+            has = table.index_select(0, pair_unit * n + pair_image)[:, :sentinel]
+        self.activation.index_add_(0, pair_row, has * pair_area.unsqueeze(1))
 
     def counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``I`` ``(U, L)`` and ``A`` ``(U, C)``, int64 on the CPU (with groups: ``(groups, U, L)`` in the

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,16 +19,35 @@ from .protocols import ConceptDataset
 log = logging.getLogger(__name__)
 
 
+#: Label numbers travel as int32 (Broden's are below 2^16); anything outside it is no label number.
+LABEL_MAX = 2**31 - 1
+
+#: ``prepare(layers, image_labels)``: work on a batch's labels done in the loader's worker processes,
+#: beside the main process's work (the IoU pass's label preparation); its result is ``Batch.prepared``.
+Prepare = Callable[[torch.Tensor, torch.Tensor], Any]
+
+
 @dataclass
 class Batch:
     """Consecutive samples of one size. ``indices`` are dataset positions."""
 
     indices: np.ndarray
     images: torch.Tensor | None  # (N, H, W, 3) uint8
-    layers: torch.Tensor | None  # (N, K, sh, sw) int64, padded with 0
+    layers: torch.Tensor | None  # (N, K, sh, sw) int32, padded with 0
     image_labels: torch.Tensor | None  # (N, J) int64, padded with 0
     label_shape: tuple[int, int]
     failures: list[str]
+    prepared: Any = None  # what ``iterate(prepare=...)`` made of the labels
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked memory (the DataLoader calls this when it pins): copies to a GPU are
+        then asynchronous."""
+        def pin(value: Any) -> Any:
+            return value.pin_memory() if hasattr(value, "pin_memory") else value
+
+        prepared = tuple(pin(v) for v in self.prepared) if isinstance(self.prepared, tuple) else pin(self.prepared)
+        return replace(self, images=pin(self.images), layers=pin(self.layers), image_labels=pin(self.image_labels),
+                       prepared=prepared)
 
 
 class _Failed:
@@ -93,7 +113,7 @@ def _odd_sizes(dataset: ConceptDataset, samples: list) -> list:  # type: ignore[
     return out
 
 
-def _collate(samples: list, *, dataset: ConceptDataset) -> Batch:  # type: ignore[type-arg]
+def _collate(samples: list, *, dataset: ConceptDataset, prepare: Prepare | None = None) -> Batch:  # type: ignore[type-arg]
     good = [s for s in samples if not isinstance(s, _Failed)]
     if good:
         samples = [s for s in samples if isinstance(s, _Failed)] + _odd_sizes(dataset, good)
@@ -109,16 +129,20 @@ def _collate(samples: list, *, dataset: ConceptDataset) -> Batch:  # type: ignor
     shape = good[0].label_shape
     if good[0].layers is not None:
         k = max(s.layers.shape[0] for s in good)
-        stacked = np.zeros((len(good), k, *shape), dtype=np.int64)
+        stacked = np.zeros((len(good), k, *shape), dtype=np.int32)
         for i, s in enumerate(good):
-            stacked[i, : s.layers.shape[0]] = s.layers
+            values = s.layers
+            if values.dtype.itemsize > 4 or values.dtype.kind == "u":
+                values = np.where((values >= 0) & (values <= LABEL_MAX), values, 0)
+            stacked[i, : s.layers.shape[0]] = values
         layers = torch.from_numpy(stacked)
         j = max((len(s.image_labels) for s in good), default=0)
         levels = np.zeros((len(good), j), dtype=np.int64)
         for i, s in enumerate(good):
             levels[i, : len(s.image_labels)] = s.image_labels
         image_labels = torch.from_numpy(levels)
-    return Batch(indices, images, layers, image_labels, shape, failures)
+    prepared = prepare(layers, image_labels) if prepare is not None and layers is not None else None
+    return Batch(indices, images, layers, image_labels, shape, failures, prepared)
 
 
 def default_workers() -> int:
@@ -127,17 +151,19 @@ def default_workers() -> int:
 
 
 def iterate(dataset: ConceptDataset, *, batch_size: int, workers: int, image: bool, labels: bool,
-            skip_bad: bool, pin_memory: bool = False, indices: Sequence[int] | None = None) -> Iterator[Batch]:
+            skip_bad: bool, pin_memory: bool = False, indices: Sequence[int] | None = None,
+            prepare: Prepare | None = None) -> Iterator[Batch]:
     """Yield batches in dataset order (or of the dataset ``indices``, in their order). A sample that
     fails to load stops the run with its message, unless ``skip_bad`` is set, when it is skipped,
-    logged and reported in ``Batch.failures``."""
+    logged and reported in ``Batch.failures``. ``prepare`` runs on each batch's labels in the worker
+    processes (``Batch.prepared``)."""
     loader = DataLoader(
         _Parts(dataset, image, labels),
         batch_size=batch_size,
         shuffle=False,
         sampler=None if indices is None else [int(i) for i in indices],
         num_workers=workers,
-        collate_fn=functools.partial(_collate, dataset=dataset),
+        collate_fn=functools.partial(_collate, dataset=dataset, prepare=prepare),
         pin_memory=pin_memory,
         prefetch_factor=4 if workers > 0 else None,
     )

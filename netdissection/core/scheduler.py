@@ -40,7 +40,7 @@ from .cache import ActivationCache, cache_prefix, choose_cache, remove_stale_cac
 from .diagnostics import UnitStatistics
 from .errors import DissectionError
 from .explain import Read
-from .iou import CountsAccumulator, TallyCounts, prepare_labels
+from .iou import CountsAccumulator, LabelPreparation, TallyCounts
 from .partials import (
     ActivationPartial,
     CountsPartial,
@@ -240,25 +240,29 @@ class ShardRunner:
         ``stage`` names the read in the progress bars."""
         plan = self.plan
         vocabulary = plan.dataset.vocabulary
-        category_of = torch.from_numpy(vocabulary.primary_category_index()).to(plan.device)
-        categories = len(vocabulary.categories)
         counts = accumulator(thresholds, vocabulary, plan.semantics, plan.device)
+        # The loader's workers prepare each batch's labels (label sets included) beside this process's counting.
+        prepare = LabelPreparation(vocabulary.primary_category_index(), len(vocabulary.categories), plan.semantics)
         layers = list(thresholds)
         self.progress.start(stage, len(self.indices))
         try:
             batches: Iterator[tuple[loading.Batch, np.ndarray, dict[str, torch.Tensor] | None]]
-            batches = self._recomputed(layers, labels=True) if self.recompute else self._cached_with_labels()
+            batches = self._recomputed(layers, labels=True, prepare=prepare) if self.recompute else \
+                self._cached_with_labels(prepare)
             for batch, kept, maps in batches:
                 assert batch.layers is not None and batch.image_labels is not None
-                rows = torch.from_numpy(kept)
                 indices = batch.indices[kept]
-                labels, truth = prepare_labels(batch.layers[rows].to(plan.device),
-                                               batch.image_labels[rows].to(plan.device),
-                                               category_of, categories, plan.semantics)
+                if batch.prepared is not None and kept.all():
+                    labels, truth = batch.prepared
+                else:  # some images were not read by the activation pass: prepare the others' labels here
+                    rows = torch.from_numpy(kept)
+                    labels, truth = prepare(batch.layers[rows], batch.image_labels[rows])
+                labels = labels.to(plan.device, non_blocking=True)
                 counts.add_truth(indices, truth)
                 positions = self._position[indices]
                 for name in layers:
-                    acts = maps[name] if maps is not None else self._caches[name].read(positions).to(plan.device)
+                    acts = maps[name] if maps is not None else \
+                        self._caches[name].read(positions).to(plan.device, non_blocking=True)
                     counts.add(name, indices, acts, labels)
                 self.progress.advance(len(batch.indices) + len(batch.failures))
         finally:
@@ -276,11 +280,12 @@ class ShardRunner:
 
     # ---- Helpers.
 
-    def _batches(self, *, image: bool, labels: bool) -> Iterator[loading.Batch]:
+    def _batches(self, *, image: bool, labels: bool, prepare: loading.Prepare | None = None
+                 ) -> Iterator[loading.Batch]:
         plan = self.plan
         return loading.iterate(plan.dataset, batch_size=plan.batch_size, workers=plan.workers, image=image,
-                               labels=labels, skip_bad=plan.skip_bad,
-                               pin_memory=image and plan.device.startswith("cuda"), indices=self._sampler)
+                               labels=labels, skip_bad=plan.skip_bad, pin_memory=plan.device.startswith("cuda"),
+                               indices=self._sampler, prepare=prepare)
 
     def _maps(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         """One forward pass: each layer's float maps ``(N, U, h, w)``, transformed where the plan says."""
@@ -328,19 +333,20 @@ class ShardRunner:
         for i, name in enumerate(layers):
             self._caches[name] = ActivationCache(Path(self._folder.name) / f"layer{i}.f32", len(self.indices))
 
-    def _cached_with_labels(self) -> Iterator[tuple[loading.Batch, np.ndarray, None]]:
+    def _cached_with_labels(self, prepare: loading.Prepare | None = None
+                            ) -> Iterator[tuple[loading.Batch, np.ndarray, None]]:
         """The labels of the images the activation pass read (the maps come from the cache)."""
-        for batch in self._batches(image=False, labels=True):
+        for batch in self._batches(image=False, labels=True, prepare=prepare):
             kept = self._present[self._position[batch.indices]]
             if batch.layers is None or not kept.any():
                 self.progress.advance(len(batch.indices) + len(batch.failures))
                 continue
             yield batch, kept, None
 
-    def _recomputed(self, layers: Sequence[str], *, labels: bool
+    def _recomputed(self, layers: Sequence[str], *, labels: bool, prepare: loading.Prepare | None = None
                     ) -> Iterator[tuple[loading.Batch, np.ndarray, dict[str, torch.Tensor]]]:
         """Another forward pass, in the activation pass's batches: the maps of the images it read."""
-        for batch in self._batches(image=True, labels=labels):
+        for batch in self._batches(image=True, labels=labels, prepare=prepare):
             kept = self._present[self._position[batch.indices]]
             if batch.images is None or not kept.any():
                 self.progress.advance(len(batch.indices) + len(batch.failures))

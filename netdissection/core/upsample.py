@@ -27,8 +27,9 @@ class AxisPlan:
 
 
 @lru_cache(maxsize=64)
-def axis_plan(size_in: int, size_out: int) -> AxisPlan:
-    """torch's ``area_pixel_compute_source_index`` for align_corners=False, grouped by source cell."""
+def source_positions(size_in: int, size_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch's ``area_pixel_compute_source_index`` for align_corners=False: per output position, the source
+    index of its lower and upper corner and the float64 weight of the upper one."""
     scale = size_in / size_out
     out = torch.arange(size_out, dtype=torch.float64)
     src = ((out + 0.5) * scale - 0.5).clamp(min=0)
@@ -38,6 +39,13 @@ def axis_plan(size_in: int, size_out: int) -> AxisPlan:
     # pixel equals that value exactly, as bilinear interpolation defines it (c·(1−w) + c·w may be
     # off by one ulp, which matters when a threshold is itself a source value).
     weight = torch.where(upper == lower, 0.0, src - lower.double())
+    return lower, upper, weight
+
+
+@lru_cache(maxsize=64)
+def axis_plan(size_in: int, size_out: int) -> AxisPlan:
+    """``source_positions`` grouped by source cell (the lower corner)."""
+    lower, upper, weight = source_positions(size_in, size_out)
     cells = torch.unique(lower)
     width = int(torch.bincount(lower).max())
     positions = torch.full((len(cells), width), -1, dtype=torch.long)
