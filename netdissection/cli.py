@@ -304,6 +304,7 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
     from .api import announce_load_failures, check_run
     from .compare.execution import dissect_stored
     from .core.jobkey import Job
+    from .core.locks import folder_lock
     from .core.store import ResultsStore
     from .registry.failures import strict_plugins as strict_plugins_flag
 
@@ -327,7 +328,7 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
               backend_options=_backend_options(input_size, mean, std, bgr), device=device, batch_size=batch_size,
               workers=workers, reporters=writers, cache=cache, cache_budget=cache_budget)
     store = None if no_store else ResultsStore(store_dir)
-    with RichProgress(context.err) as progress:
+    with folder_lock(out_dir), RichProgress(context.err) as progress:  # one run at a time writes into --out
         result, outcome = dissect_stored(job, out_dir, store, context.host, progress,
                                          strict_plugins=strict_plugins or None)
     if outcome.cached:
@@ -542,6 +543,16 @@ def main(argv: Sequence[str] | None = None, *, plugins: Sequence[Any] = ()) -> N
     except KeyboardInterrupt:
         err_console.print("interrupted: no result was written")
         sys.exit(130)
+    except OSError as exc:
+        from .core.space import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        # Where the run did not say which folder filled up (each place that writes results does): still one line.
+        where = f" writing {exc.filename}" if exc.filename else ""
+        err_console.print(f"[bold red]error:[/] no space left on the device{where}; free some space and run it again",
+                          highlight=False, soft_wrap=True)
+        sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
 
