@@ -519,6 +519,11 @@ def build_cli(context: CliContext | None = None) -> click.Group:
     return group
 
 
+#: What Ctrl-C ends a command with (exit status 130): a stopped run leaves no activation cache, no file
+#: written half, no summary.json of results it did not finish.
+INTERRUPTED = "interrupted: nothing half-written is left behind"
+
+
 def main(argv: Sequence[str] | None = None, *, plugins: Sequence[Any] = ()) -> None:
     """Console entry point: user errors become one line on stderr and exit status 2.
 
@@ -537,11 +542,11 @@ def main(argv: Sequence[str] | None = None, *, plugins: Sequence[Any] = ()) -> N
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        err_console.print("aborted")
+    except click.exceptions.Abort as exc:  # click turns Ctrl-C inside a command into Abort
+        err_console.print(INTERRUPTED if isinstance(exc.__context__, KeyboardInterrupt) else "aborted")
         sys.exit(130)
     except KeyboardInterrupt:
-        err_console.print("interrupted: no result was written")
+        err_console.print(INTERRUPTED)
         sys.exit(130)
     except OSError as exc:
         from .core.space import is_disk_full

@@ -101,15 +101,23 @@ if warm_up:
         assert not exc.code, f"the warm-up run failed: {exc.code}"
     sys.stdout.flush()
     os.dup2(protocol, 1)
-print(json.dumps({"ready": True}), flush=True)
+import threading
+
+def say(message):  # os.write, not print: a child forked meanwhile must not inherit a held stdout lock
+    os.write(1, (json.dumps(message) + "\n").encode())
+
+def reap(pid):
+    _, status = os.waitpid(pid, 0)
+    say({"pid": pid, "status": os.waitstatus_to_exitcode(status)})
+
+say({"ready": True})
 for line in sys.stdin:
     request = json.loads(line)
     pid = os.fork()
     if pid == 0:
         child(request)
-    print(json.dumps({"pid": pid}), flush=True)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"status": os.waitstatus_to_exitcode(status)}), flush=True)
+    say({"pid": pid})
+    threading.Thread(target=reap, args=(pid,), daemon=True).start()
 '''
 
 
@@ -178,7 +186,7 @@ class Zygote:
         self.process.stdin.flush()
         assert json.loads(self._line(timeout=300)) == {"ready": True}
         self._runs = 0
-        self._pending: Child | None = None
+        self._statuses: dict[int, int] = {}
 
     def _line(self, timeout: float) -> str:
         assert self.process.stdout is not None
@@ -190,8 +198,15 @@ class Zygote:
             raise AssertionError(f"the zygote ended ({self.process.poll()})")
         return line
 
+    def _next(self, timeout: float) -> dict[str, Any]:
+        """The zygote's next message; exit statuses are filed by pid as they come."""
+        message = json.loads(self._line(timeout))
+        if "status" in message:
+            self._statuses[message["pid"]] = message["status"]
+        return message
+
     def start(self, argv: list[str], pause_at: int | None = None, env: dict[str, str] | None = None) -> Child:
-        assert self._pending is None, "one child at a time"
+        """Fork a child running ``dissect ARGV`` (several may run at once); ``pause_at``: the step it stops at."""
         self._runs += 1
         log, events = self.folder / f"run{self._runs}.log", self.folder / f"run{self._runs}.events"
         events.unlink(missing_ok=True)
@@ -200,22 +215,23 @@ class Zygote:
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
-        child = Child(self, json.loads(self._line(timeout=60))["pid"], log, events)
-        self._pending = child
-        return child
+        while True:
+            message = self._next(timeout=60)
+            if "status" not in message:
+                return Child(self, message["pid"], log, events)
 
     def poll_status(self, child: Child) -> int | None:
         assert self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], 0)
-        if ready:
-            child.code = json.loads(self._line(timeout=5))["status"]
-            self._pending = None
+        while child.pid not in self._statuses and select.select([self.process.stdout], [], [], 0)[0]:
+            self._next(timeout=5)
+        child.code = self._statuses.get(child.pid)
         return child.code
 
     def wait_status(self, child: Child, timeout: float) -> int:
-        if child.code is None:
-            child.code = json.loads(self._line(timeout=timeout))["status"]
-            self._pending = None
+        deadline = time.monotonic() + timeout
+        while child.pid not in self._statuses:
+            self._next(timeout=max(deadline - time.monotonic(), 0.01))
+        child.code = self._statuses[child.pid]
         return child.code
 
     def run(self, argv: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> Child:
@@ -254,6 +270,24 @@ def result_files(out: Path) -> dict[str, bytes]:
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     files["summary.json"] = json.dumps(without_volatile(summary), sort_keys=True).encode()
     return files
+
+
+def assert_part_of(out: Path, result: dict[str, bytes]) -> None:
+    """``out`` holds a summary.json: the run's results as far as that summary says they were written (a run
+    stopped while it drew its reports has its counts and summary, and lists only those), each equal to
+    ``result`` (as :func:`result_files` gives it)."""
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    expected = json.loads(result["summary.json"])
+    for name in ("written",):
+        summary.pop(name), expected.pop(name)
+    assert without_volatile(summary) == expected
+    written = json.loads((out / "summary.json").read_text(encoding="utf-8"))["written"]
+    for path in written:
+        assert (out / path).exists(), path
+    for path, content in result_files(out).items():
+        if path != "summary.json":
+            assert path in written or not path.endswith(".npz")
+            assert content == result[path], path
 
 
 def leftovers(*folders: Path) -> list[str]:

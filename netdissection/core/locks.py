@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import DissectionError
+from .files import process_alive, remove_temporaries_of_stopped_runs
 
 try:
     import fcntl
@@ -160,6 +161,9 @@ def acquire(folder: Path, option: str = "--out") -> str:
     if earlier.get("pid"):
         log.info("%s: taking over the lock of a run that stopped (pid %s)", folder, earlier["pid"])
     _write_holder(fd)
+    # The folder is this run's now: what runs killed while writing here left half-written goes.
+    for path in remove_temporaries_of_stopped_runs(folder):
+        log.info("removed what a stopped run left half-written: %s", path)
     with _guard:
         _held[key] = _Held(fd, path, threading.get_ident())
     return key
@@ -236,13 +240,7 @@ def _orphaned(holder: dict[str, Any]) -> bool:
     pid = holder.get("pid")
     if not isinstance(pid, int) or holder.get("host") != _host():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not process_alive(pid)
 
 
 def _busy_message(folder: Path, holder: dict[str, Any], option: str) -> str:
