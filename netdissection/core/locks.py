@@ -215,9 +215,12 @@ def _host() -> str:
 
 
 def _write_holder(fd: int) -> None:
+    program = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
+    if program in ("cli.py", "__main__.py"):  # python -m netdissection.cli
+        program = "dissect"
     record = {"pid": os.getpid(), "host": _host(),
               "since": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:300]}
+              "command": " ".join([program, *sys.argv[1:]])[:300]}
     data = (json.dumps(record) + "\n").encode("utf-8")
     try:
         os.ftruncate(fd, 0)
