@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .core.errors import DissectionError, UnknownNameError
+from .core.explain import ExplainerChoice, explainer_params, parse_units
 from .core.locks import locks_folder
 from .core.run import LayerChooser, QuietEvents, ThresholdChoice, WriterChoice, check_options
 from .core.types import BackendOptions, LayerResult, RunResult
@@ -26,6 +27,7 @@ from .registry.failures import strict_plugins as strict_plugins_flag
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.protocols import Backend, ConceptDataset
+    from .core.run import PreparedRun
     from .core.scheduler import Progress
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,13 @@ def dissect(
     backend_options: Mapping[str, Any] | None = None,
     dataset_options: Mapping[str, Any] | None = None,
     strict_plugins: bool | None = None,
+    rotate: float | None = None,
+    rotate_seed: int = 0,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
+    explain: str | None = None,
+    explain_params: Mapping[str, Any] | None = None,
+    explain_units: Sequence[int] | str | None = None,
 ) -> RunResult:
     """Dissect ``model`` on a concept dataset; with ``out``, save the results and write the reports there.
 
@@ -97,12 +106,23 @@ def dissect(
         backend_options: ``input_size``, ``mean``, ``std``, ``bgr`` for the backend.
         dataset_options: format options (``image_column``, ``mask_columns``, ``split``, ``concepts``).
         strict_plugins: make any plugin failure an error (default: ``$NETDISSECTION_STRICT_PLUGINS``).
+        rotate, rotate_seed: read every dissected layer's units in a rotated basis, Q^rotate with Q a random
+            rotation drawn from ``rotate_seed`` and the layer's name (``rotate`` in [0, 1]; 0: no change).
+        bootstrap, bootstrap_seed: resample the images ``bootstrap`` times (0: no bootstrap; 200 is
+            customary) for 95% intervals of each unit's best IoU and of the detector counts, with the stability
+            of each unit's label and detector status (``LayerResult.bootstrap``); the model does not run again.
+        explain: an explainer's name (``"compositional"``): labels units with formulas of concepts too, in each
+            ``LayerResult.explanations`` and ``<layer>/explanations.csv``.
+        explain_params: the explainer's parameters, e.g. ``{"formula_length": 3, "beam": 5}``.
+        explain_units: the units to explain, 1-based (``[1, 5, 9]`` or ``"1,5,9"``); default: every unit.
 
     Returns the per-layer counts (thresholds, I, G, A, top images) and the provenance.
     Raises ``DissectionError`` (one line naming the thing and the fix) for any user mistake.
     """
+    from .core.rotation import check_rotation
     from .core.run import run_dissection
 
+    rotation = check_rotation(rotate, rotate_seed)
     strict = strict_plugins_flag(strict_plugins)
     host = host if host is not None else build_host()
     announce_load_failures(host, strict)
@@ -110,7 +130,10 @@ def dissect(
     rule, writer_entries = check_run(host, backend=backend, dataset_format=dataset_format, threshold=threshold,
                                      threshold_params=threshold_params, quantile=quantile, compat=compat,
                                      batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget,
-                                     reporters=reporters if out is not None else ())
+                                     reporters=reporters if out is not None else (), bootstrap=bootstrap,
+                                     bootstrap_seed=bootstrap_seed, explain=explain, explain_params=explain_params,
+                                     explain_units=explain_units)
+    explainer = choose_explainer(host, explain, explain_params, explain_units, compat=compat)
     writers = make_writers(writer_entries, relay)
     relay.writers = writers
 
@@ -120,19 +143,85 @@ def dissect(
     return run_dissection(model_backend, concept_set, rule, backend_name=backend_name, model_ref=model,
                           layers=layers, writers=writers, compat=compat, out=out, batch_size=batch_size,
                           device=device, workers=workers, top_k=top_k, skip_bad=skip_bad, cache=cache,
-                          cache_budget=cache_budget, progress=progress, events=relay, plugins=host.plugin_versions())
+                          cache_budget=cache_budget, progress=progress, events=relay, plugins=host.plugin_versions(),
+                          rotation=rotation, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
+                          explainer=explainer)
+
+
+def prepare(
+    model: Any,
+    *,
+    backend: str | None = None,
+    dataset: Any = None,
+    dataset_format: str | None = None,
+    layers: Sequence[str] | LayerChooser | None = None,
+    categories: Sequence[str] | None = None,
+    threshold: str | None = None,
+    threshold_params: Mapping[str, Any] | None = None,
+    quantile: float | None = None,
+    compat: str = "paper",
+    batch_size: int = 32,
+    device: str = "cpu",
+    workers: int | None = None,
+    weights: str | None = None,
+    pretrained: bool = False,
+    top_k: int = 10,
+    skip_bad: bool = False,
+    cache: str = "auto",
+    cache_budget: str | int | None = None,
+    host: Host | None = None,
+    backend_options: Mapping[str, Any] | None = None,
+    dataset_options: Mapping[str, Any] | None = None,
+    strict_plugins: bool | None = None,
+    work_dir: str | Path | None = None,
+    rotate: float | None = None,
+    rotate_seed: int = 0,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
+    explain: str | None = None,
+    explain_params: Mapping[str, Any] | None = None,
+    explain_units: Sequence[int] | str | None = None,
+) -> PreparedRun:
+    """Resolve every component by name as :func:`dissect` does and prepare the run, without running a pass:
+    the plan, input spec and provenance an executor needs to run the passes shard by shard in its workers
+    (``core.scheduler.ShardRunner``), each worker building the very plan ``dissect`` would. The arguments
+    are :func:`dissect`'s; ``work_dir`` is where the activation cache goes (default: the temporary folder)."""
+    from .core.rotation import check_rotation
+    from .core.run import prepare_run
+
+    rotation = check_rotation(rotate, rotate_seed)
+    strict = strict_plugins_flag(strict_plugins)
+    host = host if host is not None else build_host()
+    announce_load_failures(host, strict)
+    rule, _ = check_run(host, backend=backend, dataset_format=dataset_format, threshold=threshold,
+                        threshold_params=threshold_params, quantile=quantile, compat=compat, batch_size=batch_size,
+                        device=device, cache=cache, cache_budget=cache_budget, reporters=(), bootstrap=bootstrap,
+                        bootstrap_seed=bootstrap_seed, explain=explain, explain_params=explain_params,
+                        explain_units=explain_units)
+    explainer = choose_explainer(host, explain, explain_params, explain_units, compat=compat)
+    options = BackendOptions(weights=weights, device=device, pretrained=pretrained, **dict(backend_options or {}))
+    backend_name, model_backend = make_backend(host, model, backend, options, strict=strict)
+    concept_set = resolve_dataset(host, dataset, dataset_format, categories, dataset_options)
+    return prepare_run(model_backend, concept_set, rule, backend_name=backend_name, model_ref=model, layers=layers,
+                       compat=compat, batch_size=batch_size, device=device, workers=workers, top_k=top_k,
+                       skip_bad=skip_bad, cache=cache, cache_budget=cache_budget, plugins=host.plugin_versions(),
+                       work_dir=work_dir, rotation=rotation, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
+                       explainer=explainer)
 
 
 def check_run(host: Host, *, backend: str | None = None, dataset_format: str | None = None,
               threshold: str | None = None, threshold_params: Mapping[str, Any] | None = None,
               quantile: float | None = None, compat: str = "paper", batch_size: int = 32, device: str = "cpu",
               cache: str = "auto", cache_budget: str | int | None = None,
-              reporters: Sequence[str] | None = None, make_rule: bool = True) -> tuple[ThresholdChoice, list[Any]]:
+              reporters: Sequence[str] | None = None, make_rule: bool = True, bootstrap: int = 0,
+              bootstrap_seed: int = 0, explain: str | None = None, explain_params: Mapping[str, Any] | None = None,
+              explain_units: Sequence[int] | str | None = None) -> tuple[ThresholdChoice, list[Any]]:
     """Check a run's options and every name it uses before a model is built, a dataset opened or a pass run,
     so that a typo fails at once, in one line. Returns the threshold rule (made once, so its parameter
     values are checked too, unless ``make_rule`` is False: then no framework is imported) and the writers'
     catalog entries (``reporters=()``: none; ``None``: the default writers)."""
-    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget)
+    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget,
+                  bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     # Every name first, in a blink: a typo in a writer, rule or format fails before anything is imported.
     host.component("threshold", threshold or DEFAULT_THRESHOLD)
     entries = [host.component("reporter", name) for name in writer_names(host, reporters)] if reporters != () else []
@@ -142,6 +231,7 @@ def check_run(host: Host, *, backend: str | None = None, dataset_format: str | N
         host.component("dataset", dataset_format)
     rule = choose_threshold(host, threshold, threshold_params, quantile=quantile, compat=compat, device=device,
                             make=make_rule)
+    choose_explainer(host, explain, explain_params, explain_units, compat=compat)
     return rule, entries
 
 
@@ -335,6 +425,33 @@ def choose_threshold(host: Host, name: str | None, params: Mapping[str, Any] | N
         given = ", ".join(f"{k}={v}" for k, v in params.items()) or "no parameters"
         raise DissectionError(f"threshold rule {name!r} (plugin {entry.plugin!r}) refuses {given}: {detail}") from None
     return choice
+
+
+def choose_explainer(host: Host, name: str | None, params: Mapping[str, Any] | None,
+                     units: Sequence[int] | str | None, *, compat: str = "paper") -> ExplainerChoice | None:
+    """The explainer of a run (None without ``name``), made once so that its parameter values are checked before
+    any pass runs; its parameters as it runs with them (defaults included) and the units, 1-based."""
+    if name is None:
+        if params:
+            flags = ", ".join("--" + key.replace("_", "-") for key in params)
+            raise DissectionError(f"{flags}: an explainer's parameters; add --explain NAME (e.g. --explain "
+                                  "compositional)")
+        if units is not None:
+            raise DissectionError("--units says which units to explain; add --explain NAME (e.g. --explain "
+                                  "compositional)")
+        return None
+    entry = host.component("explainer", name)
+    kwargs, recorded = explainer_params(name, entry.factory, params or {}, compat=compat)
+    chosen = parse_units(units)
+    try:
+        explainer = entry.factory(**kwargs)
+    except DissectionError:
+        raise
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        given = ", ".join(f"{k}={v}" for k, v in (params or {}).items()) or "no parameters"
+        raise DissectionError(f"explainer {name!r} (plugin {entry.plugin!r}) refuses {given}: {detail}") from None
+    return ExplainerChoice(name=name, explainer=explainer, params=recorded, units=chosen, plugin=entry.plugin)
 
 
 def writer_names(host: Host, names: Sequence[str] | None) -> list[str]:

@@ -18,6 +18,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -180,6 +181,46 @@ def _input_options(command: Callable[..., Any]) -> Callable[..., Any]:
     ], command)
 
 
+def _bootstrap_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--bootstrap B`` and ``--bootstrap-seed S``: intervals from resampling the images (no model run again)."""
+    return _apply([
+        click.option("--bootstrap", type=int, default=0, show_default=True, metavar="B",
+                     help="Resample the images B times (200 is customary) for 95% intervals of each unit's IoU and "
+                          "of the detector counts, and the stability of each label; 0: none."),
+        click.option("--bootstrap-seed", type=int, default=0, show_default=True, metavar="S",
+                     help="Seed of the bootstrap: which images share a block, and the resamples."),
+    ], command)
+
+
+def _explain_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--explain NAME``, ``--explain-param KEY=VALUE``, ``--formula-length``, ``--beam`` and ``--units``."""
+    return _apply([
+        click.option("--explain", metavar="NAME", help="Also label units with an explainer: compositional, "
+                     "formulas of concepts with AND, OR, AND NOT (see: dissect plugins)."),
+        click.option("--explain-param", "explain_params", multiple=True, metavar="KEY=VALUE", callback=_params,
+                     help="A parameter of the explainer (repeatable), e.g. formula='red-c AND ball' to score one "
+                     "formula."),
+        click.option("--formula-length", type=int, help="compositional: the most concepts in a formula (default 3; "
+                     "each one past the first reads the dataset once more)."),
+        click.option("--beam", type=int, help="compositional: formulas kept per unit at each step (default 5)."),
+        click.option("--units", metavar="1,5,9", help="Explain only these units (1-based as in tally.csv; ranges "
+                     "like 1-8 too). Default: every unit."),
+    ], command)
+
+
+def _explain_params(params: dict[str, Any], formula_length: int | None, beam: int | None) -> dict[str, Any]:
+    """The explainer's parameters: ``--explain-param`` and the named options, which must not disagree."""
+    params = dict(params)
+    for key, value in (("formula_length", formula_length), ("beam", beam)):
+        if value is None:
+            continue
+        if key in params and params[key] != value:
+            raise DissectionError(f"--{key.replace('_', '-')} {value} and --explain-param {key}={params[key]} "
+                                  "disagree; give one")
+        params[key] = value
+    return params
+
+
 def _backend_options(input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                      std: tuple[float, float, float] | None, bgr: bool) -> dict[str, Any]:
     """What ``_input_options`` gave, as ``dissect(backend_options=...)``: only the options the user set."""
@@ -223,6 +264,9 @@ class CliContext:
     def input_options(self, command: Callable[..., Any]) -> Callable[..., Any]:
         return _input_options(command)
 
+    def bootstrap_options(self, command: Callable[..., Any]) -> Callable[..., Any]:
+        return _bootstrap_options(command)
+
     def backend_options(self, input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                         std: tuple[float, float, float] | None, bgr: bool) -> dict[str, Any]:
         return _backend_options(input_size, mean, std, bgr)
@@ -261,6 +305,7 @@ def cli() -> None:
               "layer with a spatial map.")
 @click.option("--categories", multiple=True, help="Comma-separated categories to use (default: all).")
 @_threshold_options
+@_explain_options
 @click.option("--compat", type=click.Choice(["paper", "lite"]), default="paper", show_default=True,
               help="'lite' reproduces NetDissect-Lite's numbers.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: dissection/MODEL).")
@@ -275,6 +320,7 @@ def cli() -> None:
               help="Where the reads after the first pass get the maps: a disk cache, or another forward pass; "
               "auto: the disk when the cache fits the budget and the free space.")
 @click.option("--cache-budget", metavar="SIZE", help="Most disk the activation cache may take, e.g. 500M, 20G.")
+@_bootstrap_options
 @_input_options
 @click.option("--image-column", help="Dataset image column (HuggingFace datasets).")
 @click.option("--mask-column", "mask_columns", multiple=True, help="Dataset mask column (repeatable).")
@@ -284,27 +330,35 @@ def cli() -> None:
 @click.option("--store", "store_dir", type=click.Path(file_okay=False),
               help="Results store folder (default: the cache folder; $NETDISSECTION_CACHE moves it).")
 @click.option("--no-store", is_flag=True, help="Compute even if the results store has this run; store nothing.")
+@click.option("--rotate", "rotate", type=float, metavar="ALPHA",
+              help="Dissect the units in a rotated basis Q^ALPHA (0: none, 1: a random rotation Q).")
+@click.option("--rotate-seed", type=int, default=0, show_default=True,
+              help="Seed of the random rotation Q (each layer's Q also depends on its name).")
 @_strict_option
 @_verbose_option
 @click.pass_obj
 def run_command(context: CliContext, model: str, backend: str | None, weights: str | None, pretrained: bool,
                 dataset: str | None, dataset_format: str | None, layers: tuple[str, ...],
                 categories: tuple[str, ...], threshold: str | None, threshold_params: dict[str, Any],
-                quantile: float | None, compat: str, out: str | None, batch_size: int, device: str,
-                workers: int | None, top_k: int, reporters: tuple[str, ...], skip_bad: bool,
-                cache: str, cache_budget: str | None,
+                quantile: float | None, explain: str | None, explain_params: dict[str, Any],
+                formula_length: int | None, beam: int | None, units: str | None,
+                compat: str, out: str | None, batch_size: int, device: str, workers: int | None,
+                top_k: int, reporters: tuple[str, ...], skip_bad: bool,
+                cache: str, cache_budget: str | None, bootstrap: int, bootstrap_seed: int,
                 input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                 std: tuple[float, float, float] | None, bgr: bool, image_column: str | None,
                 mask_columns: tuple[str, ...], split: str | None, concepts: str | None, store_dir: str | None,
-                no_store: bool, strict_plugins: bool, verbose: int) -> None:
+                no_store: bool, rotate: float | None, rotate_seed: int, strict_plugins: bool, verbose: int) -> None:
     """Dissect MODEL: a model name (resnet18, ...) or a model file.
 
     A run already in the results store is read from it (no model runs) and its results written to --out.
     """
     from .api import announce_load_failures, check_run
     from .compare.execution import dissect_stored
+    from .core.explain import parse_units
     from .core.jobkey import Job
     from .core.locks import folder_lock
+    from .core.rotation import check_rotation
     from .core.store import ResultsStore
     from .registry.failures import strict_plugins as strict_plugins_flag
 
@@ -312,11 +366,16 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
     if no_store and store_dir:
         raise DissectionError("--store and --no-store contradict each other; pass one")
     writers = tuple(_split(reporters)) or None
+    explain_params = _explain_params(explain_params, formula_length, beam)
+    explain_units = parse_units(units)
     # Every name and option before the store is asked or a model built: a typo fails at once.
     announce_load_failures(context.host, strict_plugins_flag(strict_plugins or None))
     check_run(context.host, backend=backend, dataset_format=dataset_format, threshold=threshold,
               threshold_params=threshold_params, quantile=quantile, compat=compat, batch_size=batch_size,
-              device=device, cache=cache, cache_budget=cache_budget, reporters=writers, make_rule=False)
+              device=device, cache=cache, cache_budget=cache_budget, reporters=writers, make_rule=False,
+              bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, explain=explain, explain_params=explain_params,
+              explain_units=explain_units)
+    check_rotation(rotate, rotate_seed)
     dataset_options = {k: v for k, v in dict(image_column=image_column, split=split, concepts=concepts,
                                               mask_columns=list(mask_columns) or None).items() if v is not None}
     out_dir = Path(out) if out else Path("dissection") / _safe_stem(model)
@@ -326,7 +385,9 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
               dataset_options=dataset_options, threshold=threshold, threshold_params=threshold_params,
               quantile=quantile, compat=compat, top_k=top_k, skip_bad=skip_bad,
               backend_options=_backend_options(input_size, mean, std, bgr), device=device, batch_size=batch_size,
-              workers=workers, reporters=writers, cache=cache, cache_budget=cache_budget)
+              workers=workers, reporters=writers, cache=cache, cache_budget=cache_budget, rotate=rotate,
+              rotate_seed=rotate_seed, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
+              explain=explain, explain_params=explain_params, explain_units=explain_units)
     store = None if no_store else ResultsStore(store_dir)
     with folder_lock(out_dir), RichProgress(context.err) as progress:  # one run at a time writes into --out
         result, outcome = dissect_stored(job, out_dir, store, context.host, progress,
@@ -537,7 +598,8 @@ def main(argv: Sequence[str] | None = None, *, plugins: Sequence[Any] = ()) -> N
         group.main(args=list(argv) if argv is not None else None, prog_name="dissect", standalone_mode=False,
                    obj=context)
     except DissectionError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escaped: a message may hold brackets (pip install 'netdissection[ray]') that are not markup
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except click.ClickException as exc:
         exc.show()

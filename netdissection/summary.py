@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.columns import Columns
@@ -20,6 +21,9 @@ from rich.text import Text
 from .core.reporting import random_weights
 from .core.scores import DetectorCounts, UnitScore, count_detectors, unit_scores
 from .core.types import DETECTOR_IOU, RunResult, layer_described
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .core.bootstrap import LayerBootstrap
 
 REPORT_RULE = f"report rule: one label per unit, IoU ≥ {DETECTOR_IOU}"
 PAPER_RULE = f"paper rule: best IoU within the category > {DETECTOR_IOU}"
@@ -36,6 +40,9 @@ def print_summary(console: Console, result: RunResult, out_dir: Path, seconds: f
         from .core.skipped import skipped_notice
 
         console.print(Text(skipped_notice(result.skipped, shown=3), style="yellow"), soft_wrap=True)
+    rotated = rotation_notice(result.provenance)
+    if rotated:
+        console.print(Text(rotated, style="bold yellow"))
     for name, layer in result.layers.items():
         rows = unit_scores(layer)
         counts = count_detectors(rows, layer.vocabulary.categories)
@@ -45,6 +52,8 @@ def print_summary(console: Console, result: RunResult, out_dir: Path, seconds: f
             console.print(Text(layer_described(layer), style="dim"))
         console.print(Columns([category_table(counts, layer.vocabulary.categories), top_units_table(rows, top)],
                               padding=(0, 3)))
+        if layer.bootstrap is not None:
+            console.print(Text(bootstrap_line(layer.bootstrap)), soft_wrap=True)
     # Which columns count by which rule, one line each (each fits 80 columns).
     console.print(Text(f"detectors, unique: {REPORT_RULE}", style="dim"))
     console.print(Text(f"paper units, paper unique: {PAPER_RULE}", style="dim"))
@@ -64,9 +73,33 @@ def random_weights_notice(provenance: dict) -> str | None:  # type: ignore[type-
             "to dissect trained weights)")
 
 
+def rotation_notice(provenance: dict) -> str | None:  # type: ignore[type-arg]
+    """One line saying that the units were read in a rotated basis (``--rotate``), or None."""
+    rotation = provenance.get("rotation")
+    if not rotation:
+        return None
+    return (f"units in a rotated basis: Q^{rotation['alpha']:g}, Q a random rotation from seed {rotation['seed']} "
+            "and each layer's name (--rotate)")
+
+
 def headline(counts: DetectorCounts) -> str:
     return (f"{counts.detectors}/{counts.units} units are detectors covering {counts.unique_labels} concepts "
             f"(IoU ≥ {DETECTOR_IOU})")
+
+
+def bootstrap_line(boot: LayerBootstrap) -> str:
+    """The bootstrap's intervals of a layer's totals, and its unstable units, in one line."""
+    from .core.bootstrap import STABLE
+
+    ci = boot.counts
+    unstable = [str(int(u) + 1) for u in boot.unstable.nonzero()[0]]
+    shown = ", ".join(unstable[:8]) + (", …" if len(unstable) > 8 else "")
+    flagged = (f"{len(unstable)} unit{'s' * (len(unstable) != 1)} ({shown}) keep their detector status in fewer "
+               f"than {STABLE:.0%} of resamples") if unstable else "every detector status holds"
+    return (f"95% intervals over {boot.resamples} resamples ({boot.blocks} blocks): detectors "
+            f"{ci['detectors'][0]}–{ci['detectors'][1]}, unique {ci['unique_labels'][0]}–{ci['unique_labels'][1]}, "
+            f"paper unique {ci['paper_unique_labels_total'][0]}–{ci['paper_unique_labels_total'][1]}; {flagged} "
+            "(per category and unit: summary.json, tally.csv, report.html)")
 
 
 def category_table(counts: DetectorCounts, categories: Sequence[str]) -> Table:
@@ -110,6 +143,8 @@ def timing_line(result: RunResult, seconds: float) -> str:
             parts.append(f"{name} {s[key]:.1f} s ({result.images / max(s[key], 1e-9):.0f}/s)")
     if s.get("thresholds", 0) >= 0.05:  # usually a few ms: not worth a column of the line
         parts.append(f"thresholds {s['thresholds']:.1f} s")
+    if "explain" in s:  # --explain: the explainer's reads and search
+        parts.append(f"explain {s['explain']:.1f} s")
     return " · ".join(parts)
 
 

@@ -104,17 +104,20 @@ class BruteResult:
     has_category: list[set[str]]
 
 
-def dissect(acts: list[np.ndarray], data: BruteDataset, q: float = 0.005, lite: bool = False) -> BruteResult:
-    """``acts``: per image, the raw ``(units, h, w)`` float32 maps."""
+def dissect(acts: list[np.ndarray], data: BruteDataset, q: float = 0.005, lite: bool = False,
+            thresholds: np.ndarray | None = None) -> BruteResult:
+    """``acts``: per image, the raw ``(units, h, w)`` float32 maps; ``thresholds``: given (e.g. a whole
+    run's, to count a subset of its images), else computed from ``acts``."""
     units = acts[0].shape[0]
-    all_values = np.stack(acts).astype(np.float64)
-    thresholds = np.zeros(units)
-    for u in range(units):
-        values = all_values[:, u].ravel()
-        if lite:
-            thresholds[u] = np.quantile(values, (int(1000 * (1 - q)) - 1) / 999, method="hazen")
-        else:
-            thresholds[u] = np.quantile(values, 1 - q)
+    if thresholds is None:
+        all_values = np.stack(acts).astype(np.float64)
+        thresholds = np.zeros(units)
+        for u in range(units):
+            values = all_values[:, u].ravel()
+            if lite:
+                thresholds[u] = np.quantile(values, (int(1000 * (1 - q)) - 1) / 999, method="hazen")
+            else:
+                thresholds[u] = np.quantile(values, 1 - q)
     inter: dict[tuple[int, int], int] = {}
     truth: dict[int, int] = {}
     act: dict[tuple[int, str], int] = {}

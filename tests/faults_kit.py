@@ -307,14 +307,27 @@ class DiskQuota:
     """Writes under ``folder`` may take ``limit`` bytes in all; past it, a write raises OSError(ENOSPC) as a
     full disk does (after taking what still fits, as a short write). Covers ``open()`` files (the results,
     the reports, PIL and matplotlib's files), ``os.open`` descriptors written with ``os.write``/``os.pwrite``
-    (the activation cache) and ``os.sendfile`` (copies)."""
+    (the activation cache) and ``os.sendfile`` (copies). The bytes used and the writes refused live in shared
+    memory, so that the processes a writer forks (the HTML report's strip encoders) fill the same disk and
+    their refusals count."""
 
     def __init__(self, folder: Path, limit: int) -> None:
+        import multiprocessing
+
         self.folder = str(Path(folder).resolve())
         self.limit = limit
-        self.used = 0
-        self.refused = 0
+        self._used = multiprocessing.Value("q", 0)
+        self._refused = multiprocessing.Value("q", 0)
         self._fds: set[int] = set()
+
+    @property
+    def used(self) -> int:
+        return int(self._used.value)
+
+    @property
+    def refused(self) -> int:
+        """How many writes the full disk refused (in this process and those it forked)."""
+        return int(self._refused.value)
 
     def covers(self, path: Any) -> bool:
         try:
@@ -324,13 +337,15 @@ class DiskQuota:
 
     def take(self, size: int) -> int:
         """How much of a write of ``size`` bytes still fits; raises ENOSPC when nothing does."""
-        room = self.limit - self.used
-        if room <= 0 and size > 0:
-            self.refused += 1
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        taken = min(size, room)
-        self.used += taken
-        self.refused += taken < size
+        with self._used.get_lock():
+            room = self.limit - self._used.value
+            taken = max(0, min(size, room))
+            self._used.value += taken
+        if taken < size:
+            with self._refused.get_lock():
+                self._refused.value += 1
+            if taken == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return taken
 
 

@@ -369,7 +369,7 @@ def test_cache_ls_and_rm(run_cli: RunCli, concept_set: Path, tmp_path: Path) -> 
 @pytest.mark.parametrize("args, needles", [
     (["timm:convnxt_at*"], ["no timm model matches 'convnxt_at*'", "convnext_atto"]),
     (["timm:test_resnet", "--checkpoints", "nowhere/epoch_*.pt"], ["'nowhere/epoch_*.pt' matches no file"]),
-    (["timm:test_resnet", "--executor", "ray"], ["unknown executor 'ray'", "local"]),
+    (["timm:test_resnet", "--executor", "rays"], ["unknown executor 'rays'", "ray"]),
     (["timm:test_resnet", "--address", "10.0.0.1:6379"], ["--address", "local executor"]),
     (["timm:test_resnet", "--shards", "3"], ["--shards", "local executor"]),
     (["timm:test_resnet", "timm:test_vit", "--checkpoints", "x.pt"], ["one architecture"]),

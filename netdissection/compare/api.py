@@ -23,7 +23,7 @@ from ..core.locks import locks_folder
 from ..core.store import ResultsStore
 from .execution import ExecutionContext
 from .rows import failed_row, rows_from_summary, tally_row
-from .specs import ModelSpec, checkpoint_series, expand, parse_label, read_models_file
+from .specs import CheckpointSeries, ModelSpec, expand, parse_label, read_models_file, with_series
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def compare(
     *,
     models_file: str | Path | None = None,
     exclude: Sequence[str] = (),
-    checkpoints: Sequence[str] = (),
+    checkpoints: Sequence[str] | Sequence[CheckpointSeries] = (),
     x_from: str | None = None,
     layers: Sequence[str] = (),
     labels: Mapping[str, str] | Sequence[str] | None = None,
@@ -100,15 +100,24 @@ def compare(
     events: JobEvents | None = None,
     host: Any = None,
     strict_plugins: bool | None = None,
+    rotate: float | Sequence[float] | None = None,
+    rotate_seed: int = 0,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> CompareTable:
     """Dissect every model and compare them; returns the table (and writes it to ``out`` if given).
 
     ``models``: names, files and globs (``"timm:convnext_*"``, ``"models/*.onnx"``); ``models_file``: one
-    ``MODEL [--weights FILE] [--layer L]... [--label K=V]...`` per line; ``checkpoints``: globs of one
-    architecture's checkpoints (and ``"random"``), x read from each name or by ``x_from``; ``layers``:
+    ``MODEL [--weights FILE] [--layer L]... [--label K=V]... [--checkpoints GLOBS]`` per line; ``checkpoints``:
+    globs of one architecture's checkpoints (and ``"random"``), or several :class:`CheckpointSeries` (each with
+    the labels that name its group), x read from each name or by ``x_from``; ``layers``:
     applied to each model where it exists (``"stage:-1"``, ``"stage:*"``; default: the model's default);
     ``labels``: ``{"dropout": "0.5"}`` for every model; ``add_tallies``: ``{name: path}`` of published
     ``tally.csv`` files. ``store``: True for the default results store, a folder, or False for none.
+    ``executor``: ``"local"`` (the jobs one after another here) or another executor plugin, e.g. ``"ray"`` with
+    ``executor_options={"address": "HOST:PORT", "shards": 4}`` (without an address: a local Ray instance).
+    ``rotate``: one α or several (``[0, 0.2, ..., 1]``): every model is dissected once per α with its units
+    read in the rotated basis Q^α (Q drawn from ``rotate_seed``; see ``netdissection.dissect``).
     The other options are those of :func:`netdissection.dissect`, the same for every model.
     """
     from ..api import build_host, check_run
@@ -117,7 +126,9 @@ def compare(
     # Every option and name before any model is looked for: a typo fails at once.
     rule, _ = check_run(host, backend=backend, dataset_format=dataset_format, threshold=threshold,
                         threshold_params=threshold_params, quantile=quantile, compat=compat, batch_size=batch_size,
-                        device=device, cache=cache, cache_budget=cache_budget, reporters=reporters, make_rule=False)
+                        device=device, cache=cache, cache_budget=cache_budget, reporters=reporters, make_rule=False,
+                        bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
+    alphas = _alphas(rotate, rotate_seed)
     runner = make_executor(host, executor, executor_options)
     tallies = _tallies(add_tallies)
     common = _labels(labels)
@@ -137,15 +148,17 @@ def compare(
                 threshold=threshold, threshold_params=dict(threshold_params or {}), quantile=quantile,
                 compat=compat, top_k=top_k, skip_bad=skip_bad,
                 backend_options={k: v for k, v in (backend_options or {}).items() if v is not None},
-                device=device, batch_size=batch_size, workers=workers,
+                device=device, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, batch_size=batch_size,
+                workers=workers,
                 reporters=tuple(reporters) if reporters else None, cache=cache, cache_budget=cache_budget,
-                name=s.name or _display(s), x=s.x, labels={**common, **s.labels}) for s in specs]
+                name=s.name or _display(s), x=s.x, labels={**common, **s.labels}, rotate=alpha,
+                rotate_seed=rotate_seed if alpha is not None else 0) for s in specs for alpha in alphas]
     results_store = None if store is False or store is None else ResultsStore(None if store is True else store)
     out_dir = Path(out) if out is not None else None
     with tempfile.TemporaryDirectory(prefix="netdissection-compare-") as scratch:
         # Without a store and without OUT, runs go to a scratch folder for as long as the rows are read.
         runs = (out_dir if out_dir is not None else Path(scratch)) / RUNS
-        names = run_folders([job.display for job in jobs])
+        names = run_folders([_folder(job) for job in jobs])
         placed: set[int] = set()
 
         def place(index: int, job: Job) -> Path | None:
@@ -171,19 +184,13 @@ def compare(
 
 
 def model_specs(models: Sequence[str], models_file: str | Path | None, exclude: Sequence[str],
-                checkpoints: Sequence[str], x_from: str | None, host: Any) -> list[ModelSpec]:
+                checkpoints: Sequence[str] | Sequence[CheckpointSeries], x_from: str | None,
+                host: Any) -> list[ModelSpec]:
     specs = [ModelSpec(model=m) for m in models]
     if models_file is not None:
         specs += read_models_file(models_file)
     specs = expand(specs, host, exclude) if specs else []
-    if checkpoints:
-        if len(specs) != 1:
-            raise DissectionError(f"--checkpoints is a series of one architecture; name exactly one model, "
-                                  f"not {len(specs)}")
-        specs = checkpoint_series(specs[0], checkpoints, x_from)
-    elif x_from:
-        raise DissectionError("--x-from reads x values from checkpoint names; it needs --checkpoints")
-    return specs
+    return with_series(specs, checkpoints, x_from)
 
 
 def make_executor(host: Any, name: str, options: Mapping[str, Any] | None) -> Any:
@@ -206,9 +213,14 @@ def preflight(jobs: Sequence[Job], context: ExecutionContext) -> None:
 
     for model, backend in dict.fromkeys((job.model, job.backend) for job in pending):
         resolve_backend(context.host, model, backend)
-    series = [job for job in pending if job.x is not None and job.weights]
-    if series:
-        check_checkpoints(context.host, series[0], [job.weights for job in series if job.weights])
+    # Each architecture's checkpoints, loaded into one instance of it (several series may share one).
+    series: dict[tuple[Any, ...], list[Job]] = {}
+    for job in pending:
+        if job.x is not None and job.weights:
+            ident = (job.model, job.backend, tuple(sorted((k, str(v)) for k, v in job.backend_options.items())))
+            series.setdefault(ident, []).append(job)
+    for members in series.values():
+        check_checkpoints(context.host, members[0], list(dict.fromkeys(job.weights for job in members if job.weights)))
 
 
 def check_checkpoints(host: Any, job: Job, weights: Sequence[str]) -> None:
@@ -236,7 +248,8 @@ def outcome_rows(outcome: JobOutcome, out: Path | None) -> list[dict[str, Any]]:
     job = outcome.job
     if outcome.status == FAILED or outcome.summary is None:
         return [failed_row(job.display, outcome.error or "no result", backend=job.backend, weights=job.weights,
-                           x=job.x, labels=job.labels, layers=job.layers, key=outcome.key)]
+                           x=job.x, labels=job.labels, layers=job.layers, key=outcome.key, rotate=job.rotate,
+                           rotate_seed=job.rotate_seed)]
     run = None
     if outcome.out_dir is not None and out is not None:
         try:
@@ -277,6 +290,29 @@ def run_folders(displays: Sequence[str]) -> list[str]:
         used.add(name)
         names.append(name)
     return names
+
+
+def _folder(job: Job) -> str:
+    """A job's run folder name before it is made safe: its display name, and its rotation."""
+    return job.display if job.rotate is None else f"{job.display} rotate {job.rotate:g}"
+
+
+def _alphas(rotate: float | Sequence[float] | None, seed: int) -> list[float | None]:
+    """The α of each job of a model (``[None]``: no rotation), checked."""
+    from ..core.rotation import check_rotation
+
+    if rotate is None:
+        check_rotation(None, seed)
+        return [None]
+    values = [rotate] if isinstance(rotate, int | float | str) else list(rotate)
+    if not values:
+        raise DissectionError("--rotate names no α; give one or more, e.g. --rotate 0,0.5,1")
+    alphas: list[float | None] = []
+    for value in values:
+        rotation = check_rotation(value, seed)
+        if rotation is not None and rotation.alpha not in alphas:
+            alphas.append(rotation.alpha)
+    return alphas
 
 
 def _display(spec: ModelSpec) -> str:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..core.execution import JobOutcome
     from ..core.jobkey import Job
+    from .specs import CheckpointSeries
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def _dissect_options(function: Any, context: CommandContext) -> Any:
                      help="Where each run's later reads get the maps: a disk cache, or another forward pass."),
         click.option("--cache-budget", metavar="SIZE", help="Most disk an activation cache may take, e.g. 20G."),
         context.input_options,
+        context.bootstrap_options,
         click.option("--image-column", help="Dataset image column (HuggingFace datasets)."),
         click.option("--mask-column", "mask_columns", multiple=True, help="Dataset mask column (repeatable)."),
         click.option("--split", help="Dataset split (HuggingFace datasets)."),
@@ -128,7 +130,49 @@ def _dissect_options(function: Any, context: CommandContext) -> Any:
 
 def compare_command(context: CommandContext) -> click.Command:
     """The ``compare`` command, with the run options the command context provides."""
-    return click.command("compare")(_compare_options(_dissect_options(click.pass_obj(run_compare), context)))
+    return click.command("compare", cls=_OrderedCommand)(
+        _compare_options(_dissect_options(click.pass_obj(run_compare), context)))
+
+
+#: Where ``_OrderedCommand`` keeps the names of the options as they came, one entry per occurrence.
+OPTION_ORDER = "netdissection.option_order"
+
+
+class _OrderedCommand(click.Command):
+    """Remembers the order of the options as typed (click keeps each option's values, not how options
+    interleave), so that a ``--label`` can belong to the ``--checkpoints`` before it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+            ctx.meta[OPTION_ORDER] = [param.name for param in order]
+        except click.UsageError:
+            pass  # the real parse below reports it
+        return super().parse_args(ctx, args)
+
+
+def series_of(checkpoints: Sequence[str], labels: Sequence[str], order: Sequence[str | None]) -> tuple[
+        list[CheckpointSeries], list[str]]:
+    """Each ``--checkpoints`` as a series with the ``--label``s typed after it (before the next one), and the
+    ``--label``s typed before the first (or all of them, without checkpoints), which tag every row."""
+    from .specs import CheckpointSeries, parse_label
+
+    if not checkpoints:
+        return [], list(labels)
+    common: list[str] = []
+    own: list[list[str]] = [[] for _ in checkpoints]
+    seen_checkpoints = seen_labels = 0
+    for name in order:
+        if name == "checkpoints":
+            seen_checkpoints += 1
+        elif name == "labels" and seen_labels < len(labels):
+            (own[seen_checkpoints - 1] if seen_checkpoints else common).append(labels[seen_labels])
+            seen_labels += 1
+    common += labels[seen_labels:]  # not seen in the order (never, when click parsed them): every row
+    series = [CheckpointSeries(tuple(p.strip() for p in value.split(",") if p.strip()),
+                               dict(parse_label(text) for text in texts))
+              for value, texts in zip(checkpoints, own, strict=True)]
+    return series, common
 
 
 def _compare_options(function: Any) -> Any:
@@ -140,15 +184,23 @@ def _compare_options(function: Any) -> Any:
                           "'models/*.onnx'."),
         click.option("--exclude", multiple=True, help="Comma-separated patterns of models to leave out ('*in22k*')."),
         click.option("--models-file", type=click.Path(dir_okay=False),
-                     help="One 'MODEL [--weights FILE] [--layer L]... [--label K=V]...' per line; # comments."),
+                     help="One 'MODEL [--weights FILE] [--layer L]... [--label K=V]... [--checkpoints GLOBS]' per "
+                          "line; # comments."),
         click.option("--checkpoints", multiple=True,
                      help="Checkpoints of the one model, as globs ('ckpt/epoch_*.pt'); 'random' adds the untrained "
-                          "model."),
+                          "model. Repeat for several series (training settings), each followed by its --label."),
         click.option("--x-from", metavar="REGEX",
                      help="Read each checkpoint's x from its name with REGEX (first group)."),
         click.option("--layer", "layers", multiple=True,
                      help="Layer (repeatable) where the model has it; stage:-1 = last stage, stage:* = every stage."),
-        click.option("--label", "labels", multiple=True, help="KEY=VALUE shown with every row (repeatable)."),
+        click.option("--label", "labels", multiple=True,
+                     help="KEY=VALUE (repeatable): after a --checkpoints, the group of that series in the plots; "
+                          "otherwise shown with every row."),
+        click.option("--rotate", "rotate", multiple=True, metavar="ALPHAS",
+                     help="Dissect every model once per α (comma-separated, in [0, 1]) with its units in the rotated "
+                          "basis Q^α: 0,0.2,0.4,0.6,0.8,1 draws detectors against α."),
+        click.option("--rotate-seed", type=int, default=0, show_default=True,
+                     help="Seed of the random rotation Q (each layer's Q also depends on its name)."),
         click.option("--add-tally", "tallies", multiple=True, metavar="NAME=PATH",
                      help="A published NetDissect tally.csv as a row (repeatable)."),
         click.option("--out", default="comparison", show_default=True, type=click.Path(file_okay=False),
@@ -166,16 +218,19 @@ def _compare_options(function: Any) -> Any:
 
 def run_compare(context: CommandContext, models: tuple[str, ...], patterns: tuple[str, ...],
                 exclude: tuple[str, ...], models_file: str | None, checkpoints: tuple[str, ...], x_from: str | None,
-                layers: tuple[str, ...], labels: tuple[str, ...], tallies: tuple[str, ...], out: str,
-                store_dir: str | None, no_store: bool, executor: str, address: str | None, shards: int | None,
-                **options: Any) -> None:
+                layers: tuple[str, ...], labels: tuple[str, ...], rotate: tuple[str, ...], rotate_seed: int,
+                tallies: tuple[str, ...], out: str, store_dir: str | None, no_store: bool, executor: str,
+                address: str | None, shards: int | None, **options: Any) -> None:
     """Dissect many models (or checkpoints, or layers) and compare them in one table.
 
     \b
       dissect compare resnet18 resnet50 convnext_tiny model.onnx
       dissect compare --models 'timm:convnext_*' --exclude '*in22k*' --layer stage:-1
       dissect compare resnet18 --checkpoints 'ckpt/epoch_*.pt,random'
+      dissect compare resnet18 --checkpoints 'a/epoch_*.pt' --label dropout=0 \\
+                               --checkpoints 'b/epoch_*.pt' --label dropout=0.5
       dissect compare resnet18 --layer 'stage:*'
+      dissect compare resnet18 --rotate 0,0.2,0.4,0.6,0.8,1
 
     Finished jobs are read from the results store, not computed again. Exit status: 0 when every job
     finished, 1 when some failed (see their rows), 2 for bad input.
@@ -190,11 +245,14 @@ def run_compare(context: CommandContext, models: tuple[str, ...], patterns: tupl
                                               options.pop("bgr"))
     dataset_options = {"image_column": options.pop("image_column"), "split": options.pop("split"),
                        "concepts": options.pop("concepts"), "mask_columns": list(options.pop("mask_columns")) or None}
+    series, common = series_of(checkpoints, labels, click.get_current_context().meta.get(OPTION_ORDER, []))
+    alphas = [_alpha(text) for text in context.split(rotate)] if rotate else None
     started = time.perf_counter()
     out_console, err_console = context.out, context.err
     with CompareProgress(err_console) as progress:
         table = compare([*models, *context.split(patterns)], models_file=models_file, exclude=context.split(exclude),
-                        checkpoints=list(checkpoints), x_from=x_from, layers=list(layers), labels=list(labels),
+                        checkpoints=series, x_from=x_from, layers=list(layers), labels=common,
+                        rotate=alphas, rotate_seed=rotate_seed,
                         add_tallies=list(tallies), out=out, store=False if no_store else (store_dir or True),
                         executor=executor, executor_options={"address": address, "shards": shards},
                         categories=context.split(options.pop("categories")) or None,
@@ -214,6 +272,15 @@ def run_compare(context: CommandContext, models: tuple[str, ...], patterns: tupl
         sys.exit(SOME_FAILED)
 
 
+def _alpha(text: str) -> float:
+    from ..core.errors import DissectionError
+
+    try:
+        return float(text)
+    except ValueError:
+        raise DissectionError(f"--rotate takes numbers α between 0 and 1, comma-separated, not {text!r}") from None
+
+
 def comparison_table(rows: Sequence[dict[str, Any]], width: int = 80) -> Table:
     """The rows in the terminal: counts by both rules and, when ``width`` allows, per category the paper
     rule's unique concepts."""
@@ -223,6 +290,7 @@ def comparison_table(rows: Sequence[dict[str, Any]], width: int = 80) -> Table:
     from .rows import categories_of
 
     with_x = any(r.get("x") is not None for r in rows)
+    with_rotate = any(r.get("rotate") is not None for r in rows)
     categories = categories_of(rows)
     per_category = width >= 104 + 6 * len(categories)
     table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), caption="det, uniq: one label per unit, IoU ≥ 0.04 (report "
@@ -231,6 +299,8 @@ def comparison_table(rows: Sequence[dict[str, Any]], width: int = 80) -> Table:
     table.add_column("model", min_width=min(longest, 20), overflow="fold")
     if with_x:
         table.add_column("x", justify="right", no_wrap=True)
+    if with_rotate:
+        table.add_column("α", justify="right", no_wrap=True)
     table.add_column("layer → module", overflow="fold")
     table.add_column("map", justify="right", no_wrap=True)
     for name in ("det", "uniq", "paper\nuniq"):
@@ -244,7 +314,8 @@ def comparison_table(rows: Sequence[dict[str, Any]], width: int = 80) -> Table:
         table.add_column("s", justify="right", no_wrap=True)
         table.add_column("", style="dim", no_wrap=True)
     for row in rows:
-        lead = [str(row["model"]), *([_text(row.get("x"))] if with_x else [])]
+        lead = [str(row["model"]), *([_text(row.get("x"))] if with_x else []),
+                *([_text(row.get("rotate"))] if with_rotate else [])]
         if row.get("status") == "failed":
             table.add_row(*lead, f"failed: {row.get('error')}", style="red")
             continue

@@ -20,6 +20,7 @@ from ..core.jobkey import Job, NotStorable, key_material, key_of
 from ..core.store import RUN, ResultsStore, StoredJob, materialise
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..core.run import PreparedRun
     from ..core.scheduler import Progress
     from ..core.types import RunResult
 
@@ -168,23 +169,17 @@ class ExecutionContext:
     def compute(self, job: Job, run_dir: Path, progress: Progress | None) -> RunResult:
         """Dissect the job's model into ``run_dir`` in this process (reports and summary.json written)."""
         from ..api import dissect
-        from .layers import choose_layers
 
         # A dataset this run opened already is shared; otherwise the run opens it after the model is resolved
         # (so a wrong model is reported before the built-in set is generated), and it is kept for the next job.
         ident = self._dataset_ident(job)
         opened = self._datasets.get(ident)
-        result = dissect(job.model, backend=job.backend, dataset=opened if opened is not None else job.dataset,
-                         dataset_format=None if opened is not None else job.dataset_format,
-                         categories=None if opened is not None else job.categories,
-                         dataset_options=None if opened is not None else dict(job.dataset_options),
-                         layers=functools.partial(choose_layers, job.layers, job.lenient_layers),
-                         threshold=job.threshold, threshold_params=dict(job.threshold_params), quantile=job.quantile,
-                         compat=job.compat, out=run_dir, batch_size=job.batch_size, device=job.device,
-                         workers=job.workers, weights=job.weights, pretrained=job.pretrained, top_k=job.top_k,
-                         reporters=list(job.reporters) if job.reporters else None, skip_bad=job.skip_bad,
-                         cache=job.cache, cache_budget=job.cache_budget, progress=progress, host=self.host,
-                         backend_options=dict(job.backend_options), strict_plugins=self.strict_plugins)
+        arguments = dissect_arguments(job)
+        if opened is not None:
+            arguments.update(dataset=opened, dataset_format=None, categories=None, dataset_options=None)
+        result = dissect(job.model, **arguments, out=run_dir,
+                         reporters=list(job.reporters) if job.reporters else None, progress=progress,
+                         host=self.host, strict_plugins=self.strict_plugins)
         if opened is None and result.dataset is not None:
             self._datasets[ident] = result.dataset
         return result
@@ -196,6 +191,34 @@ class ExecutionContext:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_reports(result, run_dir, reporters=list(job.reporters) if job.reporters else None, host=self.host,
                       strict_plugins=self.strict_plugins)
+
+
+def dissect_arguments(job: Job) -> dict[str, Any]:
+    """The keyword arguments of ``netdissection.dissect`` (and of ``netdissection.api.prepare``, which an
+    executor's workers use) that the job stands for, beside its model: every executor runs a job from these."""
+    from .layers import choose_layers
+
+    return {"backend": job.backend, "dataset": job.dataset, "dataset_format": job.dataset_format,
+            "categories": job.categories, "dataset_options": dict(job.dataset_options),
+            "layers": functools.partial(choose_layers, job.layers, job.lenient_layers),
+            "threshold": job.threshold, "threshold_params": dict(job.threshold_params), "quantile": job.quantile,
+            "compat": job.compat, "batch_size": job.batch_size, "device": job.device, "workers": job.workers,
+            "weights": job.weights, "pretrained": job.pretrained, "top_k": job.top_k, "skip_bad": job.skip_bad,
+            "cache": job.cache, "cache_budget": job.cache_budget, "backend_options": dict(job.backend_options),
+            "rotate": job.rotate, "rotate_seed": job.rotate_seed, "bootstrap": job.bootstrap,
+            "bootstrap_seed": job.bootstrap_seed, "explain": job.explain, "explain_params": dict(job.explain_params),
+            "explain_units": job.explain_units}
+
+
+def prepare_job(job: Job, *, work_dir: str | Path | None = None, host: Any = None,
+                strict_plugins: bool | None = None) -> PreparedRun:
+    """The run a job stands for, prepared in this process as ``dissect`` prepares it — components built by name,
+    layers chosen, the plan, input spec and provenance — without running a pass: what an executor's workers
+    run shard by shard (``netdissection.core.scheduler.ShardRunner``). ``work_dir``: where the activation
+    cache goes (default: the temporary folder)."""
+    from ..api import prepare
+
+    return prepare(job.model, **dissect_arguments(job), host=host, strict_plugins=strict_plugins, work_dir=work_dir)
 
 
 def _has_layers(entry: StoredJob, requested: Sequence[str]) -> bool:

@@ -60,7 +60,7 @@ def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
 
 # ---- index.html ------------------------------------------------------------------------------------------------
 
-_SHOWN = ("model", "x", "labels", "layer", "module", "map", "units", "detectors", "unique", "paper_unique",
+_SHOWN = ("model", "x", "rotate", "labels", "layer", "module", "map", "units", "detectors", "unique", "paper_unique",
           "mean_iou", "images", "seconds", "cached")
 
 _CSS = """

@@ -3,7 +3,11 @@
 - ``unique_detectors_by_model``: the paper's architecture figure: per (model, layer) the unique detectors
   (concepts) per category as stacked bars, by the report rule beside the paper rule;
 - ``detectors_vs_x``: for checkpoint series, detectors per category against the checkpoints' x (the paper's
-  "detectors vs epoch"; a log axis when the x values span decades), the random baseline dashed;
+  "detectors vs epoch"; a log axis when the x values span decades), the random baseline dashed. Series are
+  grouped by architecture, layer, labels (``--label dropout=0.5``) and rotation; with several groups the
+  figure has one panel for the totals of each rule and one per category, each with one line per group;
+- ``detectors_vs_rotation``: for ``--rotate`` with several α, unique concepts per category against α (the
+  paper's rotation figure), one line per category, or one per group with several groups;
 - ``detectors_by_layer``: for models dissected at several layers (``--layer stage:*``), unique concepts
   per category across the layers, one panel per model.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,7 @@ PAPER_RULE = f"paper rule: per category, best IoU within the category > {DETECTO
 PLOTS = {
     "unique_detectors_by_model": "unique detectors per category, per model (both counting rules)",
     "detectors_vs_x": "detectors per category against the checkpoints' x",
+    "detectors_vs_rotation": "unique concepts per category against the rotation α of the units' basis",
     "detectors_by_layer": "unique concepts per category across layers",
 }
 #: x values spanning at least this ratio get a log axis.
@@ -47,6 +53,9 @@ def write_plots(rows: Sequence[Row], out: Path) -> list[Path]:
     series = x_series(done)
     if series:
         written += save(draw_vs_x(series, categories), out / "detectors_vs_x")
+    rotations = rotation_series(done)
+    if rotations:
+        written += save(draw_vs_rotation(rotations, categories), out / "detectors_vs_rotation")
     layered = by_layer(done)
     if layered:
         written += save(draw_by_layer(layered, categories), out / "detectors_by_layer")
@@ -54,9 +63,14 @@ def write_plots(rows: Sequence[Row], out: Path) -> list[Path]:
 
 
 def row_label(row: Row, rows: Sequence[Row]) -> str:
-    """A row's name on an axis: the model, and the layer when the model has several rows."""
+    """A row's name on an axis: the model, and the layer (the rotation) when the model has rows at several."""
     same = [r for r in rows if r.get("model") == row.get("model")]
-    return f"{row['model']} · {row['layer']}" if len(same) > 1 and row.get("layer") else str(row["model"])
+    name = str(row["model"])
+    if len({r.get("layer") for r in same}) > 1 and row.get("layer"):
+        name += f" · {row['layer']}"
+    if len({r.get("rotate") for r in same}) > 1 and row.get("rotate") is not None:
+        name += f" · α={row['rotate']:g}"
+    return name
 
 
 # ---- what is plotted -------------------------------------------------------------------------------------------
@@ -79,8 +93,31 @@ def x_series(rows: Sequence[Row]) -> dict[tuple[str, str, str], dict[str, Any]]:
 
 def _series_key(row: Row) -> tuple[str, str, str]:
     arch = str(row["model"]).split("@", 1)[0].removesuffix(" (random)")
-    labels = ", ".join(f"{k}={v}" for k, v in sorted((row.get("labels") or {}).items()))
-    return arch, str(row.get("layer") or ""), labels
+    return arch, str(row.get("layer") or ""), _tags(row)
+
+
+def _tags(row: Row, *, rotation: bool = True) -> str:
+    """A row's labels (and its rotation) as the name of its group."""
+    tags = [f"{k}={v}" for k, v in sorted((row.get("labels") or {}).items())]
+    if rotation and row.get("rotate") is not None:
+        tags.append(f"α={row['rotate']:g}")
+    return ", ".join(tags)
+
+
+def rotation_series(rows: Sequence[Row]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Rows dissected at several rotations α of one model (same weights, layer, labels, x), grouped; each
+    group's points sorted by α. Groups with one α are left out (nothing to draw a line through)."""
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for row in rows:
+        if row.get("rotate") is None:
+            continue
+        where = f"x={row['x']:g}" if row.get("x") is not None else ""
+        key = (str(row["model"]), str(row.get("layer") or ""), ", ".join(t for t in (_tags(row, rotation=False), where)
+                                                                           if t))
+        groups.setdefault(key, {"points": [], "baseline": None})["points"].append(row)
+    for group in groups.values():
+        group["points"].sort(key=lambda r: r["rotate"])
+    return {k: g for k, g in groups.items() if len({r["rotate"] for r in g["points"]}) >= 2}
 
 
 def x_scale(xs: Sequence[float]) -> str:
@@ -92,12 +129,13 @@ def x_scale(xs: Sequence[float]) -> str:
 
 
 def by_layer(rows: Sequence[Row]) -> dict[str, list[Row]]:
-    """Per model with at least two layers (and no x series), its rows in run order."""
+    """Per model (and rotation) with at least two layers (and no x series), its rows in run order."""
     grouped: dict[str, list[Row]] = {}
     for row in rows:
         if row.get("x") is None and row.get("layer"):
-            grouped.setdefault(str(row["model"]), []).append(row)
-    return {m: rs for m, rs in grouped.items() if len(rs) >= 2}
+            name = str(row["model"]) + (f" · α={row['rotate']:g}" if row.get("rotate") is not None else "")
+            grouped.setdefault(name, []).append(row)
+    return {m: rs for m, rs in grouped.items() if len({r["layer"] for r in rs}) >= 2}
 
 
 # ---- drawing -------------------------------------------------------------------------------------------------
@@ -135,44 +173,138 @@ def draw_by_model(rows: Sequence[Row], categories: Sequence[str]) -> Any:
     return figure
 
 
-def draw_vs_x(series: Mapping[tuple[str, str, str], Mapping[str, Any]], categories: Sequence[str]) -> Any:
+@dataclass
+class Curve:
+    """One line of a panel: a category's or a group's values at the series' x values."""
+
+    label: str
+    colour: str
+    xs: list[float]
+    ys: list[float]
+    style: str = "-"
+    marker: str = "o"
+    baseline: float | None = None  # the group's random model, drawn as a dashed horizontal line
+
+
+@dataclass
+class Panel:
+    title: str
+    curves: list[Curve] = field(default_factory=list)
+
+
+def group_name(key: tuple[str, ...], keys: Sequence[tuple[str, ...]]) -> str:
+    """A group's name in a legend: what tells it from the other groups (its own labels, when only labels
+    differ: ``dropout=0.5``), else its whole key."""
+    shared = set.intersection(*({t for t in k[-1].split(", ") if t} for k in keys))
+    differing = [key[i] for i in range(len(key) - 1) if len({k[i] for k in keys}) > 1 and key[i]]
+    tags = [t for t in key[-1].split(", ") if t and t not in shared]
+    return " · ".join([*differing, ", ".join(tags)] if tags else differing) or " · ".join(p for p in key if p)
+
+
+def curve_panels(series: Mapping[tuple[str, str, str], Mapping[str, Any]], categories: Sequence[str],
+                 x_field: str = "x") -> list[Panel]:
+    """What the curves of ``series`` show, panel by panel (the figure is drawn from exactly this).
+
+    One group: two panels (detectors per category by the report rule, unique concepts per category by the
+    paper rule), one line per category. Several groups: the totals of each rule, then unique concepts of each
+    category by the paper rule, each panel with one line per group, coloured by group."""
+    from ..plugins.reports.report_style import category_colours
+
+    def values(rows: Sequence[Row], column: str) -> list[float]:
+        return [float(r.get(column) or 0) for r in rows]
+
+    def baseline(group: Mapping[str, Any], column: str) -> float | None:
+        row = group.get("baseline")
+        return None if row is None else float(row.get(column) or 0)
+
+    if len(series) == 1:
+        (group,) = series.values()
+        points = group["points"]
+        xs = [float(r[x_field]) for r in points]
+        colours = category_colours(categories)
+        return [Panel(title, [Curve(c, colours[c], xs, values(points, f"{c}_{suffix}"),
+                                    baseline=baseline(group, f"{c}_{suffix}")) for c in categories])
+                for suffix, title in (("detectors", f"detectors, {REPORT_RULE}"),
+                                      ("paper_unique", f"unique concepts, {PAPER_RULE}"))]
+    keys = list(series)
+    palette = GROUP_COLOURS
+    columns = [("detectors", "all categories: detectors (report rule)"),
+               ("paper_unique", "all categories: unique concepts (paper rule)"),
+               *((f"{c}_paper_unique", f"{c}: unique concepts (paper rule)") for c in categories)]
+    panels = []
+    for column, title in columns:
+        panel = Panel(title)
+        for i, (key, group) in enumerate(series.items()):
+            points = group["points"]
+            panel.curves.append(Curve(group_name(key, keys), palette[i % len(palette)],
+                                      [float(r[x_field]) for r in points], values(points, column),
+                                      style=GROUP_STYLES[i % len(GROUP_STYLES)],
+                                      marker=GROUP_MARKERS[i % len(GROUP_MARKERS)],
+                                      baseline=baseline(group, column)))
+        panels.append(panel)
+    return panels
+
+
+#: Colours and line styles of groups (matplotlib's tab10 without the greys).
+GROUP_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+GROUP_STYLES = ("-", "--", "-.", ":")  # a group drawn over another of the same values still shows
+GROUP_MARKERS = ("o", "s", "^", "D", "v")
+
+
+def draw_curves(panels: Sequence[Panel], title: str, xlabel: str, scale: str = "linear",
+                legend_title: str | None = None) -> Any:
+    """The panels side by side (two) or in a grid (more), x ticks at each x when there are few."""
     from ..plugins.reports.plots import _figure
 
-    colours = _colours(categories)
-    styles = ["-", "--", ":", "-."]
-    figure = _figure(11.0, 4.2)
-    figure.suptitle("detectors per category against the checkpoints' x (dashed horizontal: random weights)",
-                    fontsize=10)
-    panels = figure.subplots(1, 2, sharex=True)
-    xs = [float(r["x"]) for g in series.values() for r in g["points"]]
-    scale = x_scale(xs)
-    for axes, (suffix, title) in zip(panels, (("detectors", f"detectors, {REPORT_RULE}"),
-                                              ("paper_unique", f"unique concepts, {PAPER_RULE}")), strict=True):
-        for i, (key, group) in enumerate(series.items()):
-            name = " · ".join(p for p in key if p)
-            points = group["points"]
-            for c in categories:
-                ys = [float(r.get(f"{c}_{suffix}") or 0) for r in points]
-                axes.plot([r["x"] for r in points], ys, styles[i % len(styles)], marker="o", markersize=3,
-                          color=colours[c], label=f"{c} ({name})" if len(series) > 1 else c)
-                baseline = group.get("baseline")
-                if baseline is not None:
-                    axes.axhline(float(baseline.get(f"{c}_{suffix}") or 0), color=colours[c], linestyle=(0, (2, 3)),
-                                 linewidth=0.9, alpha=0.7)
+    columns = min(len(panels), 2 if len(panels) <= 2 else 4)
+    grid_rows = math.ceil(len(panels) / columns)
+    figure = _figure(11.0 if columns == 2 else 15.0, 4.2 if grid_rows == 1 else 3.1 * grid_rows + 0.8)
+    figure.suptitle(title, fontsize=10)
+    axes_grid = figure.subplots(grid_rows, columns, squeeze=False)
+    xs = [x for panel in panels for curve in panel.curves for x in curve.xs]
+    for axes, panel in zip(axes_grid.flat, panels, strict=False):
+        for curve in panel.curves:
+            axes.plot(curve.xs, curve.ys, curve.style, marker=curve.marker, markersize=3, color=curve.colour,
+                      label=curve.label)
+            if curve.baseline is not None:
+                axes.axhline(curve.baseline, color=curve.colour, linestyle=(0, (2, 3)), linewidth=0.9, alpha=0.7)
         if scale == "symlog":
             axes.set_xscale("symlog", linthresh=min(x for x in xs if x > 0))
         elif scale == "log":
             axes.set_xscale("log")
-        if len(set(xs)) <= 12:  # few checkpoints: a tick at each, labelled with its own x
+        if len(set(xs)) <= 12:  # few points: a tick at each, labelled with its own x
             ticks = sorted(set(xs))
             axes.set_xticks(ticks, [f"{x:g}" for x in ticks], fontsize=8)
             axes.xaxis.set_minor_locator(_null_locator())
-        axes.set_title(title, fontsize=8)
-        axes.set_xlabel("x (from the checkpoint names)" + (", log scale" if scale != "linear" else ""), fontsize=8)
+        highest = max((y for curve in panel.curves for y in [*curve.ys, curve.baseline or 0.0]), default=0.0)
+        axes.set_ylim(0, max(1.0, highest) * 1.08)  # counts: from 0, and a flat line is not magnified
+        axes.set_title(panel.title, fontsize=8)
+        axes.set_xlabel(xlabel + (", log scale" if scale != "linear" else ""), fontsize=8)
         axes.yaxis.get_major_locator().set_params(integer=True)
         axes.spines[["top", "right"]].set_visible(False)
-    panels[1].legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    for axes in list(axes_grid.flat)[len(panels):]:
+        axes.set_axis_off()
+    axes_grid.flat[columns - 1].legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0),
+                                       title=legend_title, title_fontsize=7)
     return figure
+
+
+def draw_vs_x(series: Mapping[tuple[str, str, str], Mapping[str, Any]], categories: Sequence[str]) -> Any:
+    xs = [float(r["x"]) for g in series.values() for r in g["points"]]
+    title = "detectors per category against the checkpoints' x (dashed horizontal: random weights)"
+    if len(series) > 1:
+        title = (f"detectors against the checkpoints' x, one line per group (dashed horizontal: the group's random "
+                 f"weights)\n{REPORT_RULE}; {PAPER_RULE}")
+    return draw_curves(curve_panels(series, categories, "x"), title, "x (from the checkpoint names)", x_scale(xs),
+                       legend_title="category" if len(series) == 1 else "group")
+
+
+def draw_vs_rotation(series: Mapping[tuple[str, str, str], Mapping[str, Any]], categories: Sequence[str]) -> Any:
+    title = "detectors against the rotation of the units' basis: Q^α, Q a random rotation (α = 0: the units as is)"
+    if len(series) > 1:
+        title += f"\n{REPORT_RULE}; {PAPER_RULE}"
+    return draw_curves(curve_panels(series, categories, "rotate"), title, "α",
+                       legend_title="category" if len(series) == 1 else "group")
 
 
 def _null_locator() -> Any:

@@ -17,7 +17,8 @@ from ..core.types import DETECTOR_IOU
 OK, FAILED, TALLY = "ok", "failed", "tally"
 
 #: Columns before the per-category ones, in order.
-BASE_COLUMNS = ("status", "model", "backend", "weights", "weights_sha256", "x", "labels", "layer", "module", "map",
+BASE_COLUMNS = ("status", "model", "backend", "weights", "weights_sha256", "x", "rotate", "rotate_seed", "labels",
+                "layer", "module", "map",
                 "units", "detectors", "unique", "paper_unique", "mean_iou", "images", "seconds", "cached", "key",
                 "run", "error")
 #: Per category ``<category>_<field>``: detectors and unique concepts by the report rule, units and unique
@@ -35,6 +36,8 @@ COUNTING_RULES = {
         f"paper rule (the paper's figures): per category, the units whose best IoU within the category is > "
         f"{DETECTOR_IOU}, and the unique concepts among them; a unit can count in several categories",
     "mean_iou": "mean IoU of the detectors (report rule)",
+    "rotate, rotate_seed": "the units read in a rotated basis Q^rotate, Q a random rotation drawn from rotate_seed "
+                           "(empty: the units as they are)",
 }
 
 
@@ -46,6 +49,7 @@ def rows_from_summary(summary: Mapping[str, Any], *, model: str, x: float | None
     runs whose summary does not record them)."""
     provenance = summary.get("provenance") or {}
     details = provenance.get("backend_details") or {}
+    rotation = provenance.get("rotation") or {}
     seconds = summary.get("seconds") or {}
     rows = []
     for entry in summary.get("layers", []):
@@ -57,6 +61,8 @@ def rows_from_summary(summary: Mapping[str, Any], *, model: str, x: float | None
             "weights": _weights(weights, summary, details),
             "weights_sha256": details.get("weights_sha256") or details.get("sha256"),
             "x": _number(x),
+            "rotate": _number(rotation.get("alpha")),
+            "rotate_seed": rotation.get("seed"),
             "labels": dict(labels or {}),
             "layer": layer,
             "module": entry.get("module") or module_of(entry["layer"], details),
@@ -82,9 +88,10 @@ def rows_from_summary(summary: Mapping[str, Any], *, model: str, x: float | None
 
 def failed_row(model: str, error: str, *, backend: str | None = None, weights: str | None = None,
                x: float | None = None, labels: Mapping[str, str] | None = None, layers: Sequence[str] = (),
-               key: str | None = None) -> dict[str, Any]:
+               key: str | None = None, rotate: float | None = None, rotate_seed: int | None = None) -> dict[str, Any]:
     return {"status": FAILED, "model": model, "backend": backend, "weights": weights, "weights_sha256": None,
-            "x": _number(x), "labels": dict(labels or {}), "layer": ", ".join(layers) or None, "module": None,
+            "x": _number(x), "rotate": _number(rotate), "rotate_seed": rotate_seed if rotate is not None else None,
+            "labels": dict(labels or {}), "layer": ", ".join(layers) or None, "module": None,
             "map": None, "units": None, "detectors": None, "unique": None, "paper_unique": None, "mean_iou": None,
             "images": None, "seconds": None, "cached": False, "key": key, "run": None, "error": error}
 

@@ -6,10 +6,13 @@
   ``BACKEND:`` prefix, every backend that lists names is searched. ``models/*.onnx``: the files that match.
 - ``--exclude PATTERN`` drops matches by name (with or without the ``BACKEND:`` prefix).
 - A models file: one ``MODEL [--weights FILE] [--layer L]... [--label KEY=VALUE]... [--backend B]
-  [--name NAME]`` per line, ``#`` comments; relative paths are relative to the file's folder.
-- A checkpoint series: ``--checkpoints 'ckpt/epoch_*.pt'`` (comma-separated, repeatable) of one
-  architecture, each checkpoint's x value the one number in its file name (or ``--x-from REGEX``); the
-  word ``random`` adds the seeded untrained model as the baseline.
+  [--name NAME] [--checkpoints GLOBS]`` per line, ``#`` comments; relative paths are relative to the file's
+  folder. A line with ``--checkpoints`` is a checkpoint series of its own, its labels naming its group.
+- A checkpoint series: ``--checkpoints 'ckpt/epoch_*.pt'`` (comma-separated globs) of one architecture,
+  each checkpoint's x value the one number in its file name (or ``--x-from REGEX``); the word ``random``
+  adds the seeded untrained model as the baseline. Several series of the one architecture (two training
+  settings): ``--checkpoints`` once per series, each followed by its own ``--label KEY=VALUE``
+  (:class:`CheckpointSeries` from Python).
 """
 
 from __future__ import annotations
@@ -42,6 +45,17 @@ class ModelSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     name: str = ""
     x: float | None = None
+    #: A models file line's own checkpoint series (globs and ``random``), expanded by ``with_series``.
+    checkpoints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckpointSeries:
+    """One training run's checkpoints (globs, and ``random`` for the untrained baseline) and the labels that
+    name its group in the plots (``{"dropout": "0.5"}``)."""
+
+    checkpoints: tuple[str, ...]
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 def is_glob(text: str) -> bool:
@@ -85,7 +99,8 @@ def expand(specs: Sequence[ModelSpec], host: Any, exclude: Sequence[str] = ()) -
         names = [spec.model] + ([f"{spec.backend}:{spec.model}"] if spec.backend else [])
         if any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in exclude):
             continue
-        ident = (spec.model, spec.backend, spec.weights, spec.layers, tuple(sorted(spec.labels.items())), spec.x)
+        ident = (spec.model, spec.backend, spec.weights, spec.layers, tuple(sorted(spec.labels.items())), spec.x,
+                 spec.checkpoints)
         if ident not in seen:
             seen.add(ident)
             kept.append(spec)
@@ -125,7 +140,8 @@ def match_names(host: Any, backend: str | None, pattern: str) -> list[tuple[str,
 
 
 def read_models_file(path: str | Path) -> list[ModelSpec]:
-    """One model per line: ``MODEL [--weights FILE] [--layer L]... [--label K=V]... [--backend B] [--name N]``."""
+    """One model per line: ``MODEL [--weights FILE] [--layer L]... [--label K=V]... [--backend B] [--name N]
+    [--checkpoints GLOBS]``."""
     file = Path(path).expanduser()
     try:
         text = file.read_text(encoding="utf-8")
@@ -154,9 +170,9 @@ def _parse_line(tokens: list[str], where: str, base: Path) -> ModelSpec:
     i = 0
     while i < len(rest):
         option, sep, value = rest[i].partition("=")
-        if option not in ("--weights", "--layer", "--label", "--backend", "--name"):
+        if option not in ("--weights", "--layer", "--label", "--backend", "--name", "--checkpoints"):
             raise DissectionError(f"{where}: unknown option {rest[i]!r}; a line takes --weights FILE, --layer L, "
-                                  "--label KEY=VALUE, --backend B, --name NAME")
+                                  "--label KEY=VALUE, --backend B, --name NAME, --checkpoints GLOBS")
         if not sep:
             if i + 1 >= len(rest):
                 raise DissectionError(f"{where}: {option} needs a value")
@@ -168,20 +184,27 @@ def _parse_line(tokens: list[str], where: str, base: Path) -> ModelSpec:
         elif option == "--label":
             key, val = parse_label(value, f"{where}: --label")
             values["labels"][key] = val
+        elif option == "--checkpoints":
+            values.setdefault("checkpoints", []).extend(
+                p if p.strip() == RANDOM else _relative(p.strip(), base, glob_pattern=True)
+                for p in value.split(",") if p.strip())
         else:
             values[option[2:]] = value
     weights = values.get("weights")
+    if weights and values.get("checkpoints"):
+        raise DissectionError(f"{where}: --checkpoints gives the weights of each model of the series; drop --weights")
     return ModelSpec(model=_relative(model, base), backend=values.get("backend"),
                      weights=_relative(weights, base, must_exist=True, where=where) if weights else None,
-                     layers=tuple(values["layers"]), labels=values["labels"], name=values.get("name", ""))
+                     layers=tuple(values["layers"]), labels=values["labels"], name=values.get("name", ""),
+                     checkpoints=tuple(values.get("checkpoints", ())))
 
 
-def _relative(path: str, base: Path, *, must_exist: bool = False, where: str = "") -> str:
+def _relative(path: str, base: Path, *, must_exist: bool = False, where: str = "", glob_pattern: bool = False) -> str:
     """A path of a models file, relative to the file's folder; a model name that is no file stays as it is."""
     p = Path(path).expanduser()
     if p.is_absolute():
         candidate = p
-    elif (base / p).exists() or must_exist or is_glob(path):
+    elif (base / p).exists() or must_exist or glob_pattern or is_glob(path):
         candidate = base / p
     else:
         return path
@@ -191,6 +214,41 @@ def _relative(path: str, base: Path, *, must_exist: bool = False, where: str = "
 
 
 # ---- checkpoint series ---------------------------------------------------------------------------------------
+
+def with_series(specs: Sequence[ModelSpec], checkpoints: Sequence[str] | Sequence[CheckpointSeries],
+                x_from: str | None = None) -> list[ModelSpec]:
+    """Checkpoint series expanded into one spec per checkpoint: a models file line's own ``--checkpoints``,
+    and ``checkpoints`` (one series of globs, or several :class:`CheckpointSeries`) for the one model that has
+    none of its own. The labels of a series tag each of its checkpoints and its random baseline."""
+    series = as_series(checkpoints)
+    plain = [s for s in specs if not s.checkpoints]
+    if series and len(plain) != 1:
+        raise DissectionError(f"--checkpoints is a series of one architecture; name exactly one model, "
+                              f"not {len(plain)}")
+    if x_from and not series and not any(s.checkpoints for s in specs):
+        raise DissectionError("--x-from reads x values from checkpoint names; it needs --checkpoints")
+    out: list[ModelSpec] = []
+    for spec in specs:
+        if spec.checkpoints:
+            out += checkpoint_series(replace(spec, checkpoints=()), spec.checkpoints, x_from)
+        elif series:
+            for one in series:
+                out += checkpoint_series(replace(spec, labels={**spec.labels, **one.labels}), one.checkpoints, x_from)
+        else:
+            out.append(spec)
+    return out
+
+
+def as_series(checkpoints: Sequence[str] | Sequence[CheckpointSeries]) -> list[CheckpointSeries]:
+    """Globs (one series) or series, as series."""
+    if not checkpoints:
+        return []
+    if all(isinstance(c, CheckpointSeries) for c in checkpoints):
+        return [CheckpointSeries(tuple(c.checkpoints), dict(c.labels)) for c in checkpoints]  # type: ignore[union-attr]
+    if any(isinstance(c, CheckpointSeries) for c in checkpoints):
+        raise DissectionError("checkpoints: pass globs (one series) or CheckpointSeries, not both")
+    return [CheckpointSeries(tuple(str(c) for c in checkpoints))]
+
 
 def checkpoint_series(arch: ModelSpec, patterns: Sequence[str], x_from: str | None = None) -> list[ModelSpec]:
     """The checkpoints of one architecture, by x value; ``random`` adds the seeded untrained baseline."""

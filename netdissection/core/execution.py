@@ -114,6 +114,11 @@ class JobContext(Protocol):
         """The job's key if it was computed already (never raises)."""
         ...
 
+    def dataset(self, job: Job) -> Any:
+        """The job's concept dataset object, opened once per run and shared by the jobs that use it (an executor
+        that runs the passes elsewhere needs it here too: its size, its vocabulary, and the reports' images)."""
+        ...
+
 
 @runtime_checkable
 class Executor(Protocol):

@@ -96,6 +96,10 @@ class CommandContext(Protocol):
         """A click decorator adding ``--input-size``, ``--mean``, ``--std`` and ``--bgr``."""
         ...
 
+    def bootstrap_options(self, command: Callable[..., Any]) -> Callable[..., Any]:
+        """A click decorator adding ``--bootstrap B`` and ``--bootstrap-seed S`` (ints, default 0)."""
+        ...
+
     def backend_options(self, input_size: Any, mean: Any, std: Any, bgr: bool) -> dict[str, Any]:
         """The values of ``input_options`` as ``dissect(backend_options=...)``: only those the user set."""
         ...
@@ -173,6 +177,22 @@ def dissect_register_executors(register: Register) -> None:
     ``factory(**options) -> Executor`` (options from the command line, e.g. ``address``, ``shards``; refuse
     the ones that do not apply). The contract is in ``netdissection.compare.execution``: ``run(jobs,
     context)`` yields one outcome per job, a job's failure being its outcome, not an exception.
+    """
+
+
+@hookspec
+def dissect_register_explainers(register: Register) -> None:
+    """Register explainers, which label units otherwise than with one concept: ``register(name, factory,
+    description=...)``; ``--explain NAME`` picks one (``explain=`` in Python).
+
+    ``factory(**params) -> Explainer`` (``core.explain``): ``params`` are the user's ``--explain-param
+    KEY=VALUE`` and named options (``--formula-length N`` is ``formula_length=N``, ``--beam B`` is
+    ``beam=B``); the host also passes ``compat`` to factories whose signature names it. A parameter the
+    signature does not take is refused before any pass runs (unless it takes ``**params``); the factory
+    refuses bad values with ``DissectionError``, and is called once while the options are checked, so keep
+    it cheap. Provenance and the job key record the name, plugin and parameters (defaults included) and the
+    units. The explainer's ``explain(layers, read, units)`` runs after the IoU pass, with ``read(factory)``
+    for further passes over the dataset; its rows go to ``<layer>/explanations.csv`` and the HTML report.
     """
 
 

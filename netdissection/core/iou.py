@@ -39,13 +39,15 @@ class LabelBatch:
 
     ``layers`` ``(N, K, S)`` label numbers per flattened pixel (paper semantics: a label repeated at
     the same pixel in another layer is zeroed so it counts once); ``image_labels`` ``(N, J)``
-    image-level labels padded with 0; ``has_category`` ``(N, C)`` which categories each image has.
+    image-level labels padded with 0; ``has_category`` ``(N, C)`` which categories each image has;
+    ``truth`` ``(N, L)`` each image's truth counts G (their sum over the batch is the batch's G).
     """
 
     layers: torch.Tensor
     image_labels: torch.Tensor
     has_category: torch.Tensor
     shape: tuple[int, int]
+    truth: torch.Tensor | None = None
 
 
 def prepare_labels(layers: torch.Tensor, image_labels: torch.Tensor, category_of: torch.Tensor,
@@ -88,15 +90,20 @@ def prepare_labels(layers: torch.Tensor, image_labels: torch.Tensor, category_of
     one_hot = torch.zeros(size, categories + 1, dtype=torch.int64, device=layers.device)
     one_hot[torch.arange(size, device=layers.device), torch.where(category_of >= 0, category_of, categories)] = 1
     has = (per_image > 0).long() @ one_hot > 0
-    batch = LabelBatch(flat, image_labels, has[:, :categories], (sh, sw))
+    batch = LabelBatch(flat, image_labels, has[:, :categories], (sh, sw), per_image)
     return batch, truth
 
 
 class IoUAccumulator:
-    """Accumulates I[u, l] and A[u, c] for one layer over batches of raw activations."""
+    """Accumulates I[u, l] and A[u, c] for one layer over batches of raw activations.
+
+    With ``groups`` > 1 it keeps them per group of images (blocks of a bootstrap): each ``add`` says
+    which group each image belongs to, and the counts come out ``(groups, U, ·)``. ``dtype``: that of
+    the intersection counts (a caller keeping many groups may take int32 where the counts fit).
+    """
 
     def __init__(self, thresholds: torch.Tensor, category_of: torch.Tensor, categories: int,
-                 semantics: str = "paper") -> None:
+                 semantics: str = "paper", *, groups: int = 1, dtype: torch.dtype = torch.int64) -> None:
         if semantics not in SEMANTICS:
             raise ValueError(f"semantics must be one of {SEMANTICS}")
         self.device = thresholds.device
@@ -106,13 +113,15 @@ class IoUAccumulator:
         self.size = category_of.shape[0]
         self.categories = categories
         self.semantics = semantics
-        self.intersection = torch.zeros(self.units * self.size, dtype=torch.int64, device=self.device)
-        self.activation = torch.zeros(self.units, categories, dtype=torch.int64, device=self.device)
+        self.groups = groups
+        self.intersection = torch.zeros(groups * self.units * self.size, dtype=dtype, device=self.device)
+        self.activation = torch.zeros(groups * self.units, categories, dtype=torch.int64, device=self.device)
         self.pairs_seen = 0
         self.pairs_upsampled = 0
 
-    def add(self, activations: torch.Tensor, labels: LabelBatch) -> None:
-        """Count one batch: ``activations`` ``(N, U, h, w)`` raw maps of the batch's images."""
+    def add(self, activations: torch.Tensor, labels: LabelBatch, group: torch.Tensor | None = None) -> None:
+        """Count one batch: ``activations`` ``(N, U, h, w)`` raw maps of the batch's images; ``group``
+        ``(N,)`` the group of each image (with ``groups`` > 1)."""
         n, units = activations.shape[:2]
         peaks = activations.amax(dim=(2, 3)).double()
         image_idx, unit_idx = torch.nonzero(peaks > self.thresholds, as_tuple=True)
@@ -120,27 +129,32 @@ class IoUAccumulator:
         self.pairs_upsampled += int(image_idx.numel())
         for start in range(0, image_idx.numel(), PAIR_CHUNK):
             stop = start + PAIR_CHUNK
-            self._add_pairs(activations, labels, image_idx[start:stop], unit_idx[start:stop])
+            self._add_pairs(activations, labels, image_idx[start:stop], unit_idx[start:stop], group)
 
     def _add_pairs(self, activations: torch.Tensor, labels: LabelBatch, image_idx: torch.Tensor,
-                   unit_idx: torch.Tensor) -> None:
+                   unit_idx: torch.Tensor, group: torch.Tensor | None = None) -> None:
         sh, sw = labels.shape
         maps = activations[image_idx, unit_idx]
         pair, pixel = active_pixels(maps, self.thresholds[unit_idx], sh, sw)
         area = torch.bincount(pair, minlength=len(image_idx))
         under = labels.layers[image_idx[pair], :, pixel]  # (active pixels, K) label numbers
-        owner = unit_idx[pair].unsqueeze(1).expand_as(under)
+        # The row each pair counts into: its unit, in its image's group when there are groups.
+        row = unit_idx if group is None else group[image_idx] * self.units + unit_idx
+        owner = row[pair].unsqueeze(1).expand_as(under)
         keep = under > 0
         keys = owner[keep] * self.size + under[keep]
-        self.intersection += torch.bincount(keys, minlength=self.units * self.size)
+        if self.groups == 1:
+            self.intersection += torch.bincount(keys, minlength=self.units * self.size)
+        else:  # a bincount over every group's counts would allocate all of them for each chunk
+            self.intersection.index_add_(0, keys, torch.ones_like(keys, dtype=self.intersection.dtype))
 
         # Image-level labels cover every pixel: each adds the whole mask area.
         image_level = labels.image_labels[image_idx]  # (pairs, J)
         if image_level.numel():
             weight = area.unsqueeze(1).expand_as(image_level)
             ok = (image_level > 0) & (weight > 0)
-            keys = unit_idx.unsqueeze(1).expand_as(image_level)[ok] * self.size + image_level[ok]
-            self.intersection.index_add_(0, keys, weight[ok])
+            keys = row.unsqueeze(1).expand_as(image_level)[ok] * self.size + image_level[ok]
+            self.intersection.index_add_(0, keys, weight[ok].to(self.intersection.dtype))
 
         if self.semantics == "paper":
             has = labels.has_category[image_idx].long()  # (pairs, C)
@@ -156,10 +170,14 @@ class IoUAccumulator:
             level_cats[(level_cats < 0) | (image_level == 0)] = sentinel
             has.scatter_(1, level_cats, 1)
             has = has[:, : self.categories] * (area > 0).long().unsqueeze(1)
-        self.activation.index_add_(0, unit_idx, has * area.unsqueeze(1))
+        self.activation.index_add_(0, row, has * area.unsqueeze(1))
 
     def counts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``I`` ``(U, L)`` and ``A`` ``(U, C)``, int64 on the CPU."""
+        """``I`` ``(U, L)`` and ``A`` ``(U, C)``, int64 on the CPU (with groups: ``(groups, U, L)`` in the
+        accumulator's dtype and ``(groups, U, C)``)."""
+        if self.groups > 1:
+            return (self.intersection.reshape(self.groups, self.units, self.size).cpu(),
+                    self.activation.reshape(self.groups, self.units, -1).cpu())
         return self.intersection.reshape(self.units, self.size).cpu(), self.activation.cpu()
 
 

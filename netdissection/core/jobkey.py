@@ -3,7 +3,8 @@
 A *job* is one dissection: a model with its weights, the layers, the concept dataset and the protocol.
 Its *key* hashes the model reference (or a model file's SHA-256), the weights' SHA-256, the backend and
 its options (and the versions of the frameworks it runs on), the layers as requested, a fingerprint of
-the dataset, the threshold rule and its parameters, the semantics, and :data:`PROTOCOL_VERSION`.
+the dataset, the threshold rule and its parameters, the semantics, a basis rotation (α, seed, method) where
+there is one, and :data:`PROTOCOL_VERSION`.
 
 Computing a key imports no framework and reads no image: a finished job is found in the results store
 without starting torch. The dataset fingerprint hashes the bytes of the small index and label files
@@ -67,6 +68,14 @@ class Job:
     skip_bad: bool = False
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    #: ``--rotate``: the layers' units read in the basis Q^rotate, Q drawn from ``rotate_seed`` (None: as they are).
+    rotate: float | None = None
+    rotate_seed: int = 0
+    bootstrap: int = 0  # resamples (0: none); in the key with its seed only when there are resamples
+    bootstrap_seed: int = 0
+    explain: str | None = None  # an explainer's name (--explain), its parameters and units (1-based)
+    explain_params: Mapping[str, Any] = field(default_factory=dict)
+    explain_units: tuple[int, ...] | None = None
     # How it runs: not in the key.
     batch_size: int = 32
     workers: int | None = None
@@ -203,7 +212,7 @@ def key_material(job: Job, host: Any, rule: Mapping[str, Any], memo: DigestMemo 
     the caller already has it (else its factory is asked). Raises :class:`NotStorable` for a dataset that is
     not on this machine."""
     memo = memo or DigestMemo()
-    return {
+    material = {
         "protocol": PROTOCOL_VERSION,
         "model": _model_identity(job.model, memo),
         "backend": _backend_identity(host, job.backend),
@@ -219,7 +228,22 @@ def key_material(job: Job, host: Any, rule: Mapping[str, Any], memo: DigestMemo 
         "semantics": job.compat,
         "top_k": int(job.top_k),
         "skip_bad": bool(job.skip_bad),
+        # Only where a job rotates, so that the keys of every other job stay as they were.
+        **({"rotation": _rotation_identity(job)} if job.rotate is not None else {}),
+        # Only when given, so that the keys of runs without an explainer stay what they were.
+        **({"explain": _explainer_identity(host, job)} if job.explain is not None else {}),
     }
+    if job.bootstrap:  # without one a run is what it always was, and keeps its key
+        from .bootstrap import BLOCKS
+
+        material["bootstrap"] = {"resamples": int(job.bootstrap), "seed": int(job.bootstrap_seed), "blocks": BLOCKS}
+    return material
+
+
+def _rotation_identity(job: Job) -> dict[str, Any]:
+    from .rotation import Rotation
+
+    return Rotation(float(job.rotate or 0.0), int(job.rotate_seed)).key()
 
 
 def key_of(material: Mapping[str, Any]) -> str:
@@ -258,6 +282,20 @@ def _backend_identity(host: Any, backend: str | None) -> dict[str, Any]:
     third_party = {r.name: r.version for r in host.plugins if r.name in plugins and r.source != "builtin"}
     return {"requested": backend, "frameworks": {p: _package_version(p) for p in packages},
             "plugins": dict(sorted(third_party.items()))}
+
+
+def _explainer_identity(host: Any, job: Job) -> dict[str, Any]:
+    """The explainer, its parameters as it runs with them (defaults included) and the units; a third-party
+    plugin's version too (built-in explainers are covered by the protocol version)."""
+    from .explain import explainer_params
+
+    assert job.explain is not None
+    entry = host.catalog("explainer").get(job.explain)
+    _, params = explainer_params(job.explain, entry.factory, job.explain_params, compat=job.compat)
+    record = next((r for r in host.plugins if r.name == entry.plugin), None)
+    version = record.version if record is not None and record.source != "builtin" else None
+    return {"name": job.explain, "params": _plain(dict(sorted(params.items()))),
+            "units": list(job.explain_units) if job.explain_units is not None else None, "plugin_version": version}
 
 
 def _dataset_identity(host: Any, job: Job, memo: DigestMemo, builtin_root: Path | None) -> dict[str, Any]:

@@ -8,10 +8,12 @@ from the scheduler so that rebuilding reports never imports a framework.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .explain import EXPLANATIONS, write_explanations
 from .files import atomic_write_text, layer_dirnames
 from .results import COUNTS, SUMMARY, save_counts, vocabulary_to_json, write_summary
 from .scores import count_detectors, unit_scores
@@ -54,6 +56,7 @@ def summary_of(result: RunResult) -> dict[str, Any]:
             "paper_unique_labels_total": counts.paper_unique_total,
             "mean_iou_of_detectors": sum(detector_ious) / len(detector_ious) if detector_ious else None,
             "seconds": layer.seconds,
+            **({"bootstrap": layer.bootstrap.to_json()} if layer.bootstrap is not None else {}),
         })
     return {
         "format": "netdissection-run/1",
@@ -108,10 +111,14 @@ def _write_all(result: RunResult, out: Path, writers: Sequence[WriterChoice] = (
     from .space import is_disk_full
 
     events = events if events is not None else QuietEvents()
+    started = time.perf_counter()
     folders = layer_dirnames(result.layers)
     written: list[str] = []
     for name, layer in result.layers.items():
         written.append(_relative(save_counts(layer, out / folders[name] / COUNTS), out))
+        if layer.explanations is not None:  # a result, like the counts: written whichever writers run
+            written.append(_relative(write_explanations(layer.explanations, out / folders[name] / EXPLANATIONS),
+                                     out))
     if result.skipped:
         written.append(_relative(atomic_write_text(out / SKIPPED_CSV, skipped_text(result.skipped)), out))
     result.written = [*written, SUMMARY]
@@ -128,6 +135,8 @@ def _write_all(result: RunResult, out: Path, writers: Sequence[WriterChoice] = (
         written.extend(p for p in paths if p not in written)
     result.written = [*written, SUMMARY]
     result.plugin_errors = events.failures()
+    # The summary records how long the reports on disk took (the passes' seconds are the run's own).
+    result.seconds["reports"] = time.perf_counter() - started
     rewrite_summary(result, out)
     return [out / p for p in result.written]
 

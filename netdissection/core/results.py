@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DissectionError
+from .explain import EXPLANATIONS, read_explanations
 from .files import atomic_write, atomic_write_text
 from .skipped import skipped_from_json
 from .types import Concept, LayerResult, RunResult, TopImages, Vocabulary
@@ -34,6 +35,8 @@ def save_counts(result: LayerResult, path: Path) -> Path:
     if result.top_images is not None:
         arrays.update(top_indices=result.top_images.indices, top_scores=result.top_images.scores,
                       top_maps=result.top_images.maps)
+    if result.bootstrap is not None:
+        arrays.update(result.bootstrap.arrays())
 
     def write(f: Any) -> None:
         buffer = io.BytesIO()
@@ -59,6 +62,8 @@ def _json_default(value: Any) -> Any:
 
 def load_run(out_dir: str | Path) -> RunResult:
     """Load a finished run from its folder (``summary.json`` and each layer's ``counts.npz``)."""
+    from .bootstrap import LayerBootstrap
+
     root = Path(out_dir)
     summary_path = root / SUMMARY
     if not summary_path.is_file():
@@ -72,12 +77,16 @@ def load_run(out_dir: str | Path) -> RunResult:
                 top = None
                 if "top_indices" in data:
                     top = TopImages(data["top_indices"], data["top_scores"], data["top_maps"])
+                bootstrap = LayerBootstrap.load(entry["bootstrap"], data) if entry.get("bootstrap") else None
                 layers[entry["layer"]] = LayerResult(
                     layer=entry["layer"], vocabulary=vocab, thresholds=data["thresholds"],
                     intersection=data["intersection"], truth=data["truth"], activation=data["activation"],
                     top_images=top, seconds=entry.get("seconds", {}), module=entry.get("module"),
                     map_shape=tuple(entry["map"]) if entry.get("map") else None,
-                    warnings=list(entry.get("warnings", [])))
+                    warnings=list(entry.get("warnings", [])), bootstrap=bootstrap)
+            explained = root / entry["folder"] / EXPLANATIONS
+            if explained.is_file():
+                layers[entry["layer"]].explanations = read_explanations(explained)
     except (OSError, KeyError, ValueError) as exc:
         raise DissectionError(f"{root} holds an unreadable run ({exc}); run the dissection again") from None
     return RunResult(layers=layers, provenance=summary["provenance"], seconds=summary.get("seconds", {}),

@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import DissectionError, UnknownNameError
+from .explain import ExplainerChoice, check_explainer, check_units, run_explainer
 from .locks import locks_folder
 from .protocols import Backend, ConceptDataset, ReportWriter, ThresholdRule
 from .types import InputSpec, LayerInfo, LayerResult, RunResult, SkippedSample
 from .version import __version__
 
 if TYPE_CHECKING:  # the scheduler imports torch: only a run needs it
-    from .scheduler import Progress
+    from .rotation import Rotation
+    from .scheduler import Plan, Progress
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +119,12 @@ class QuietEvents:
 
 
 def check_options(*, compat: str, batch_size: int, device: str, cache: str = "auto",
-                  cache_budget: str | int | None = None) -> None:
+                  cache_budget: str | int | None = None, bootstrap: int = 0, bootstrap_seed: int = 0) -> None:
     """The run options every backend and dataset share, checked before anything is built."""
+    from .bootstrap import check_bootstrap
     from .cache import CACHE_MODES, parse_size
 
+    check_bootstrap(bootstrap, bootstrap_seed)
     if cache not in CACHE_MODES:
         raise DissectionError(f"--cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
     parse_size(cache_budget)
@@ -162,8 +166,19 @@ def check_layers(infos: list[LayerInfo], requested: Sequence[str] | None, model_
     return layers
 
 
-@locks_folder("out")  # one run at a time writes into an output folder (core/locks.py)
-def run_dissection(
+@dataclass
+class PreparedRun:
+    """A run ready for its passes: the plan (components, layers, options), the input spec, the provenance
+    and each layer's resolved module. :func:`run_dissection` runs it in this process; an executor that runs
+    the passes elsewhere prepares the very same run in each worker (``netdissection.prepare_job``)."""
+
+    plan: Plan
+    spec: InputSpec
+    provenance: dict[str, Any]
+    modules: dict[str, str]  # layer as requested -> the module it resolved to (stage:-1 -> stages.3)
+
+
+def prepare_run(
     backend: Backend,
     dataset: ConceptDataset,
     threshold: ThresholdChoice,
@@ -171,33 +186,35 @@ def run_dissection(
     backend_name: str,
     model_ref: Any = None,
     layers: Sequence[str] | LayerChooser | None = None,
-    writers: Sequence[WriterChoice] = (),
     compat: str = "paper",
-    out: str | Path | None = None,
     batch_size: int = 32,
     device: str = "cpu",
     workers: int | None = None,
     top_k: int = 10,
     skip_bad: bool = False,
-    progress: Progress | None = None,
     cache: str = "auto",
     cache_budget: str | int | None = None,
-    events: RunEvents | None = None,
     plugins: Mapping[str, str] | None = None,
-) -> RunResult:
-    """Dissect the model behind ``backend`` on ``dataset``: both passes for every layer at once, then (with
-    ``out``) the saved counts and ``summary.json``, then each writer, then ``summary.json`` again with every
-    file written. ``plugins`` (name → version) goes into the provenance. ``cache`` ("auto", "disk",
-    "recompute") and ``cache_budget`` (bytes, or a size like "20G") say where the reads after the first pass
-    get the maps."""
+    work_dir: str | Path | None = None,
+    rotation: Rotation | None = None,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
+    explainer: ExplainerChoice | None = None,
+) -> PreparedRun:
+    """Check the options, choose the layers, and build the plan and provenance of a run (no pass runs).
+    ``work_dir``: where the activation cache goes (default: the temporary folder). ``rotation`` reads every
+    dissected layer's units in a rotated basis (``core/rotation.py``). ``bootstrap`` resamples (0: none)
+    with ``bootstrap_seed`` give each unit and count an interval (``core/bootstrap.py``). ``explainer``:
+    labels units otherwise too, after the IoU pass (``core.explain``)."""
+    from .bootstrap import BootstrapSpec
     from .cache import parse_size
     from .loading import default_workers
-    from .reporting import rewrite_summary, write_results
-    from .scheduler import LITE_INPUT, Plan, run_passes
+    from .scheduler import LITE_INPUT, Plan
 
-    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget)
+    check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget,
+                  bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     budget = parse_size(cache_budget)
-    events = events if events is not None else QuietEvents()
+    resampling = BootstrapSpec(bootstrap, bootstrap_seed) if bootstrap else None
     description = backend.describe()
     model_name = str(description.get("model", model_ref))
     infos = backend.layers()
@@ -230,13 +247,74 @@ def run_dissection(
         "plugins": dict(plugins or {}),
         "python": platform.python_version(),
     }
-    events.run_start(provenance)
-    for name in layer_names:
-        events.layer_start(provenance, name)
+    if resampling is not None:
+        provenance["bootstrap"] = resampling.provenance(len(dataset))
+    transforms: dict[str, Any] = {}
+    if rotation is not None:
+        from .rotation import rotation_transforms
+
+        transforms, provenance["rotation"] = rotation_transforms(rotation, infos, layer_names, resolved)
+    if explainer is not None:
+        # Before anything runs: the units exist in every layer, the explainer knows the concepts it names.
+        sizes = {i.name: i.units for i in infos if i.name in layer_names and i.shape}
+        check_units(explainer.units, sizes)
+        check_explainer(explainer, dataset.vocabulary)
+        provenance["explainer"] = explainer.record()
     plan = Plan(backend=backend, dataset=dataset, layers=layer_names, make_rule=threshold.make, semantics=compat,
                 batch_size=batch_size, workers=default_workers() if workers is None else workers, device=device,
-                top_k=top_k, skip_bad=skip_bad, work_dir=Path(out) if out is not None else None,
-                cache=cache, cache_budget=budget)
+                top_k=top_k, skip_bad=skip_bad, work_dir=Path(work_dir) if work_dir is not None else None,
+                cache=cache, cache_budget=budget, transforms=transforms, bootstrap=resampling,
+                explain=(lambda results, read: run_explainer(explainer, results, read)) if explainer else None)
+    return PreparedRun(plan, spec, provenance, resolved)
+
+
+@locks_folder("out")  # one run at a time writes into an output folder (core/locks.py)
+def run_dissection(
+    backend: Backend,
+    dataset: ConceptDataset,
+    threshold: ThresholdChoice,
+    *,
+    backend_name: str,
+    model_ref: Any = None,
+    layers: Sequence[str] | LayerChooser | None = None,
+    writers: Sequence[WriterChoice] = (),
+    compat: str = "paper",
+    out: str | Path | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    workers: int | None = None,
+    top_k: int = 10,
+    skip_bad: bool = False,
+    progress: Progress | None = None,
+    cache: str = "auto",
+    cache_budget: str | int | None = None,
+    events: RunEvents | None = None,
+    plugins: Mapping[str, str] | None = None,
+    rotation: Rotation | None = None,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
+    explainer: ExplainerChoice | None = None,
+) -> RunResult:
+    """Dissect the model behind ``backend`` on ``dataset``: both passes for every layer at once, then (with
+    ``out``) the saved counts and ``summary.json``, then each writer, then ``summary.json`` again with every
+    file written. ``plugins`` (name → version) goes into the provenance. ``cache`` ("auto", "disk",
+    "recompute") and ``cache_budget`` (bytes, or a size like "20G") say where the reads after the first pass
+    get the maps. ``rotation`` reads every dissected layer's units in a rotated basis (``core/rotation.py``).
+    ``bootstrap`` resamples (0: none) with ``bootstrap_seed`` give each unit and count an interval
+    (``core/bootstrap.py``). ``explainer``: labels units otherwise too, after the IoU pass (``core.explain``)."""
+    from .reporting import rewrite_summary, write_results
+    from .scheduler import run_passes
+
+    prepared = prepare_run(backend, dataset, threshold, backend_name=backend_name, model_ref=model_ref, layers=layers,
+                           compat=compat, batch_size=batch_size, device=device, workers=workers, top_k=top_k,
+                           skip_bad=skip_bad, cache=cache, cache_budget=cache_budget, plugins=plugins, work_dir=out,
+                           rotation=rotation, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
+                           explainer=explainer)
+    plan, spec, provenance, resolved = prepared.plan, prepared.spec, prepared.provenance, prepared.modules
+    events = events if events is not None else QuietEvents()
+    events.run_start(provenance)
+    for name in plan.layers:
+        events.layer_start(provenance, name)
     started = time.perf_counter()
     try:
         if out is not None:

@@ -11,6 +11,10 @@ executor that runs shards elsewhere (one runner per worker) drives them the same
     results = layer_results(partial, thresholds, counts, dataset.vocabulary)
     for r in runners: r.close()
 
+With ``plan.bootstrap`` the IoU pass counts per block of images, ``r.iou_pass(thresholds,
+plan.bootstrap.accumulator(len(dataset)))``, and ``plan.bootstrap.attach(results, counts)`` gives each layer
+its intervals (``core/bootstrap.py``); ``run_passes`` does both.
+
 One forward pass serves every layer. The reads after the activation pass (the IoU pass, and any
 further read a threshold rule asks for) take the raw maps from an on-disk cache at layer resolution,
 or recompute them with another forward pass where the cache would not fit (``Plan.cache``). Nothing
@@ -26,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +39,7 @@ from . import loading
 from .cache import ActivationCache, cache_prefix, choose_cache, remove_stale_caches
 from .diagnostics import UnitStatistics
 from .errors import DissectionError
+from .explain import Read
 from .iou import CountsAccumulator, TallyCounts, prepare_labels
 from .partials import (
     ActivationPartial,
@@ -49,7 +54,10 @@ from .protocols import Backend, ConceptDataset, ThresholdRule
 from .skipped import skipped_samples
 from .space import check_room, disk_full_as_error, results_bytes
 from .topimages import TopImagesPartial
-from .types import InputSpec, LayerResult, SkippedSample, Vocabulary
+from .types import Explanation, InputSpec, LayerResult, SkippedSample, Vocabulary
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .bootstrap import BootstrapSpec
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +114,13 @@ class Plan:
     #: ``(layer, units) -> accumulator`` fed every (transformed) map of the layer in the activation
     #: pass and merged across shards (``partials.LayerAccumulator``), e.g. per-unit diagnostics.
     make_diagnostics: Callable[[str, int], LayerAccumulator] | None = lambda layer, units: UnitStatistics()
+    #: With a bootstrap, the IoU pass keeps its counts per block of images and each layer's result gets
+    #: its intervals (``LayerResult.bootstrap``); None counts as before.
+    bootstrap: BootstrapSpec | None = None
+    #: ``(layer results, read) -> explanations per layer``, run after the IoU pass while the shards are
+    #: still open: ``read(factory)`` is one more IoU pass counting into ``factory``'s accumulators, merged
+    #: (``core.explain``). Its rows land in each ``LayerResult.explanations``.
+    explain: Callable[[dict[str, LayerResult], Read], Mapping[str, Sequence[Explanation]]] | None = None
 
 
 def preprocess(images: torch.Tensor, spec: InputSpec, device: str) -> torch.Tensor:
@@ -230,16 +245,17 @@ class ShardRunner:
         return updated
 
     def iou_pass(self, thresholds: Mapping[str, np.ndarray],
-                 accumulator: AccumulatorFactory = TallyCounts) -> CountsPartial:
+                 accumulator: AccumulatorFactory = TallyCounts, stage: str = "IoU") -> CountsPartial:
         """Count I, G, A for every layer of ``thresholds`` over the shard's images (into the
-        ``accumulator`` the factory builds; by default sums over the shard) and return its partial."""
+        ``accumulator`` the factory builds; by default sums over the shard) and return its partial.
+        ``stage`` names the read in the progress bars."""
         plan = self.plan
         vocabulary = plan.dataset.vocabulary
         category_of = torch.from_numpy(vocabulary.primary_category_index()).to(plan.device)
         categories = len(vocabulary.categories)
         counts = accumulator(thresholds, vocabulary, plan.semantics, plan.device)
         layers = list(thresholds)
-        self.progress.start("IoU", len(self.indices))
+        self.progress.start(stage, len(self.indices))
         try:
             batches: Iterator[tuple[loading.Batch, np.ndarray, dict[str, torch.Tensor] | None]]
             batches = self._recomputed(layers, labels=True) if self.recompute else self._cached_with_labels()
@@ -400,12 +416,27 @@ def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = No
         seconds["thresholds"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        counts = merge_all(runner.iou_pass(thresholds) for runner in runners)
+        accumulator = plan.bootstrap.accumulator(total) if plan.bootstrap is not None else TallyCounts
+        counts = merge_all(runner.iou_pass(thresholds, accumulator) for runner in runners)
         seconds["iou"] = time.perf_counter() - start
+        results = layer_results(activations, thresholds, counts, dataset.vocabulary)
+
+        if plan.explain is not None:
+            start = time.perf_counter()
+
+            def read(factory: AccumulatorFactory, stage: str = "explain") -> CountsPartial:
+                return merge_all(r.iou_pass(thresholds, accumulator=factory, stage=stage) for r in runners)
+
+            for name, rows in plan.explain(results, read).items():
+                results[name].explanations = list(rows)
+            seconds["explain"] = time.perf_counter() - start
     finally:
         for runner in runners:
             runner.close()
-    results = layer_results(activations, thresholds, counts, dataset.vocabulary)
+    if plan.bootstrap is not None:
+        start = time.perf_counter()
+        plan.bootstrap.attach(results, counts)
+        seconds["bootstrap"] = time.perf_counter() - start
     for name, result in results.items():
         for warning in result.warnings:
             log.warning("layer %s: %s", name, warning)

@@ -52,16 +52,20 @@ def best_per_category(result: LayerResult, iou: np.ndarray | None = None) -> lis
     """
     iou = iou_matrix(result) if iou is None else iou
     category_of = result.vocabulary.primary_category_index()
+    units = np.arange(result.units)
     rows: list[list[CategoryBest]] = [[] for _ in range(result.units)]
     for c, _name in enumerate(result.vocabulary.categories):
         members = np.flatnonzero(category_of == c)
-        for u in range(result.units):
-            if members.size == 0:
-                rows[u].append(CategoryBest(0, 0, int(result.activation[u, c]), 0, 0.0))
-                continue
-            best = int(members[np.argmax(iou[u, members])])
-            rows[u].append(CategoryBest(best, int(result.truth[best]), int(result.activation[u, c]),
-                                        int(result.intersection[u, best]), float(iou[u, best])))
+        activation = result.activation[:, c].tolist()
+        if members.size == 0:
+            for u in range(result.units):
+                rows[u].append(CategoryBest(0, 0, activation[u], 0, 0.0))
+            continue
+        best = members[np.argmax(iou[:, members], axis=1)]  # all units at once
+        columns = zip(best.tolist(), result.truth[best].tolist(), activation,
+                      result.intersection[units, best].tolist(), iou[units, best].tolist(), strict=True)
+        for row, (label, truth, act, inter, value) in zip(rows, columns, strict=True):
+            row.append(CategoryBest(label, truth, act, inter, value))
     return rows
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .bootstrap import LayerBootstrap
 
 #: The six Broden categories, in Broden's ``category.csv`` order.
 BRODEN_CATEGORIES = ("object", "part", "scene", "material", "texture", "color")
@@ -175,6 +178,23 @@ class TopImages:
     maps: np.ndarray
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """One unit's explanation by an explainer (``--explain NAME``): a formula over concepts and its IoU.
+
+    ``unit`` is 1-based, as in tally.csv; ``formula`` the explainer's text (``(red-c AND ball) OR box``);
+    ``length`` the number of concepts in it; ``label`` and ``label_iou`` the unit's ordinary label (its best
+    single concept, as in tally.csv) and that label's IoU, for comparison.
+    """
+
+    unit: int
+    formula: str
+    iou: float
+    length: int
+    label: str
+    label_iou: float
+
+
 @dataclass
 class LayerResult:
     """Everything the protocol computes for one layer; every derived number comes from these counts."""
@@ -193,6 +213,10 @@ class LayerResult:
     map_shape: tuple[int, int, int] | None = None
     #: Why the layer's numbers may mean little (spatially constant maps, empty masks, ...).
     warnings: list[str] = field(default_factory=list)
+    #: The intervals of a run with ``--bootstrap`` (None without).
+    bootstrap: LayerBootstrap | None = None
+    #: The explainer's results (``--explain``), by unit; None when no explainer ran.
+    explanations: list[Explanation] | None = None
 
     @property
     def units(self) -> int:

@@ -35,6 +35,8 @@ BUILTIN_PLUGINS = (
     "netdissection.plugins.reports.html_report",
     "netdissection.plugins.reports.report_command",
     "netdissection.plugins.executors.local",
+    "netdissection.plugins.executors.ray_executor",
+    "netdissection.plugins.explainers.compositional",
     "netdissection.compare.commands",
 )
 
@@ -45,6 +47,7 @@ COMPONENT_KINDS = {
     "threshold": "dissect_register_thresholds",
     "reporter": "dissect_register_reporters",
     "executor": "dissect_register_executors",
+    "explainer": "dissect_register_explainers",
 }
 
 

@@ -255,7 +255,8 @@ def check_report_writer(writer: ReportWriter, result: RunResult, folder: str | P
       ``same_bytes``).
 
     The writer runs once in a warm-up folder first (lazy imports and library caches are not its writes).
-    Writes from other processes are not seen. Returns the paths of the checked write.
+    Writes from other processes are not seen: check a writer that forks workers with one worker. Returns
+    the paths of the checked write.
     """
     folder = Path(folder)
     warm_up, out = folder / "warm-up", folder / "out"

@@ -14,7 +14,8 @@ from typing import Any
 from ...core.files import layer_dirnames
 from ...core.reporting import random_weights
 from ...core.scores import DetectorCounts, UnitScore, count_detectors, unit_scores
-from ...core.types import DETECTOR_IOU, LayerResult, RunResult, layer_described
+from ...core.types import DETECTOR_IOU, Explanation, LayerResult, RunResult, layer_described
+from . import html_bootstrap
 from .html_assets import CSS, JS
 from .html_report import FILES
 from .plots import LAYER_PLOTS, LAYERS_PLOT
@@ -41,7 +42,8 @@ def render_page(result: RunResult, strips: Mapping[str, Mapping[int, Strip]], st
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         '<link rel="icon" href="data:,">',  # no favicon request: nothing to fetch, no console error
         f"<title>Network dissection: {escape(model)}</title>",
-        f"<style>{CSS}{_category_css(colours)}</style>",
+        f"<style>{CSS}{_category_css(colours)}"
+        f"{html_bootstrap.CSS if any(layer.bootstrap for layer in result.layers.values()) else ''}</style>",
         "</head><body>",
         _page_header(result, _plots(out_dir, across_layers)),
         *(f'<p class="notice">{escape(n)}</p>' for n in notices),
@@ -136,15 +138,23 @@ def _toolbar(categories: Sequence[str], colours: Mapping[str, str], counts: Mapp
             '<label><input type="checkbox" id="detectors-only"> detectors only</label></nav>')
 
 
-def _counts_table(counts: DetectorCounts, categories: Sequence[str]) -> str:
+def _counts_table(counts: DetectorCounts, categories: Sequence[str], intervals: Mapping[str, Any] | None = None
+                  ) -> str:
+    def ci(key: str, category: str | None = None) -> str:  # the bootstrap's interval, when there is one
+        value = (intervals or {}).get(key)
+        return html_bootstrap.interval(value.get(category) if category is not None and value else value)
+
     head = ("<tr><th>category</th><th>detectors</th><th>unique concepts</th>"
             "<th>paper: units</th><th>paper: unique</th></tr>")
     body = "".join(
-        f"<tr><td>{escape(c)}</td><td>{counts.detectors_by_category[c]}</td><td>{counts.unique_by_category[c]}</td>"
-        f"<td>{counts.paper_units_by_category[c]}</td><td>{counts.paper_unique_by_category[c]}</td></tr>"
+        f"<tr><td>{escape(c)}</td><td>{counts.detectors_by_category[c]}{ci('detectors_by_category', c)}</td>"
+        f"<td>{counts.unique_by_category[c]}{ci('unique_labels_by_category', c)}</td>"
+        f"<td>{counts.paper_units_by_category[c]}{ci('paper_units_by_category', c)}</td>"
+        f"<td>{counts.paper_unique_by_category[c]}{ci('paper_unique_labels_by_category', c)}</td></tr>"
         for c in categories)
-    total = (f"<tr><th>all</th><th>{counts.detectors}</th><th>{counts.unique_labels}</th><th>–</th>"
-             f"<th>{counts.paper_unique_total}</th></tr>")
+    total = (f"<tr><th>all</th><th>{counts.detectors}{ci('detectors')}</th><th>{counts.unique_labels}"
+             f"{ci('unique_labels')}</th><th>–</th><th>{counts.paper_unique_total}{ci('paper_unique_labels_total')}"
+             "</th></tr>")
     caption = (f"<caption>detectors, unique concepts: one label per unit, IoU ≥ {DETECTOR_IOU} (report rule). "
                f"paper: per category, units whose best IoU within the category is &gt; {DETECTOR_IOU}, and "
                "their unique concepts (a unit can count in several categories).</caption>")
@@ -155,7 +165,10 @@ def _layer_section(name: str, folder: str, layer: LayerResult, rows: Sequence[Un
                    src: Mapping[int, str], strips: Mapping[int, Strip], categories: Sequence[str],
                    plots: str) -> str:
     index = {c: i for i, c in enumerate(categories)}
-    cards = [_card(row, index, src.get(row.unit - 1), strips.get(row.unit - 1)) for row in rows]
+    boot = layer.bootstrap
+    explained = {e.unit: e for e in layer.explanations or ()}
+    cards = [_card(row, index, src.get(row.unit - 1), strips.get(row.unit - 1),
+                   html_bootstrap.card_parts(boot, row.unit - 1), explained.get(row.unit)) for row in rows]
     headline = (f"{counts.detectors}/{counts.units} units are detectors covering {counts.unique_labels} concepts "
                 f"(IoU ≥ {DETECTOR_IOU})")
     warnings = "".join(f'<p class="notice warning">{escape(w)}</p>' for w in layer.warnings)
@@ -163,15 +176,19 @@ def _layer_section(name: str, folder: str, layer: LayerResult, rows: Sequence[Un
             f'<span class="module">{escape(layer_described(layer))}</span>'
             f'<span class="headline">{escape(headline)}</span>'
             f'<span class="shown" id="grid-{escape(folder)}-shown"></span></header>{warnings}'
-            f"{_counts_table(counts, categories)}{plots}"
+            f"{_counts_table(counts, categories, boot.counts if boot else None)}{html_bootstrap.layer_note(boot)}"
+            f"{plots}"
             f'<div class="grid" id="grid-{escape(folder)}">{"".join(cards)}</div></section>')
 
 
-def _card(row: UnitScore, category_index: Mapping[str, int], src: str | None, strip: Strip | None) -> str:
+def _card(row: UnitScore, category_index: Mapping[str, int], src: str | None, strip: Strip | None,
+          bootstrap: tuple[str, str] = ("", ""), explanation: Explanation | None = None) -> str:
     detector = row.score >= DETECTOR_IOU
     classes = ["card", "det" if detector else "below"]
     if row.category in category_index:
         classes.append(f"c{category_index[row.category]}")
+    if bootstrap[0]:
+        classes.append(bootstrap[0])
     image = ""
     if src is not None and strip is not None:
         described = ", ".join(f"#{i} ({peak:.3g})" for i, peak in strip.tiles)
@@ -182,5 +199,13 @@ def _card(row: UnitScore, category_index: Mapping[str, int], src: str | None, st
             f'data-label="{escape(row.label)}" data-cat="{escape(row.category)}">'
             f'<div class="info"><span class="unit">unit {row.unit}</span><span class="label">{escape(row.label)}'
             f'</span><span class="cat">{escape(row.category)}</span><span class="iou">IoU {row.score:.3f}</span>'
-            f"</div>{image}</div>")
+            f"{bootstrap[1]}{_formula(explanation)}</div>{image}</div>")
+
+
+def _formula(explanation: Explanation | None) -> str:
+    """The unit's explanation (``--explain``), on a line of its own in the card."""
+    if explanation is None:
+        return ""
+    return (f'<span class="formula" style="flex-basis:100%" title="explanation of length {explanation.length}">'
+            f"{escape(explanation.formula)} <span class=\"iou\">IoU {explanation.iou:.3f}</span></span>")
 

@@ -86,7 +86,7 @@ class HtmlReport:
 
     def write(self, result: RunResult, out_dir: Path) -> list[Path]:
         from .html_page import render_page
-        from .strips import ImageSource, write_layer_strips
+        from .strips import ImageSource, StripJob, write_strips
 
         started = time.perf_counter()
         dataset = reopen_dataset(result)
@@ -101,7 +101,7 @@ class HtmlReport:
         strips: dict[str, dict[int, Strip]] = {}
         try:
             if dataset is not None:
-                images = ImageSource(dataset)
+                jobs: dict[str, StripJob] = {}
                 for name, layer in result.layers.items():
                     if layer.top_images is None:
                         notices.append(f"No image strips for {name}: the run kept no top images.")
@@ -110,17 +110,19 @@ class HtmlReport:
                     if self.top_k is not None and self.top_k > kept:
                         log.warning("%s: the run kept %d top images per unit, fewer than the %d asked for; "
                                     "dissect again with --top-k %d to keep more", name, kept, self.top_k, self.top_k)
-                    try:
-                        strips[name] = write_layer_strips(layer, images, staging / folders[name], tile=self.tile,
-                                                          quality=self.quality, top_k=self.top_k,
-                                                          workers=self.workers)
-                    except (DissectionError, OSError) as exc:
-                        if is_disk_full(exc):  # not the images' fault: the run cannot finish its report
-                            raise
+                    jobs[name] = StripJob(layer, staging / folders[name])
+                outcomes = write_strips(list(jobs.values()), ImageSource(dataset), tile=self.tile,
+                                        quality=self.quality, top_k=self.top_k, workers=self.workers)
+                for name, outcome in zip(jobs, outcomes, strict=True):
+                    if isinstance(outcome, Exception):
+                        if is_disk_full(outcome):  # not the images' fault: the run cannot finish its report
+                            raise outcome
                         # An image gone bad since the run costs the strips, not the run's results.
-                        notices.append(f"No image strips for {name}: {exc}.")
-                        log.warning("HTML report without image strips for %s: %s", name, exc)
+                        notices.append(f"No image strips for {name}: {outcome}.")
+                        log.warning("HTML report without image strips for %s: %s", name, outcome)
                         shutil.rmtree(staging / folders[name], ignore_errors=True)
+                    else:
+                        strips[name] = outcome
             page = render_page(result, strips, staging, notices, out_dir)
             written = []
             if strips:

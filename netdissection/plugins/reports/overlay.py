@@ -97,7 +97,7 @@ def dim(image: np.ndarray) -> np.ndarray:
     return ((image.astype(np.uint16) * DIM_LEVEL) >> 8).astype(np.uint8)
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, slice] | None:
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice] | None:
     """The mask's bounding box grown by one pixel (so the box's own border is outside the mask)."""
     ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if ys.size == 0:
@@ -110,7 +110,7 @@ def draw_overlay(image: np.ndarray, mask: np.ndarray, outline_width: int = 1) ->
     if image.shape[:2] != mask.shape:
         raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
     out = dim(image)
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     if box is not None:
         inside, region = mask[box], out[box]
         np.copyto(region, image[box], where=inside[..., None])

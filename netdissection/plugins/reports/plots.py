@@ -265,25 +265,39 @@ def draw_layer_fractions(result: RunResult) -> Figure:
 
 
 class PlotsWriter:
-    """Writes the plots; without matplotlib (the ``report`` extra) it logs how to get them and writes none."""
+    """Writes the plots; without matplotlib (the ``report`` extra) it logs how to get them and writes none.
+
+    Each figure is drawn and saved by its own task, spread over the cores (:mod:`.parallel`), the figures
+    with the most bars first; the files are listed in the same order whatever ran where."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers
 
     def write(self, result: RunResult, out_dir: Path) -> list[Path]:
         try:
-            import matplotlib  # noqa: F401
+            # Imported here, once, before the workers fork: they inherit it instead of importing it each.
+            import matplotlib.backends.backend_agg
+            import matplotlib.figure  # noqa: F401
         except ImportError:
             log.warning("plots skipped: they need matplotlib; install it with: pip install 'netdissection[report]'")
             return []
+        from .parallel import run_tasks
+
         folders = layer_dirnames(result.layers)
-        written: list[Path] = []
+        jobs: list[tuple[int, Any]] = []  # (bars drawn: the cost, task)
         for name, layer in result.layers.items():
             data = plot_data(name, unit_scores(layer), layer.vocabulary.categories)
             folder = out_dir / folders[name]
-            figures = (draw_bars(data, "report"), draw_bars(data, "paper"), draw_category_counts(data))
-            for stem, figure in zip(LAYER_PLOTS, figures, strict=True):
-                written += save(figure, folder / stem)
+            stems = [folder / stem for stem in LAYER_PLOTS]  # in LAYER_PLOTS order: bars (both rules), counts
+            jobs += [(len(data.graphs["report"].bars), lambda d=data, s=stems[0]: save(draw_bars(d, "report"), s)),
+                     (len(data.graphs["paper"].bars), lambda d=data, s=stems[1]: save(draw_bars(d, "paper"), s)),
+                     (len(data.categories), lambda d=data, s=stems[2]: save(draw_category_counts(d), s))]
         if len(result.layers) > 1:
-            written += save(draw_layer_fractions(result), out_dir / LAYERS_PLOT)
-        return written
+            jobs.append((len(result.layers), lambda: save(draw_layer_fractions(result), out_dir / LAYERS_PLOT)))
+        order = sorted(range(len(jobs)), key=lambda i: -jobs[i][0])
+        done = run_tasks([jobs[i][1] for i in order], self.workers)
+        files = dict(zip(order, done, strict=True))
+        return [path for i in range(len(jobs)) for path in files[i]]
 
 
 @hookimpl

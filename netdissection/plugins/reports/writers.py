@@ -21,8 +21,13 @@ def tally_header(categories: tuple[str, ...]) -> list[str]:
     return header
 
 
+#: The columns a run with ``--bootstrap`` adds at the end of each row (NetDissect's scripts read the others).
+BOOTSTRAP_COLUMNS = ["score-lo", "score-hi", "label-stability", "detector-stability"]
+
+
 def tally_text(result: LayerResult) -> str:
-    """NetDissect's tally: one row per unit (1-based) by descending score, floats at full precision."""
+    """NetDissect's tally: one row per unit (1-based) by descending score, floats at full precision; with a
+    bootstrap, the 95% interval of the score and the stabilities of the label and detector status last."""
     from ...core.scores import best_per_category, iou_matrix, unit_scores
 
     iou = iou_matrix(result)
@@ -30,12 +35,17 @@ def tally_text(result: LayerResult) -> str:
     names = result.vocabulary.names()
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(tally_header(result.vocabulary.categories))
+    boot = result.bootstrap
+    writer.writerow(tally_header(result.vocabulary.categories) + (BOOTSTRAP_COLUMNS if boot is not None else []))
     for row in unit_scores(result):
         line: list[object] = [row.unit, row.category, row.label, repr(row.score)]
         for best in per_cat[row.unit - 1]:
             line += [names[best.label], best.truth, repr(float(best.activation)), best.intersection,
                      repr(best.iou)]
+        if boot is not None:
+            u = row.unit - 1
+            line += [repr(float(v)) for v in (*boot.score_interval[u], boot.label_stability[u],
+                                              boot.detector_stability[u])]
         writer.writerow(line)
     return out.getvalue()
 

@@ -1,0 +1,1 @@
+"""Explainers: labelling units with more than one concept (``--explain NAME``)."""
