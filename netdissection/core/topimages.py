@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .types import TopImages
+
+if TYPE_CHECKING:  # torch is imported where a partial is built or updated: reading results needs none
+    import torch
 
 
 @dataclass
@@ -28,6 +31,8 @@ class TopImagesPartial:
 
     @classmethod
     def empty(cls, units: int, k: int, map_shape: tuple[int, int]) -> TopImagesPartial:
+        import torch
+
         return cls(k, torch.empty(units, 0), torch.empty(units, 0, dtype=torch.int64),
                    torch.empty(units, 0, *map_shape))
 
@@ -37,6 +42,8 @@ class TopImagesPartial:
 
     def update(self, activations: torch.Tensor, indices: np.ndarray) -> None:
         """Take a batch ``(N, U, h, w)`` of raw maps (any device) of the images at dataset ``indices``."""
+        import torch
+
         acts = activations.detach().float()
         n = acts.shape[0]
         peaks = acts.amax(dim=(2, 3)).T.cpu()  # (U, N)
@@ -54,6 +61,8 @@ class TopImagesPartial:
               maps_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         """Keep the k best of the kept images and the candidates; ``maps_of(unit, position)`` gives
         the candidates' maps for (unit, candidate position) pairs."""
+        import torch
+
         kept = self.scores.shape[1]
         all_scores = torch.cat([self.scores, scores], dim=1)
         all_ids = torch.cat([self.indices, ids], dim=1)
