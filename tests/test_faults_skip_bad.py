@@ -24,6 +24,8 @@ from netdissection.core.types import BackendOptions, RunResult
 from netdissection.plugins.datasets.generated import generate_concept_set
 from netdissection.testing import reference_counts, reference_maps, tiny_model
 
+from .test_ray_executor import assert_same_run, options, ray_cluster, torch_threads  # noqa: F401 (a fixture)
+
 RunCli = Callable[..., tuple[int, str, str]]
 IMAGES = 200
 LAYERS = ["relu1", "conv2"]
@@ -169,3 +171,30 @@ def test_a_sample_that_goes_bad_during_the_run_stops_it(data: tuple[Path, Path, 
                                               "dataset changed during the run"):
         run_dissection(tiny_backend(), dataset, rule, backend_name="torchvision", layers=["conv2"],  # type: ignore[arg-type]
                        workers=0, skip_bad=True, cache="recompute")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_ray_shards_skip_the_same_samples(tmp_path: Path) -> None:
+    """Sharded on Ray, each shard skips its own bad samples; the merged run lists them all, and its tables and
+    counts equal the one-process run's."""
+    clean = generate_concept_set(tmp_path / "clean", images=12, image_size=64, seed=0)
+    with open(clean / "index.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    bad = shutil.copytree(clean, tmp_path / "bad")
+    (bad / "images" / rows[1]["image"]).write_bytes(b"no image")  # shard 0
+    label = bad / "images" / next(r for r in rows[8:] if r["object"])["object"].split(";")[0]  # shard 2
+    label.write_bytes(label.read_bytes()[:40])
+    runs = {}
+    with torch_threads(1):
+        netdissection.compare(["timm:test_resnet"], dataset=bad, store=False, out=tmp_path / "local",
+                              skip_bad=True, **options("paper"))
+    netdissection.compare(["timm:test_resnet"], dataset=bad, store=False, out=tmp_path / "ray", executor="ray",
+                          executor_options={"shards": 3}, skip_bad=True, **options("paper"))
+    for name in ("local", "ray"):
+        runs[name] = tmp_path / name / "runs" / "test_resnet"
+    assert_same_run(runs["ray"], runs["local"])
+    listed = [(runs[name] / "skipped.csv").read_text() for name in ("local", "ray")]
+    assert listed[0] == listed[1] and len(listed[0].splitlines()) == 3, listed
+    summary = json.loads((runs["ray"] / "summary.json").read_text())
+    assert summary["skipped"]["count"] == 2 and summary["images"] == 10
