@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .core.errors import DissectionError, UnknownNameError
 from .core.explain import ExplainerChoice, explainer_params, parse_units
+from .core.locks import locks_folder
 from .core.run import LayerChooser, QuietEvents, ThresholdChoice, WriterChoice, check_options
 from .core.types import BackendOptions, LayerResult, RunResult
 from .registry import Host, build_host
@@ -241,6 +242,7 @@ def load_results(path: str | Path) -> RunResult:
     return load_run(path)
 
 
+@locks_folder("out")  # never beside a run writing into the same folder (core/locks.py)
 def write_reports(result: RunResult, out: str | Path, *, reporters: Sequence[str] | None = None,
                   writer_options: Mapping[str, Any] | None = None, host: Host | None = None,
                   strict_plugins: bool | None = None) -> list[Path]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -357,6 +358,7 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
     from .compare.execution import dissect_stored
     from .core.explain import parse_units
     from .core.jobkey import Job
+    from .core.locks import folder_lock
     from .core.rotation import check_rotation
     from .core.store import ResultsStore
     from .registry.failures import strict_plugins as strict_plugins_flag
@@ -388,7 +390,7 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
               rotate_seed=rotate_seed, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
               explain=explain, explain_params=explain_params, explain_units=explain_units)
     store = None if no_store else ResultsStore(store_dir)
-    with RichProgress(context.err) as progress:
+    with folder_lock(out_dir), RichProgress(context.err) as progress:  # one run at a time writes into --out
         result, outcome = dissect_stored(job, out_dir, store, context.host, progress,
                                          strict_plugins=strict_plugins or None)
     if outcome.cached:
@@ -579,6 +581,11 @@ def build_cli(context: CliContext | None = None) -> click.Group:
     return group
 
 
+#: What Ctrl-C ends a command with (exit status 130): a stopped run leaves no activation cache, no file
+#: written half, no summary.json of results it did not finish.
+INTERRUPTED = "interrupted: nothing half-written is left behind"
+
+
 def main(argv: Sequence[str] | None = None, *, plugins: Sequence[Any] = ()) -> None:
     """Console entry point: user errors become one line on stderr and exit status 2.
 
@@ -598,15 +605,34 @@ def main(argv: Sequence[str] | None = None, *, plugins: Sequence[Any] = ()) -> N
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        err_console.print("aborted")
+    except click.exceptions.Abort as exc:  # click turns Ctrl-C inside a command into Abort
+        err_console.print(INTERRUPTED if isinstance(exc.__context__, KeyboardInterrupt) else "aborted")
         sys.exit(130)
     except KeyboardInterrupt:
-        err_console.print("interrupted: no result was written")
+        err_console.print(INTERRUPTED)
         sys.exit(130)
+    except OSError as exc:
+        from .core.space import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        # Where the run did not say which folder filled up (each place that writes results does): still one line.
+        where = f" writing {exc.filename}" if exc.filename else ""
+        err_console.print(f"[bold red]error:[/] no space left on the device{where}; free some space and run it again",
+                          highlight=False, soft_wrap=True)
+        sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
 
 
+def console_main(argv: Sequence[str] | None = None) -> None:
+    """The ``dissect`` command: :func:`main`, then the way out of the interpreter. Once the command has
+    ended a Ctrl-C has nothing left to stop, and would only print a traceback from an exit handler."""
+    try:
+        main(argv)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    console_main()

@@ -36,6 +36,10 @@ def print_summary(console: Console, result: RunResult, out_dir: Path, seconds: f
     notice = random_weights_notice(result.provenance)
     if notice:
         console.print(Text(notice, style="bold yellow"))
+    if result.skipped:
+        from .core.skipped import skipped_notice
+
+        console.print(Text(skipped_notice(result.skipped, shown=3), style="yellow"), soft_wrap=True)
     rotated = rotation_notice(result.provenance)
     if rotated:
         console.print(Text(rotated, style="bold yellow"))

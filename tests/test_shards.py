@@ -261,7 +261,9 @@ def test_cache_sizes_and_choice(tmp_path: Path) -> None:
     assert choose_cache("auto", 10, tmp_path, None)[0]
     assert not choose_cache("auto", 10, tmp_path, 9)[0]
     assert not choose_cache("auto", 2**62, tmp_path, None)[0]  # more than the free space
-    assert choose_cache("disk", 2**62, tmp_path, 1)[0]
+    assert choose_cache("disk", 10, tmp_path, 1)[0]  # --cache disk: whatever the budget ...
+    with pytest.raises(DissectionError, match=r"--cache disk: the activation cache would take 4096\.0 TB.*free"):
+        choose_cache("disk", 2**52, tmp_path, None)  # ... but not past the free space
     assert not choose_cache("recompute", 1, tmp_path, None)[0]
 
 

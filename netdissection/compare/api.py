@@ -19,6 +19,7 @@ from ..core.errors import DissectionError
 from ..core.execution import FAILED, JobEvents, JobOutcome
 from ..core.files import layer_dirnames
 from ..core.jobkey import Job
+from ..core.locks import locks_folder
 from ..core.store import ResultsStore
 from .execution import ExecutionContext
 from .rows import failed_row, rows_from_summary, tally_row
@@ -62,6 +63,7 @@ class CompareTable(list):  # type: ignore[type-arg]
         return pd.DataFrame(list(self), columns=columns(self))
 
 
+@locks_folder("out")  # one comparison at a time writes into OUT (core/locks.py)
 def compare(
     models: str | Sequence[str] = (),
     *,

@@ -9,6 +9,7 @@ plain positioned I/O, so the process's memory stays flat whatever the dataset si
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -56,21 +57,27 @@ def format_size(size: int) -> str:
     return f"{size} B"
 
 
-def choose_cache(mode: str, needed: int, folder: Path, budget: int | None) -> tuple[bool, str]:
+def choose_cache(mode: str, needed: int, folder: Path, budget: int | None, reserve: int = 0) -> tuple[bool, str]:
     """Whether the reads after the activation pass use a disk cache of ``needed`` bytes in ``folder``
-    (else they recompute the maps), and why, in words."""
+    (else they recompute the maps), and why, in words. ``reserve``: what the run's results will need in
+    the same folder besides; ``--cache disk`` is refused when the two will not fit the free space."""
     if mode not in CACHE_MODES:
         raise DissectionError(f"--cache must be one of {', '.join(CACHE_MODES)}, not {mode!r}")
-    if mode == "disk":
-        return True, "--cache disk"
     if mode == "recompute":
         return False, "--cache recompute"
+    free = shutil.disk_usage(folder).free
+    beside = f" (and the results about {format_size(reserve)})" if reserve else ""
+    if mode == "disk":
+        if needed + reserve > free:
+            raise DissectionError(f"--cache disk: the activation cache would take {format_size(needed)}{beside}, "
+                                  f"but {folder} has {format_size(free)} free; free some space there, or pass "
+                                  "--cache recompute (another forward pass instead of the cache)")
+        return True, "--cache disk"
     if budget is not None and needed > budget:
         return False, f"the activation cache would take {format_size(needed)}, over the --cache-budget of " \
                       f"{format_size(budget)}"
-    free = shutil.disk_usage(folder).free
-    if needed > FREE_SPACE_SHARE * free:
-        return False, f"the activation cache would take {format_size(needed)}, and {folder} has " \
+    if needed + reserve > FREE_SPACE_SHARE * free:
+        return False, f"the activation cache would take {format_size(needed)}{beside}, and {folder} has " \
                       f"{format_size(free)} free"
     return True, f"the activation cache takes {format_size(needed)} in {folder}"
 
@@ -127,8 +134,8 @@ class ActivationCache:
 
         data = activations.detach().to("cpu", torch.float32).contiguous().numpy()
         for run_start, run_stop in _runs(indices):
-            chunk = data[run_start:run_stop]
-            os.pwrite(self._fd, chunk.tobytes(), int(indices[run_start]) * self.record_bytes)
+            _write_fully(self._fd, memoryview(data[run_start:run_stop]).cast("B"),
+                         int(indices[run_start]) * self.record_bytes)
         self.present[indices] = True
 
     def read(self, indices: np.ndarray) -> torch.Tensor:
@@ -147,6 +154,15 @@ class ActivationCache:
             os.close(self._fd)
             self._fd = -1
         self.path.unlink(missing_ok=True)
+
+
+def _write_fully(fd: int, data: memoryview, offset: int) -> None:
+    """``pwrite`` all of ``data``: a disk filling up may take part of a write and refuse the rest."""
+    while len(data):
+        written = os.pwrite(fd, data, offset)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        data, offset = data[written:], offset + written
 
 
 def _runs(indices: np.ndarray) -> list[tuple[int, int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -26,6 +27,42 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+#: The temporary name of a file (or folder) being written: ``.<name>.tmp-<pid of the writing process>``.
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (someone else's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_temporaries_of_stopped_runs(folder: Path, depth: int = 3) -> list[Path]:
+    """Delete what atomic writes of processes that no longer run left in ``folder`` (and its folders, to
+    ``depth`` levels): a run killed while it wrote. Returns what was removed."""
+    removed: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        level = len(Path(root).relative_to(folder).parts)
+        for name in [*files, *dirs]:
+            match = _TEMPORARY.match(name)
+            if match is None or int(match.group(1)) == os.getpid() or process_alive(int(match.group(1))):
+                continue
+            path = Path(root) / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+        dirs[:] = [d for d in dirs if level + 1 < depth and (Path(root) / d).exists()
+                   and not (Path(root) / d).is_symlink()]
+    return removed
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

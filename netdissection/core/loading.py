@@ -6,7 +6,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ class Batch:
     image_labels: torch.Tensor | None  # (N, J) int64, padded with 0
     label_shape: tuple[int, int]
     failures: list[str]
+    failed: list[int] = field(default_factory=list)  # the dataset positions of ``failures``, in their order
     prepared: Any = None  # what ``iterate(prepare=...)`` made of the labels
 
     def pin_memory(self) -> Batch:
@@ -118,10 +119,11 @@ def _collate(samples: list, *, dataset: ConceptDataset, prepare: Prepare | None 
     if good:
         samples = [s for s in samples if isinstance(s, _Failed)] + _odd_sizes(dataset, good)
     failures = [s.message for s in samples if isinstance(s, _Failed)]
+    failed = [s.index for s in samples if isinstance(s, _Failed)]
     good = [s for s in samples if not isinstance(s, _Failed)]
     indices = np.array([s.index for s in good], dtype=np.int64)
     if not good:
-        return Batch(indices, None, None, None, (0, 0), failures)
+        return Batch(indices, None, None, None, (0, 0), failures, failed)
     images = None
     if good[0].image is not None:
         images = torch.from_numpy(np.stack([s.image for s in good]))
@@ -142,7 +144,7 @@ def _collate(samples: list, *, dataset: ConceptDataset, prepare: Prepare | None 
             levels[i, : len(s.image_labels)] = s.image_labels
         image_labels = torch.from_numpy(levels)
     prepared = prepare(layers, image_labels) if prepare is not None and layers is not None else None
-    return Batch(indices, images, layers, image_labels, shape, failures, prepared)
+    return Batch(indices, images, layers, image_labels, shape, failures, failed, prepared)
 
 
 def default_workers() -> int:
@@ -152,11 +154,11 @@ def default_workers() -> int:
 
 def iterate(dataset: ConceptDataset, *, batch_size: int, workers: int, image: bool, labels: bool,
             skip_bad: bool, pin_memory: bool = False, indices: Sequence[int] | None = None,
-            prepare: Prepare | None = None) -> Iterator[Batch]:
+            log_skipped: bool = True, prepare: Prepare | None = None) -> Iterator[Batch]:
     """Yield batches in dataset order (or of the dataset ``indices``, in their order). A sample that
     fails to load stops the run with its message, unless ``skip_bad`` is set, when it is skipped,
-    logged and reported in ``Batch.failures``. ``prepare`` runs on each batch's labels in the worker
-    processes (``Batch.prepared``)."""
+    logged (unless not ``log_skipped``: a later pass over samples skipped already) and reported in
+    ``Batch.failures``. ``prepare`` runs on each batch's labels in the worker processes (``Batch.prepared``)."""
     loader = DataLoader(
         _Parts(dataset, image, labels),
         batch_size=batch_size,
@@ -181,6 +183,6 @@ def iterate(dataset: ConceptDataset, *, batch_size: int, workers: int, image: bo
                                   "more memory than is free: rerun with --workers 0 to see which") from None
         if batch.failures and not skip_bad:
             raise DissectionError(f"{batch.failures[0]} (pass --skip-bad to skip unreadable samples)")
-        for message in batch.failures:
+        for message in batch.failures if log_skipped else ():
             log.warning("skipped: %s", message)
         yield batch

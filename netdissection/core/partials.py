@@ -70,13 +70,16 @@ class ActivationPartial:
     layers: dict[str, LayerActivations]
     images: int  # images read
     skipped: int = 0  # images that could not be loaded (skipped with --skip-bad)
+    #: ``(dataset position, message)`` of each skipped sample, by position.
+    failures: tuple[tuple[int, str], ...] = ()
 
     def merge(self, other: ActivationPartial) -> ActivationPartial:
         """Both shards' layers; a shard that read no image has none and adds nothing."""
         layers = dict(self.layers)
         for name, layer in other.layers.items():
             layers[name] = layers[name].merge(layer) if name in layers else layer
-        return ActivationPartial(layers, self.images + other.images, self.skipped + other.skipped)
+        return ActivationPartial(layers, self.images + other.images, self.skipped + other.skipped,
+                                 tuple(sorted(self.failures + other.failures)))
 
 
 @dataclass

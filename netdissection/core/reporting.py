@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .explain import EXPLANATIONS, write_explanations
-from .files import layer_dirnames
+from .files import atomic_write_text, layer_dirnames
 from .results import COUNTS, SUMMARY, save_counts, vocabulary_to_json, write_summary
 from .scores import count_detectors, unit_scores
+from .skipped import SKIPPED_CSV, skipped_text, skipped_to_json
 from .types import DETECTOR_IOU, RunResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,6 +73,7 @@ def summary_of(result: RunResult) -> dict[str, Any]:
         "layers": layers,
         "written": result.written,
         "plugin_errors": result.plugin_errors,
+        "skipped": skipped_to_json(result.skipped),
     }
 
 
@@ -84,8 +86,29 @@ def write_results(result: RunResult, out: Path, writers: Sequence[WriterChoice] 
                   events: RunEvents | None = None) -> list[Path]:
     """Save the counts and the summary, then run each writer on its own, then rewrite the summary with every
     file written and every plugin failure. A writer that raises (or returns paths outside ``out``) is
-    handed to ``events.writer_failed``, which may raise (strict plugins); its files are not listed."""
+    handed to ``events.writer_failed``, which may raise (strict plugins); its files are not listed.
+
+    Until the new counts and summary are complete the folder holds no summary.json of another run (an
+    earlier run's is removed first), so that it never shows one run's summary over another's files. A disk
+    that fills meanwhile ends it with one :class:`~netdissection.core.space.DiskFullError` line, and
+    without a summary.json: what was written is no result."""
+    from .space import DiskFullError, is_disk_full, run_results_bytes
+
+    if _summary_of_another_run(out / SUMMARY, result):
+        (out / SUMMARY).unlink()
+    try:
+        return _write_all(result, out, writers, events)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        (out / SUMMARY).unlink(missing_ok=True)
+        raise DiskFullError(out, "the results", run_results_bytes(result)) from None
+
+
+def _write_all(result: RunResult, out: Path, writers: Sequence[WriterChoice] = (),
+               events: RunEvents | None = None) -> list[Path]:
     from .run import QuietEvents
+    from .space import is_disk_full
 
     events = events if events is not None else QuietEvents()
     started = time.perf_counter()
@@ -96,6 +119,8 @@ def write_results(result: RunResult, out: Path, writers: Sequence[WriterChoice] 
         if layer.explanations is not None:  # a result, like the counts: written whichever writers run
             written.append(_relative(write_explanations(layer.explanations, out / folders[name] / EXPLANATIONS),
                                      out))
+    if result.skipped:
+        written.append(_relative(atomic_write_text(out / SKIPPED_CSV, skipped_text(result.skipped)), out))
     result.written = [*written, SUMMARY]
     result.plugin_errors = events.failures()
     rewrite_summary(result, out)  # from here on the results are complete: `dissect report` can rebuild
@@ -103,6 +128,8 @@ def write_results(result: RunResult, out: Path, writers: Sequence[WriterChoice] 
         try:
             paths = [_relative(Path(p), out) for p in choice.writer.write(result, out)]
         except Exception as exc:  # one writer's failure costs its own files, never the run's results
+            if is_disk_full(exc):  # ... but a full disk is no writer's failure: the run cannot finish
+                raise
             events.writer_failed(choice, exc)
             continue
         written.extend(p for p in paths if p not in written)
@@ -112,6 +139,23 @@ def write_results(result: RunResult, out: Path, writers: Sequence[WriterChoice] 
     result.seconds["reports"] = time.perf_counter() - started
     rewrite_summary(result, out)
     return [out / p for p in result.written]
+
+
+def _summary_of_another_run(path: Path, result: RunResult) -> bool:
+    """Whether ``path`` is the summary of another run than ``result`` (rebuilding the reports of a run
+    keeps its summary.json in place while its files are written again)."""
+    import json
+
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True
+    from .results import _json_default
+
+    return not isinstance(saved, dict) or saved.get("provenance") != json.loads(
+        json.dumps(result.provenance, default=_json_default))
 
 
 def _relative(path: Path, out: Path) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 from .errors import DissectionError
 from .explain import EXPLANATIONS, read_explanations
 from .files import atomic_write, atomic_write_text
+from .skipped import skipped_from_json
 from .types import Concept, LayerResult, RunResult, TopImages, Vocabulary
 
 SUMMARY = "summary.json"
@@ -89,4 +90,5 @@ def load_run(out_dir: str | Path) -> RunResult:
     except (OSError, KeyError, ValueError) as exc:
         raise DissectionError(f"{root} holds an unreadable run ({exc}); run the dissection again") from None
     return RunResult(layers=layers, provenance=summary["provenance"], seconds=summary.get("seconds", {}),
-                     images=int(summary.get("images", 0)), plugin_errors=list(summary.get("plugin_errors", [])))
+                     images=int(summary.get("images", 0)), plugin_errors=list(summary.get("plugin_errors", [])),
+                     skipped=skipped_from_json(summary.get("skipped")))

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import DissectionError, UnknownNameError
 from .explain import ExplainerChoice, check_explainer, check_units, run_explainer
+from .locks import locks_folder
 from .protocols import Backend, ConceptDataset, ReportWriter, ThresholdRule
-from .types import InputSpec, LayerInfo, LayerResult, RunResult
+from .types import InputSpec, LayerInfo, LayerResult, RunResult, SkippedSample
 from .version import __version__
 
 if TYPE_CHECKING:  # the scheduler imports torch: only a run needs it
@@ -267,6 +268,7 @@ def prepare_run(
     return PreparedRun(plan, spec, provenance, resolved)
 
 
+@locks_folder("out")  # one run at a time writes into an output folder (core/locks.py)
 def run_dissection(
     backend: Backend,
     dataset: ConceptDataset,
@@ -317,14 +319,15 @@ def run_dissection(
     try:
         if out is not None:
             Path(out).mkdir(parents=True, exist_ok=True)
-        layer_results, images, seconds = run_passes(plan, spec, progress)
+        skipped: list[SkippedSample] = []
+        layer_results, images, seconds = run_passes(plan, spec, progress, skipped=skipped)
         for layer_result in layer_results.values():
             layer_result.seconds = dict(seconds)
             layer_result.module = resolved.get(layer_result.layer, layer_result.layer)
             events.layer_finish(provenance, layer_result)
         seconds["passes"] = time.perf_counter() - started
         result = RunResult(layers=layer_results, provenance=provenance, seconds=seconds, images=images,
-                           dataset=dataset, plugin_errors=events.failures())
+                           dataset=dataset, plugin_errors=events.failures(), skipped=skipped)
         if out is not None:
             started = time.perf_counter()
             write_results(result, Path(out), writers, events)

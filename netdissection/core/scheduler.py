@@ -51,13 +51,18 @@ from .partials import (
     settle_thresholds,
 )
 from .protocols import Backend, ConceptDataset, ThresholdRule
+from .skipped import skipped_samples
+from .space import check_room, disk_full_as_error, results_bytes
 from .topimages import TopImagesPartial
-from .types import Explanation, InputSpec, LayerResult, Vocabulary
+from .types import Explanation, InputSpec, LayerResult, SkippedSample, Vocabulary
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bootstrap import BootstrapSpec
 
 log = logging.getLogger(__name__)
+
+#: The way out of a disk that fills with the activation cache.
+CACHE_HINT = "free some space there, or pass --cache recompute (another forward pass instead of the cache)"
 
 #: NetDissect-Lite's preprocessing: x = (RGB₀‥₂₅₅ − mean) / (255 · 0.224).
 LITE_INPUT = InputSpec(mean=(124.6901 / 255, 118.6897 / 255, 109.5388 / 255), std=(0.224, 0.224, 0.224))
@@ -160,6 +165,7 @@ class ShardRunner:
         self._present = np.zeros(len(self.indices), dtype=bool)  # read by the activation pass
         self._caches: dict[str, ActivationCache] = {}
         self._folder: tempfile.TemporaryDirectory[str] | None = None
+        self._cache_dir, self._cache_bytes = Path(tempfile.gettempdir()), 0  # where the cache goes, its size
         #: True when the reads after the activation pass recompute the maps (decided on its first batch).
         self.recompute = False
 
@@ -177,10 +183,14 @@ class ShardRunner:
         total = len(plan.dataset)
         layers: dict[str, LayerActivations] = {}
         images = skipped = 0
+        failures: list[tuple[int, str]] = []
         self.progress.start("activations", len(self.indices))
         try:
-            for batch in self._batches(image=True, labels=False):
+            # With --skip-bad the labels are read here too: a sample whose labels cannot be read is then left
+            # out of every pass (thresholds, top images, counts) as if the dataset did not hold it.
+            for batch in self._batches(image=True, labels=plan.skip_bad):
                 skipped += len(batch.failures)
+                failures.extend(zip(batch.failed, batch.failures, strict=True))
                 if batch.images is None:
                     self.progress.advance(len(batch.failures))
                     continue
@@ -196,7 +206,8 @@ class ShardRunner:
                             f"layer {name!r}: activation maps changed shape from {(layer.units, *layer.map_shape)} "
                             f"to {tuple(acts.shape[1:])}; all images of a run must have the same size")
                     if name in self._caches:
-                        self._caches[name].write(positions, acts)
+                        with disk_full_as_error(self._cache_dir, "the activation cache", self._cache_bytes, CACHE_HINT):
+                            self._caches[name].write(positions, acts)
                     layer.rule.update(acts)
                     layer.top_images.update(acts, batch.indices)
                     if layer.diagnostics is not None:
@@ -207,7 +218,7 @@ class ShardRunner:
                 self.progress.advance(len(batch.indices) + len(batch.failures))
         finally:
             self.progress.finish()
-        return ActivationPartial(layers, images, skipped)
+        return ActivationPartial(layers, images, skipped, tuple(sorted(failures)))
 
     def threshold_round(self, states: Mapping[str, ThresholdRule]) -> dict[str, ThresholdRule]:
         """One more read of every map of the layers in ``states``: each state (copied, never changed)
@@ -280,12 +291,26 @@ class ShardRunner:
 
     # ---- Helpers.
 
-    def _batches(self, *, image: bool, labels: bool, prepare: loading.Prepare | None = None
-                 ) -> Iterator[loading.Batch]:
+    def _batches(self, *, image: bool, labels: bool, later: bool = False,
+                 prepare: loading.Prepare | None = None) -> Iterator[loading.Batch]:
+        """The shard's batches; ``later``: a pass after the activation pass, which skips only the samples
+        that pass skipped (a sample it read that fails now means the dataset changed during the run).
+        ``prepare``: label work done in the loader's worker processes (``Batch.prepared``)."""
         plan = self.plan
-        return loading.iterate(plan.dataset, batch_size=plan.batch_size, workers=plan.workers, image=image,
-                               labels=labels, skip_bad=plan.skip_bad, pin_memory=plan.device.startswith("cuda"),
-                               indices=self._sampler, prepare=prepare)
+        batches = loading.iterate(plan.dataset, batch_size=plan.batch_size, workers=plan.workers, image=image,
+                                  labels=labels, skip_bad=plan.skip_bad, pin_memory=plan.device.startswith("cuda"),
+                                  indices=self._sampler, log_skipped=not later, prepare=prepare)
+        if not later:
+            return batches
+        return self._read_before(batches)
+
+    def _read_before(self, batches: Iterator[loading.Batch]) -> Iterator[loading.Batch]:
+        for batch in batches:
+            for index, message in zip(batch.failed, batch.failures, strict=True):
+                if self._present[self._position[index]]:
+                    raise DissectionError(f"{message}, though the first pass read it: the dataset changed "
+                                          "during the run; run it again")
+            yield batch
 
     def _maps(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         """One forward pass: each layer's float maps ``(N, U, h, w)``, transformed where the plan says."""
@@ -321,7 +346,15 @@ class ShardRunner:
         plan = self.plan
         record = sum(4 * layer.units * layer.map_shape[0] * layer.map_shape[1] for layer in layers.values())
         folder = plan.work_dir if plan.work_dir is not None else Path(tempfile.gettempdir())
-        disk, reason = choose_cache(plan.cache, record * len(self.indices), folder, plan.cache_budget)
+        # What the results will take where the run writes them: refused now, not after the passes.
+        vocabulary = plan.dataset.vocabulary
+        results = 0 if plan.work_dir is None else results_bytes(
+            [(layer.units, *layer.map_shape) for layer in layers.values()], vocabulary.size,
+            len(vocabulary.categories), plan.top_k)
+        if results:
+            check_room(folder, results, "the results")
+        self._cache_dir, self._cache_bytes = folder, record * len(self.indices)
+        disk, reason = choose_cache(plan.cache, self._cache_bytes, folder, plan.cache_budget, reserve=results)
         self.recompute = not disk
         if not disk:
             if plan.cache == "auto":
@@ -336,7 +369,7 @@ class ShardRunner:
     def _cached_with_labels(self, prepare: loading.Prepare | None = None
                             ) -> Iterator[tuple[loading.Batch, np.ndarray, None]]:
         """The labels of the images the activation pass read (the maps come from the cache)."""
-        for batch in self._batches(image=False, labels=True, prepare=prepare):
+        for batch in self._batches(image=False, labels=True, later=True, prepare=prepare):
             kept = self._present[self._position[batch.indices]]
             if batch.layers is None or not kept.any():
                 self.progress.advance(len(batch.indices) + len(batch.failures))
@@ -346,7 +379,7 @@ class ShardRunner:
     def _recomputed(self, layers: Sequence[str], *, labels: bool, prepare: loading.Prepare | None = None
                     ) -> Iterator[tuple[loading.Batch, np.ndarray, dict[str, torch.Tensor]]]:
         """Another forward pass, in the activation pass's batches: the maps of the images it read."""
-        for batch in self._batches(image=True, labels=labels, prepare=prepare):
+        for batch in self._batches(image=True, labels=labels, later=True, prepare=prepare):
             kept = self._present[self._position[batch.indices]]
             if batch.images is None or not kept.any():
                 self.progress.advance(len(batch.indices) + len(batch.failures))
@@ -359,11 +392,12 @@ class ShardRunner:
 
 
 def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = None,
-               shards: Sequence[Sequence[int] | np.ndarray] | None = None) -> tuple[
-        dict[str, LayerResult], int, dict[str, float]]:
+               shards: Sequence[Sequence[int] | np.ndarray] | None = None,
+               skipped: list[SkippedSample] | None = None) -> tuple[dict[str, LayerResult], int, dict[str, float]]:
     """Run the passes for every layer of the plan in this process, over the whole dataset or over
     ``shards`` (which must cover every image once) merged; return the per-layer results, the number of
-    images counted, and the seconds spent per pass."""
+    images counted, and the seconds spent per pass. The samples skipped (``plan.skip_bad``) are added to
+    ``skipped`` when it is given."""
     dataset = plan.dataset
     total = len(dataset)
     if total == 0:
@@ -378,6 +412,8 @@ def run_passes(plan: Plan, input_spec: InputSpec, progress: Progress | None = No
         start = time.perf_counter()
         activations = merge_all(runner.activation_pass() for runner in runners)
         seconds["activations"] = time.perf_counter() - start
+        if skipped is not None:
+            skipped.extend(skipped_samples(dataset, activations.failures))
         if activations.images == 0:
             raise DissectionError("no image of the concept dataset could be loaded")
 

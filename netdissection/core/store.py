@@ -15,8 +15,13 @@ otherwise)::
       digests.json           SHA-256 of weight and model files by (path, size, mtime, inode)
 
 A job killed part way (even by SIGKILL) leaves only its staging folder, which nothing reads as a result
-and ``dissect cache gc`` removes. An entry whose files do not match its record is reported, removed
-and computed again: never trusted.
+and the next run on this machine (or ``dissect cache gc``) removes. An entry whose files do not match its
+record is reported, removed and computed again: never trusted.
+
+Two processes may compute the same job at once (two ``dissect compare`` sharing the store): each in its
+own staging folder, and the first to finish renames its folder to the key; the second finds the entry
+there when it commits, drops its own copy and uses the first's. An entry is never half there, and never
+written by two processes.
 """
 
 from __future__ import annotations
@@ -38,8 +43,12 @@ from typing import Any
 from .errors import DissectionError
 from .files import atomic_write_text, cache_root
 from .jobkey import KEY_LENGTH, DigestMemo, file_sha256
+from .space import disk_full_as_error
 
 log = logging.getLogger(__name__)
+
+#: The way out of a full store.
+STORE_HINT = "free some space there (dissect cache gc --max-size SIZE), pick another --store, or pass --no-store"
 
 LAYOUT = "netdissection-store/1"
 JOBS = "jobs"
@@ -143,10 +152,15 @@ class ResultsStore:
     # ---- writing -------------------------------------------------------------------------------------------
 
     def begin(self, key: str) -> Path:
-        """A fresh staging folder for computing ``key``; the run goes into ``<staging>/run``."""
+        """A fresh staging folder for computing ``key``; the run goes into ``<staging>/run``. What runs
+        killed on this machine left in staging (their activation caches may be large) is removed first."""
         self.entry_path(key)  # checks the key
+        for left in _staging_of_dead_processes(self.root / STAGING):
+            log.info("removing what a stopped run left in the store: %s", left)
+            shutil.rmtree(left, ignore_errors=True)
         staging = self.root / STAGING / f"{key}.{_host_tag()}.{os.getpid()}.{secrets.token_hex(4)}"
-        staging.mkdir(parents=True)
+        with disk_full_as_error(self.root, "a run in the results store", hint=STORE_HINT):
+            staging.mkdir(parents=True)
         return staging
 
     def commit(self, key: str, staging: Path, material: Mapping[str, Any],
@@ -164,7 +178,8 @@ class ResultsStore:
             **dict(details or {}),
             "files": {rel: [p.stat().st_size, file_sha256(p)] for rel, p in _files(run)},
         }
-        atomic_write_text(staging / RECORD, json.dumps(record, indent=1, sort_keys=True) + "\n")
+        with disk_full_as_error(self.root, "the record of a finished run", hint=STORE_HINT):
+            atomic_write_text(staging / RECORD, json.dumps(record, indent=1, sort_keys=True) + "\n")
         target = self.entry_path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         existing = self.lookup(key) if target.exists() else None
@@ -272,16 +287,22 @@ def materialise(source: Path, out: Path) -> list[str]:
     copies elsewhere; each file replaced atomically and summary.json last, as a run writes them. Writers
     replace files rather than edit them, so rebuilding reports in ``out`` never touches the store."""
     files = [(rel, p) for rel, p in _files(source) if rel != SUMMARY] + [(SUMMARY, source / SUMMARY)]
-    for rel, src in files:
-        dst = out / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
+    # Until the last file is in place, ``out`` holds no summary.json: never an earlier run's over these files.
+    (out / SUMMARY).unlink(missing_ok=True)
+    with disk_full_as_error(out, "the results", _size(source)):
+        for rel, src in files:
+            dst = out / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+            tmp.unlink(missing_ok=True)
+            try:
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    shutil.copy2(src, tmp)
+                os.replace(tmp, dst)
+            finally:
+                tmp.unlink(missing_ok=True)
     return [rel for rel, _ in files]
 
 

@@ -232,6 +232,16 @@ def layer_described(layer: LayerResult) -> str:
     return ", ".join(parts)
 
 
+@dataclass(frozen=True)
+class SkippedSample:
+    """A sample a run skipped (``--skip-bad``): its dataset position, its image file as the dataset names
+    it (empty when it cannot say), and why, in one line naming the file that failed."""
+
+    index: int
+    image: str
+    reason: str
+
+
 @dataclass
 class RunResult:
     """The results of one run: per layer, in the requested order, and the provenance."""
@@ -245,6 +255,8 @@ class RunResult:
     dataset: Any = None
     #: Plugins that failed during the run (``{"plugin", "where", "error"}``), saved in summary.json.
     plugin_errors: list[dict[str, str]] = field(default_factory=list)
+    #: The samples skipped because they could not be read (``--skip-bad``), by dataset position.
+    skipped: list[SkippedSample] = field(default_factory=list)
 
     def layer_names(self) -> Sequence[str]:
         return list(self.layers)

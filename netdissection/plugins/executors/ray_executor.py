@@ -436,8 +436,11 @@ class _Job:
             "shard_nodes": [a["node"] for a in about],
             "restarted_shards": [i for i, a in enumerate(about) if a["restarted"]],
         }
+        from ...core.skipped import skipped_samples
+
         return RunResult(layers=results, provenance=provenance, seconds=seconds, images=counts.images,
-                         dataset=self.dataset, plugin_errors=[])
+                         dataset=self.dataset, plugin_errors=[],
+                         skipped=skipped_samples(self.dataset, activations.failures))  # --skip-bad, all shards
 
     def gather(self, method: str, args: tuple[Any, ...], shown: str, sizes: Sequence[int]) -> list[Any]:
         """Call ``method`` on every shard's worker; their answers in shard order. The pass ``shown`` (if any)

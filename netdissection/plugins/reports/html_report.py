@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 from ...core.errors import DissectionError
 from ...core.files import atomic_write_text, layer_dirnames
 from ...core.hookspecs import hookimpl
+from ...core.skipped import skipped_notice
+from ...core.space import is_disk_full
 from ...core.types import RunResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -88,7 +90,7 @@ class HtmlReport:
 
         started = time.perf_counter()
         dataset = reopen_dataset(result)
-        notices: list[str] = []
+        notices: list[str] = [skipped_notice(result.skipped)] if result.skipped else []
         if isinstance(dataset, DatasetProblem):
             notices.append(f"No image strips: {dataset.message}.")
             log.warning("HTML report without image strips: %s", dataset.message)
@@ -113,6 +115,8 @@ class HtmlReport:
                                         quality=self.quality, top_k=self.top_k, workers=self.workers)
                 for name, outcome in zip(jobs, outcomes, strict=True):
                     if isinstance(outcome, Exception):
+                        if is_disk_full(outcome):  # not the images' fault: the run cannot finish its report
+                            raise outcome
                         # An image gone bad since the run costs the strips, not the run's results.
                         notices.append(f"No image strips for {name}: {outcome}.")
                         log.warning("HTML report without image strips for %s: %s", name, outcome)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -43,6 +44,14 @@ def _run(index: int) -> Any:
     return _TASKS[index]()
 
 
+def _leave_interrupts_to_the_parent() -> None:
+    """In a worker: Ctrl-C (sent to the whole process group) is the parent's to handle; the worker finishes
+    its task or is stopped with the pool, instead of printing a traceback of its own. The worker was forked
+    with Ctrl-C blocked (see :func:`run_tasks`), so none arrives before it is ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def run_tasks(tasks: Sequence[Callable[[], T]], workers: int | None = None) -> list[T]:
     """Each task's result, in task order. Tasks are handed out in order to whichever worker is free, so
     put the longest first. The first exception a task raises is raised here."""
@@ -59,8 +68,20 @@ def run_tasks(tasks: Sequence[Callable[[], T]], workers: int | None = None) -> l
         # copying every page of them.
         gc.freeze()
         try:
-            with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork")) as pool:
-                return list(pool.map(_run, range(len(tasks))))
+            pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"),
+                                       initializer=_leave_interrupts_to_the_parent)
+            try:
+                # The first submit forks every worker (the fork start method): with Ctrl-C blocked meanwhile,
+                # so that it cannot land in a child before the child ignores it. A Ctrl-C sent in between
+                # is delivered here when it is unblocked.
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                try:
+                    futures = [pool.submit(_run, index) for index in range(len(tasks))]
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                return [future.result() for future in futures]
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)  # interrupted: the tasks not started never start
         finally:
             gc.unfreeze()
             _TASKS = ()
