@@ -162,7 +162,9 @@ def test_ctrl_c_at_random_moments(zygote: Zygote, baseline: Baseline, concept_se
 def test_ctrl_c_with_data_loading_workers(tmp_path: Path) -> None:
     """The real command, in an interpreter of its own, with two decoding processes: Ctrl-C reaches them all
     (the whole process group, as a terminal sends it) in the middle of the passes."""
-    data = generate_concept_set(tmp_path / "set", images=96, image_size=32, seed=1)
+    # Enough images that the passes outlast the signal's way to the run on a fast machine (96 could all be
+    # read between the cache appearing and the Ctrl-C arriving).
+    data = generate_concept_set(tmp_path / "set", images=480, image_size=32, seed=1)
     out, store = tmp_path / "out", tmp_path / "store"
     command = [sys.executable, "-m", "netdissection.cli", "resnet18", "--layer", "layer1", "--batch-size", "4",
                "--workers", "2", "--report", "tally", "--dataset", str(data), "--out", str(out), "--store", str(store)]
