@@ -180,7 +180,7 @@ class Zygote:
         folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
-                                        env={**os.environ, "COLUMNS": "120"})
+                                        env={**os.environ, "COLUMNS": "120"}, preexec_fn=ctrl_c_as_in_a_terminal)
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps([str(a) for a in warm_up or []]) + "\n")
         self.process.stdin.flush()
@@ -246,6 +246,13 @@ class Zygote:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+def ctrl_c_as_in_a_terminal() -> None:
+    """For a child process: Ctrl-C's default disposition, as a job in the foreground of a terminal has it.
+    A test suite started in the background by a non-interactive shell (``pytest &``) inherits Ctrl-C
+    ignored, and Python leaves an ignored Ctrl-C ignored: the runs under test would never see it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _state(pid: int) -> str | None:

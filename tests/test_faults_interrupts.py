@@ -23,7 +23,7 @@ import pytest
 from netdissection.core.store import ResultsStore, verify_entry
 from netdissection.plugins.datasets.generated import generate_concept_set
 
-from .faults_kit import Child, Zygote, assert_part_of, leftovers, result_files
+from .faults_kit import Child, Zygote, assert_part_of, ctrl_c_as_in_a_terminal, leftovers, result_files
 
 SEED = int(os.environ.get("NETDISSECTION_FAULT_SEED", "13"))
 RUN = ("resnet18", "--layer", "layer1", "--layer", "layer2", "--batch-size", "6", "--workers", "0",
@@ -169,7 +169,8 @@ def test_ctrl_c_with_data_loading_workers(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "netdissection.cli", "resnet18", "--layer", "layer1", "--batch-size", "4",
                "--workers", "2", "--report", "tally", "--dataset", str(data), "--out", str(out), "--store", str(store)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env={**os.environ, "COLUMNS": "120"})
+                               start_new_session=True, env={**os.environ, "COLUMNS": "120"},
+                               preexec_fn=ctrl_c_as_in_a_terminal)
     deadline = time.monotonic() + 240
     try:
         while not list(store.glob("staging/*/run/.netdissection-cache-*")):
