@@ -10,7 +10,6 @@ Light to import: the core's passes (and torch) load only when a run starts.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .core.errors import DissectionError, UnknownNameError
 from .core.explain import ExplainerChoice, explainer_params, parse_units
 from .core.locks import locks_folder
+from .core.parameters import keyword_parameters, settle_parameters
 from .core.run import LayerChooser, QuietEvents, ThresholdChoice, WriterChoice, check_options
 from .core.types import BackendOptions, LayerResult, RunResult
 from .registry import Host, build_host
@@ -368,17 +368,6 @@ def resolve_dataset(host: Host, dataset: Any, dataset_format: str | None, catego
                           f"({', '.join(catalog.names())})" + _failed_note(host, "dataset"))
 
 
-def _signature(factory: Any) -> tuple[dict[str, inspect.Parameter], bool]:
-    """The keyword parameters a factory takes, and whether it takes ``**kwargs`` (unknown: take anything)."""
-    try:
-        parameters = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return {}, True
-    named = {n: p for n, p in parameters.items()
-             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return named, any(p.kind == p.VAR_KEYWORD for p in parameters.values())
-
-
 def choose_threshold(host: Host, name: str | None, params: Mapping[str, Any] | None, *, quantile: float | None,
                      compat: str, device: str, make: bool = True) -> ThresholdChoice:
     """The threshold rule and its parameters, checked against the factory's signature — and, with ``make``,
@@ -397,20 +386,12 @@ def choose_threshold(host: Host, name: str | None, params: Mapping[str, Any] | N
     for reserved in RULE_CONTEXT:
         if reserved in params:
             raise DissectionError(f"--threshold-param {reserved}=... is not a rule parameter; use --{reserved}")
-    named, takes_any = _signature(entry.factory)
+    named, takes_any = keyword_parameters(entry.factory)
     # The first two parameters are (units, values_per_unit); the rule's own parameters follow.
     own = {n: p for i, (n, p) in enumerate(named.items()) if i >= 2 and n not in RULE_CONTEXT}
-    unknown = [k for k in params if k not in own]
-    if unknown and not takes_any:
-        takes = ", ".join(own) or "no parameters"
-        raise DissectionError(f"threshold rule {name!r} takes no parameter {unknown[0]!r} (it takes: {takes})")
-    missing = [n for n, p in own.items() if p.default is p.empty and n not in params]
-    if missing:
-        raise DissectionError(f"threshold rule {name!r} needs --threshold-param {missing[0]}=VALUE")
+    recorded = settle_parameters(f"threshold rule {name!r}", "--threshold-param", own, params, takes_any)
     kwargs = dict(params)
     kwargs.update({k: v for k, v in (("compat", compat), ("device", device)) if k in named})
-    recorded = {n: p.default for n, p in own.items() if p.default is not p.empty}
-    recorded.update(params)
     if "compat" in named:
         recorded["compat"] = compat
     choice = ThresholdChoice(name=name, factory=entry.factory, kwargs=kwargs, params=recorded, plugin=entry.plugin)
@@ -469,7 +450,7 @@ def make_writers(entries: Sequence[Any], relay: HookRelay,
     (other than ``DissectionError``) is a failure of its plugin: shown, recorded, and the writer skipped."""
     writers = []
     for entry in entries:
-        named, _ = _signature(entry.factory)
+        named, _ = keyword_parameters(entry.factory)
         kwargs = {k: v for k, v in (options or {}).items() if k in named and v is not None}
         try:
             writer = entry.factory(**kwargs)

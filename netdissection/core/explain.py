@@ -14,7 +14,6 @@ Its results are :class:`~netdissection.core.types.Explanation` rows per layer, s
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .errors import DissectionError
 from .files import atomic_write_text
+from .parameters import keyword_parameters, settle_parameters
 from .types import Explanation, LayerResult, Vocabulary
 
 #: Each layer's explanations, in its folder.
@@ -86,25 +86,12 @@ def explainer_params(name: str, factory: Callable[..., Any], params: Mapping[str
     for reserved in EXPLAINER_CONTEXT:
         if reserved in params:
             raise DissectionError(f"--explain-param {reserved}=... is not an explainer parameter; use --{reserved}")
-    try:
-        signature = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        signature = {}  # type: ignore[assignment]
-    named = {n: p for n, p in signature.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    takes_any = not signature or any(p.kind == p.VAR_KEYWORD for p in signature.values())
+    named, takes_any = keyword_parameters(factory)
     own = {n: p for n, p in named.items() if n not in EXPLAINER_CONTEXT}
-    unknown = [k for k in params if k not in own]
-    if unknown and not takes_any:
-        takes = ", ".join(own) or "no parameters"
-        raise DissectionError(f"explainer {name!r} takes no parameter {unknown[0]!r} (it takes: {takes})")
-    missing = [n for n, p in own.items() if p.default is p.empty and n not in params]
-    if missing:
-        raise DissectionError(f"explainer {name!r} needs --explain-param {missing[0]}=VALUE")
+    recorded = settle_parameters(f"explainer {name!r}", "--explain-param", own, params, takes_any)
     kwargs = dict(params)
     if "compat" in named:
         kwargs["compat"] = compat
-    recorded = {n: p.default for n, p in own.items() if p.default is not p.empty}
-    recorded.update(params)
     return kwargs, recorded
 
 
