@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ...core.errors import DissectionError
 
@@ -61,12 +63,7 @@ class Confined:
         current = str(self.root)
         for part in parts:
             current = os.path.join(current, part)
-            try:
-                mode = os.lstat(current).st_mode
-            except FileNotFoundError:
-                raise DissectionError(f"{what} is missing") from None
-            except OSError as exc:
-                raise DissectionError(f"{what} cannot be read: {exc.strerror or exc}") from None
+            mode = _mode(os.lstat, current, what)
             if stat.S_ISLNK(mode):
                 return self._resolved(path, what)
         return _regular(mode, what, path)
@@ -81,13 +78,17 @@ class Confined:
 
 def regular_file(path: Path, what: str) -> Path:
     """``path`` when it is a regular file (opening a FIFO blocks forever; a device never ends)."""
+    return _regular(_mode(os.stat, path, what), what, path)
+
+
+def _mode(stat_of: Callable[[Any], os.stat_result], path: str | Path, what: str) -> int:
+    """``stat_of(path).st_mode`` (``os.stat`` or ``os.lstat``); a missing or unreadable file is one line."""
     try:
-        mode = os.stat(path).st_mode
+        return stat_of(path).st_mode
     except FileNotFoundError:
         raise DissectionError(f"{what} is missing") from None
     except OSError as exc:
         raise DissectionError(f"{what} cannot be read: {exc.strerror or exc}") from None
-    return _regular(mode, what, path)
 
 
 def _regular(mode: int, what: str, path: Path) -> Path:
