@@ -52,8 +52,13 @@ def child(request):
     events = os.open(request["events"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     pause_at = request.get("pause_at")
     count = [0]
+    run = os.getpid()
 
     def step(kind, detail):
+        # The run's own steps only: a worker it forks (the reports' drawing processes) inherits these hooks
+        # and a copy of the count, and would number steps of its own, or stop itself where nobody lets it go on.
+        if os.getpid() != run:
+            return
         count[0] += 1
         os.write(events, f"{count[0]} {kind} {detail}\n".encode())
         if count[0] == pause_at:
