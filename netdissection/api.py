@@ -342,7 +342,23 @@ def make_backend(host: Host, model: Any, backend: str | None, options: BackendOp
                  strict: bool = False, failures: list[PluginFailure] | None = None) -> tuple[str, Backend]:
     """The backend's name and the backend object for ``model``."""
     name = resolve_backend(host, model, backend, strict=strict, failures=failures)
-    return name, host.component("backend", name).factory(model, options)
+    factory = host.component("backend", name).factory
+    if hasattr(factory, "runtimes"):  # a class says what it offers before it loads a model
+        _check_runtime(name, factory, options.runtime)
+    made = factory(model, options)
+    _check_runtime(name, made, options.runtime)
+    return name, made
+
+
+def _check_runtime(name: str, backend: Any, runtime: str | None) -> None:
+    """``--runtime`` only for a backend that offers it (``Backend.runtimes``): never silently ignored."""
+    if runtime is None:
+        return
+    offered = tuple(getattr(backend, "runtimes", None) or ())
+    if runtime not in offered:
+        runs_on = f"it offers {', '.join(offered)}" if offered else "it has no choice of runtime"
+        raise DissectionError(f"the {name} backend does not run on --runtime {runtime} ({runs_on}); leave out "
+                              "--runtime")
 
 
 def resolve_dataset(host: Host, dataset: Any, dataset_format: str | None, categories: Sequence[str] | None,

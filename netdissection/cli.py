@@ -34,6 +34,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .core.errors import DissectionError
+from .core.runtimes import RUNTIME_HELP, RUNTIMES
 from .core.version import __version__
 
 log = logging.getLogger("netdissection")
@@ -182,6 +183,10 @@ def _input_options(command: Callable[..., Any]) -> Callable[..., Any]:
     ], command)
 
 
+def _runtime_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--runtime", type=click.Choice(RUNTIMES), help=RUNTIME_HELP)(command)
+
+
 def _bootstrap_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """``--bootstrap B`` and ``--bootstrap-seed S``: intervals from resampling the images (no model run again)."""
     return _apply([
@@ -223,10 +228,11 @@ def _explain_params(params: dict[str, Any], formula_length: int | None, beam: in
 
 
 def _backend_options(input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
-                     std: tuple[float, float, float] | None, bgr: bool) -> dict[str, Any]:
-    """What ``_input_options`` gave, as ``dissect(backend_options=...)``: only the options the user set."""
-    options: dict[str, Any] = {k: v for k, v in dict(input_size=input_size, mean=mean, std=std).items()
-                               if v is not None}
+                     std: tuple[float, float, float] | None, bgr: bool, runtime: str | None = None) -> dict[str, Any]:
+    """What ``_input_options`` (and ``--runtime``) gave, as ``dissect(backend_options=...)``: only the options
+    the user set, so that a run without them keeps the job key it had."""
+    options: dict[str, Any] = {k: v for k, v in dict(input_size=input_size, mean=mean, std=std,
+                                                     runtime=runtime).items() if v is not None}
     if bgr:
         options["bgr"] = True
     return options
@@ -323,6 +329,7 @@ def cli() -> None:
 @click.option("--cache-budget", metavar="SIZE", help="Most disk the activation cache may take, e.g. 500M, 20G.")
 @_bootstrap_options
 @_input_options
+@_runtime_option
 @click.option("--image-column", help="Dataset image column (HuggingFace datasets).")
 @click.option("--mask-column", "mask_columns", multiple=True, help="Dataset mask column (repeatable).")
 @click.option("--split", help="Dataset split (HuggingFace datasets).")
@@ -347,7 +354,7 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
                 top_k: int, reporters: tuple[str, ...], skip_bad: bool,
                 cache: str, cache_budget: str | None, bootstrap: int, bootstrap_seed: int,
                 input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
-                std: tuple[float, float, float] | None, bgr: bool, image_column: str | None,
+                std: tuple[float, float, float] | None, bgr: bool, runtime: str | None, image_column: str | None,
                 mask_columns: tuple[str, ...], split: str | None, concepts: str | None, store_dir: str | None,
                 no_store: bool, rotate: float | None, rotate_seed: int, strict_plugins: bool, verbose: int) -> None:
     """Dissect MODEL: a model name (resnet18, ...) or a model file.
@@ -385,7 +392,8 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
               dataset_format=dataset_format, categories=tuple(_split(categories)) or None,
               dataset_options=dataset_options, threshold=threshold, threshold_params=threshold_params,
               quantile=quantile, compat=compat, top_k=top_k, skip_bad=skip_bad,
-              backend_options=_backend_options(input_size, mean, std, bgr), device=device, batch_size=batch_size,
+              backend_options=_backend_options(input_size, mean, std, bgr, runtime), device=device,
+              batch_size=batch_size,
               workers=workers, reporters=writers, cache=cache, cache_budget=cache_budget, rotate=rotate,
               rotate_seed=rotate_seed, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
               explain=explain, explain_params=explain_params, explain_units=explain_units)

@@ -17,6 +17,7 @@ import click
 
 from ..core.cache import format_size, parse_size
 from ..core.hookspecs import CommandContext, hookimpl
+from ..core.runtimes import RUNTIME_HELP, RUNTIMES
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
@@ -208,6 +209,7 @@ def _compare_options(function: Any) -> Any:
         click.option("--store", "store_dir", type=click.Path(file_okay=False),
                      help="Results store folder (default: the cache folder; $NETDISSECTION_CACHE moves it)."),
         click.option("--no-store", is_flag=True, help="Compute every job, keep nothing in the store."),
+        click.option("--runtime", type=click.Choice(RUNTIMES), help=RUNTIME_HELP),
         click.option("--executor", default="local", show_default=True, help="How jobs run (see: dissect plugins)."),
         click.option("--address", help="Cluster address (executors that run on a cluster)."),
         click.option("--shards", type=int, help="Dataset shards per model (executors that shard)."),
@@ -243,6 +245,9 @@ def run_compare(context: CommandContext, models: tuple[str, ...], patterns: tupl
         raise DissectionError("--store and --no-store contradict each other; pass one")
     backend_options = context.backend_options(options.pop("input_size"), options.pop("mean"), options.pop("std"),
                                               options.pop("bgr"))
+    runtime = options.pop("runtime")
+    if runtime is not None:
+        backend_options["runtime"] = runtime
     dataset_options = {"image_column": options.pop("image_column"), "split": options.pop("split"),
                        "concepts": options.pop("concepts"), "mask_columns": list(options.pop("mask_columns")) or None}
     series, common = series_of(checkpoints, labels, click.get_current_context().meta.get(OPTION_ORDER, []))

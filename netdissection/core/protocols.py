@@ -21,6 +21,11 @@ class Backend(Protocol):
     can say more than "unknown") and, given None, returns the default layer; without it the host takes the
     last layer with a spatial map. A ``LayerInfo`` may name the ``module`` an alias resolves to (``stage:-1``
     → ``stages.3``): results record it and name the layer's folder after it.
+
+    Optional: ``runtimes``, the names ``--runtime`` may give it (``BackendOptions.runtime``; e.g. torch,
+    onnxruntime, auto). A backend without it runs on its own runtime and ``--runtime`` is refused for it.
+    ``describe()`` is asked again after the passes: a backend may record there what it decided while it ran
+    (the runtime ``auto`` chose).
     """
 
     def layers(self) -> list[LayerInfo]:

@@ -321,6 +321,8 @@ def run_dissection(
             Path(out).mkdir(parents=True, exist_ok=True)
         skipped: list[SkippedSample] = []
         layer_results, images, seconds = run_passes(plan, spec, progress, skipped=skipped)
+        # Asked again: a backend records what it decided on the first batches (the runtime auto chose).
+        provenance["backend_details"] = backend.describe()
         for layer_result in layer_results.values():
             layer_result.seconds = dict(seconds)
             layer_result.module = resolved.get(layer_result.layer, layer_result.layer)

@@ -152,6 +152,8 @@ class BackendOptions:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     bgr: bool = False
+    #: ``--runtime``: torch, onnxruntime or auto; None is the backend's own (see ``Backend.runtimes``)
+    runtime: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

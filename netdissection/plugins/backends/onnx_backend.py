@@ -103,6 +103,7 @@ class OnnxBackend:
     """An ONNX graph run by onnxruntime."""
 
     name = "onnx"
+    runtimes = ("onnxruntime", "auto")  # --runtime: a graph runs on onnxruntime, whatever is asked
 
     def __init__(self, model_ref: str | os.PathLike[str], options: BackendOptions) -> None:
         onnx, ort = _import()

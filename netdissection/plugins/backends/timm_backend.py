@@ -222,6 +222,7 @@ class TimmBackend:
     """A timm model by name (random weights unless ``--weights FILE`` or ``--pretrained``)."""
 
     name = "timm"
+    runtimes = ("torch", "onnxruntime", "auto")  # --runtime (runtime.py)
 
     def __init__(self, model_ref: str, options: BackendOptions) -> None:
         timm = _import_timm()
@@ -230,9 +231,11 @@ class TimmBackend:
         from torch import nn
 
         from .layouts import fit_input
+        from .runtime import RuntimeForward, check_runtime
         from .timm_layers import TimmLayers
         from .torch_common import file_sha256, load_weights, seeded_init
 
+        check_runtime(options.runtime)
         self.options = options
         self.model_name = str(model_ref)
         self.device = torch.device(options.device)
@@ -269,6 +272,8 @@ class TimmBackend:
         if self._channels_last:
             model.to(memory_format=torch.channels_last)
         self._warned_resize = False
+        self.runtime = RuntimeForward(model, self._forward, options.runtime, device=self.device,
+                                      model_name=self.model_name)
 
     def layers(self) -> list[LayerInfo]:
         return list(self.infos)
@@ -301,8 +306,11 @@ class TimmBackend:
         images = fit_input(images, self.fixed_size)
         if self._channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            out = self.layers_.forward(images, list(layers))
+        return self.runtime(images, layers)
+
+    def _forward(self, images: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The maps of ``layers`` from one forward pass (traceable: the onnxruntime runtime exports it)."""
+        out = self.layers_.forward(images, list(layers))
         return {layer: out[layer] for layer in layers}
 
     def describe(self) -> dict[str, Any]:
@@ -322,7 +330,7 @@ class TimmBackend:
                 "stages_from": "forward_intermediates" if self.layers_.intermediates else "feature_info hooks",
                 "input_size": list(self.spatial_input),
                 "fixed_input_size": list(self.fixed_size) if self.fixed_size else None,
-                "timm": timm.__version__, "torch": torch.__version__}
+                "timm": timm.__version__, "torch": torch.__version__, **self.runtime.describe()}
 
 
 @hookimpl

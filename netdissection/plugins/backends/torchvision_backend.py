@@ -42,6 +42,7 @@ class TorchvisionBackend:
     """A torchvision model (random weights unless ``--weights FILE`` or ``--pretrained``)."""
 
     name = "torchvision"
+    runtimes = ("torch", "onnxruntime", "auto")  # --runtime (runtime.py)
 
     def __init__(self, model_ref: str | nn.Module, options: BackendOptions) -> None:
         import torch
@@ -49,10 +50,12 @@ class TorchvisionBackend:
         from torch import nn
 
         from .layouts import fit_input
+        from .runtime import RuntimeForward, check_runtime
         from .stages import stage_names
         from .torch_common import INIT_SEED, HookedModel, file_sha256, load_weights, seeded_init
         from .torchvision_stages import stage_modules
 
+        check_runtime(options.runtime)
         self.options = options
         self.device = torch.device(options.device)
         self.weights_sha256: str | None = None
@@ -102,6 +105,8 @@ class TorchvisionBackend:
             self._channels_last = True
         else:
             self._channels_last = False
+        self.runtime = RuntimeForward(model, self._forward, options.runtime, device=self.device,
+                                      model_name=self.model_name)
 
     def layers(self) -> list[LayerInfo]:
         return list(self.infos)
@@ -150,9 +155,12 @@ class TorchvisionBackend:
         images = fit_input(images, self.fixed_size)
         if self._channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        return self.runtime(images, layers)
+
+    def _forward(self, images: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The maps of ``layers`` from one forward pass (traceable: the onnxruntime runtime exports it)."""
         modules = list(dict.fromkeys(self.aliases.get(layer, layer) for layer in layers))
-        with torch.inference_mode():
-            out = self.hooked.forward(images, modules)
+        out = self.hooked.forward(images, modules)
         return {layer: out[self.aliases.get(layer, layer)].contiguous() for layer in layers}
 
     def describe(self) -> dict[str, Any]:
@@ -165,7 +173,7 @@ class TorchvisionBackend:
                 "weights_sha256": self.weights_sha256, "pretrained": self.options.pretrained,
                 "random_init_seed": self.random_init_seed,
                 "stages": {names[0]: m for m, names in zip(self.stages, stage_names(len(self.stages)), strict=True)},
-                "torch": torch.__version__, "torchvision": torchvision.__version__}
+                "torch": torch.__version__, "torchvision": torchvision.__version__, **self.runtime.describe()}
 
 
 @hookimpl

@@ -1,0 +1,286 @@
+"""How a torch backend runs its forward pass (``--runtime``): the model's own eager torch code, or the same
+computation exported to ONNX in memory and run by onnxruntime, or whichever of the two is faster here.
+
+The exported graph is not the model's classifier: it is the backend's own ``forward(images, layers)`` —
+hooks, ``forward_intermediates``, token grids restored — traced once for the requested layers, so it
+returns exactly the maps the torch path returns, and stops where the torch path stops.
+
+Nothing is taken on trust. The first batch of every input shape runs through both runtimes and the maps
+are compared (each within ``CHECK_TOLERANCE`` of its largest value: float rounding passes, a graph that
+traced a batch size or a Python branch as a constant does not). ``auto`` times that same batch in each
+runtime and keeps onnxruntime only when it is clearly faster (``AUTO_MARGIN``); a model that does not
+export, or a graph that disagrees, stays on torch with a line in the log. ``onnxruntime`` asked for by
+name fails in one line instead.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ...core.errors import DissectionError, MissingExtraError
+from ...core.runtimes import RUNTIMES
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: How far an exported graph's map may be from torch's: this fraction of the map's largest magnitude.
+CHECK_TOLERANCE = 1e-3
+#: ``auto`` takes onnxruntime when its batch takes at most this fraction of torch's: it holds a second copy
+#: of the weights, and a tie is no reason to leave the model's own code.
+AUTO_MARGIN = 0.9
+#: ONNX opset of the export (onnxruntime 1.16+ runs it; opset 17 has LayerNormalization).
+OPSET = 17
+
+#: ``forward(images, layers) -> {layer: (N, C, h, w) map}``: the backend's forward pass, traceable.
+Forward = Callable[["torch.Tensor", tuple[str, ...]], "dict[str, torch.Tensor]"]
+
+
+def check_runtime(runtime: str | None) -> None:
+    if runtime is not None and runtime not in RUNTIMES:
+        raise DissectionError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+
+
+class _LayerMaps:
+    """The backend's forward for fixed layers as a module torch can export (maps as a tuple)."""
+
+    def __new__(cls, model: nn.Module, forward: Forward, layers: tuple[str, ...]) -> nn.Module:  # type: ignore[misc]
+        from torch import nn
+
+        class LayerMaps(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model  # registered, so that its weights are the graph's initializers
+
+            def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                maps = forward(x, layers)
+                return tuple(maps[layer] for layer in layers)
+
+        # In the model's own mode: the exporter restores the wrapper's mode afterwards, recursively, and a
+        # fresh module is in training mode (batch statistics in every BatchNorm from then on).
+        return LayerMaps().train(model.training)
+
+
+@dataclass
+class _Graph:
+    """One exported graph and its session; ``batch`` is None when it takes any batch size."""
+
+    session: Any
+    batch: int | None
+    checked: set[tuple[int, ...]] = field(default_factory=set)
+
+
+class RuntimeForward:
+    """A torch backend's forward pass on the runtime the user asked for (see the module's docstring)."""
+
+    def __init__(self, model: nn.Module, forward: Forward, runtime: str | None, *, device: Any,
+                 model_name: str) -> None:
+        check_runtime(runtime)
+        self.model = model
+        self.forward = forward
+        self.requested = runtime or "torch"
+        self.device = device
+        self.model_name = model_name
+        #: the runtime in use: decided on the first batch under ``auto``
+        self.chosen: str | None = None if self.requested == "auto" else self.requested
+        self.measured: dict[str, float] = {}  # seconds a batch, per runtime, when ``auto`` timed them
+        self._graphs: dict[tuple[str, ...], _Graph] = {}
+        if self.requested == "onnxruntime":
+            self._providers()  # a missing extra or CUDA provider is an error before any pass
+
+    # ---- what the run records
+
+    def describe(self) -> dict[str, Any]:
+        details: dict[str, Any] = {"runtime": self.chosen or self.requested}
+        if self.requested != "torch":
+            details["runtime_requested"] = self.requested
+        if self.measured:
+            details["runtime_seconds_per_batch"] = {k: round(v, 4) for k, v in self.measured.items()}
+        if (self.chosen or self.requested) == "onnxruntime":
+            import onnxruntime
+
+            details["onnxruntime"] = onnxruntime.__version__
+        return details
+
+    # ---- the forward pass
+
+    def __call__(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        names = tuple(dict.fromkeys(layers))
+        if self.chosen == "torch":
+            return self._torch(images, names)
+        graph = self._graph(names, images)
+        if graph is None:  # auto, and the model does not export
+            return self._torch(images, names)
+        shape = tuple(int(s) for s in images.shape)
+        if shape in graph.checked:
+            return self._run(graph, images, names)
+        return self._checked(graph, images, names, shape)
+
+    def _checked(self, graph: _Graph, images: torch.Tensor, names: tuple[str, ...],
+                 shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """The first batch of a shape: both runtimes, compared; under ``auto``, timed and decided."""
+        started = time.perf_counter()
+        reference = self._torch(images, names)
+        torch_seconds = time.perf_counter() - started
+        try:
+            started = time.perf_counter()
+            maps = self._run(graph, images, names)
+            ort_seconds = time.perf_counter() - started
+            mismatch = _mismatch(maps, reference)
+        except DissectionError as exc:
+            mismatch = str(exc)
+        if mismatch and graph.batch is None:  # a graph traced with the batch size as a constant: one per size
+            log.debug("%s: the exported graph does not take batches of %d (%s); exporting one that does",
+                      self.model_name, shape[0], mismatch)
+            fixed = self._export(names, images, batch=shape[0])
+            if fixed is not None:
+                self._graphs[(*names, f"batch={shape[0]}")] = fixed
+                return self._checked(fixed, images, names, shape)
+        if mismatch:
+            if self.requested == "onnxruntime":
+                raise DissectionError(f"{self.model_name} exported to ONNX does not compute what it computes in torch "
+                                      f"({mismatch}); use --runtime torch")
+            log.info("%s: onnxruntime's maps differ from torch's (%s); the forward pass stays on torch",
+                     self.model_name, mismatch)
+            self.chosen = "torch"
+            return reference
+        graph.checked.add(shape)
+        if self.chosen is None:  # auto: the second run of the graph is its warm speed
+            started = time.perf_counter()
+            maps = self._run(graph, images, names)
+            ort_seconds = min(ort_seconds, time.perf_counter() - started)
+            self.measured = {"torch": torch_seconds, "onnxruntime": ort_seconds}
+            self.chosen = "onnxruntime" if ort_seconds <= AUTO_MARGIN * torch_seconds else "torch"
+            log.info("%s: a batch of %d takes %.2f s in torch and %.2f s in onnxruntime here; the forward pass "
+                     "runs on %s", self.model_name, shape[0], torch_seconds, ort_seconds, self.chosen)
+            if self.chosen == "torch":
+                self._graphs.clear()  # its weights' copy is no longer needed
+                return reference
+        return maps
+
+    def _torch(self, images: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        import torch
+
+        with torch.inference_mode():
+            return self.forward(images, names)
+
+    def _run(self, graph: _Graph, images: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        import numpy as np
+        import torch
+
+        x = np.ascontiguousarray(images.detach().to("cpu", torch.float32).numpy())
+        n = x.shape[0]
+        parts: list[list[np.ndarray]] = []
+        step = graph.batch or n
+        for start in range(0, n, step):
+            chunk = x[start:start + step]
+            keep = chunk.shape[0]
+            if keep < step:  # a fixed-batch graph: pad the last chunk, drop the padding's maps
+                chunk = np.concatenate([chunk, np.zeros((step - keep, *chunk.shape[1:]), chunk.dtype)])
+            try:
+                outputs = graph.session.run(None, {"images": chunk})
+            except Exception as exc:  # onnxruntime raises its own types, one per kind of failure
+                raise DissectionError(f"onnxruntime failed on a batch of shape {tuple(chunk.shape)}: "
+                                      f"{_first_line(exc)}") from None
+            parts.append([o[:keep] for o in outputs])
+        maps = {}
+        for i, name in enumerate(names):
+            value = np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]
+            maps[name] = torch.from_numpy(value).to(images.device)
+        return maps
+
+    # ---- the export
+
+    def _graph(self, names: tuple[str, ...], images: torch.Tensor) -> _Graph | None:
+        fixed = self._graphs.get((*names, f"batch={int(images.shape[0])}"))
+        if fixed is not None:
+            return fixed
+        graph = self._graphs.get(names)
+        if graph is None:
+            graph = self._export(names, images, batch=None)
+            if graph is None:
+                return None
+            self._graphs[names] = graph
+        return graph
+
+    def _export(self, names: tuple[str, ...], images: torch.Tensor, *, batch: int | None) -> _Graph | None:
+        """The layers' maps as an ONNX graph in memory, in an onnxruntime session; None under ``auto`` when
+        the model does not export (an error when onnxruntime was asked for)."""
+        import torch
+
+        started = time.perf_counter()
+        buffer = io.BytesIO()
+        example = images[:batch] if batch else images[:2]
+        outputs = [f"map{i}" for i in range(len(names))]
+        dynamic = None if batch else {name: {0: "batch"} for name in ["images", *outputs]}
+        try:
+            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+                # The exporter warns about its own deprecation and each traced constant; the check says
+                # whether the graph is right.
+                warnings.simplefilter("ignore")
+                torch.onnx.export(_LayerMaps(self.model, self.forward, names), (example.clone(),), buffer,
+                                  dynamo=False, opset_version=OPSET, input_names=["images"], output_names=outputs,
+                                  dynamic_axes=dynamic, do_constant_folding=True)
+            session = self._session(buffer.getvalue())
+        except (DissectionError, MissingExtraError):
+            raise
+        except Exception as exc:  # the exporter's and onnxruntime's failures are of many types
+            if self.requested == "onnxruntime":
+                raise DissectionError(f"{self.model_name} cannot run on onnxruntime: exporting it to ONNX failed "
+                                      f"({_first_line(exc)}); use --runtime torch") from None
+            log.info("%s does not export to ONNX (%s); the forward pass stays on torch", self.model_name,
+                     _first_line(exc))
+            self.chosen = "torch"
+            return None
+        log.debug("%s: layers %s exported to ONNX in %.2f s (%.1f MB)", self.model_name, ", ".join(names),
+                  time.perf_counter() - started, len(buffer.getvalue()) / 1e6)
+        return _Graph(session=session, batch=batch)
+
+    def _providers(self) -> list[str]:
+        try:
+            import onnxruntime
+        except ImportError:
+            raise MissingExtraError("--runtime onnxruntime", "onnxruntime", "onnx") from None
+        available = onnxruntime.get_available_providers()
+        if getattr(self.device, "type", str(self.device)) == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise DissectionError("--runtime onnxruntime on a CUDA device needs onnxruntime-gpu (this "
+                                      "onnxruntime has no CUDAExecutionProvider); install it, or use --runtime "
+                                      "torch")
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def _session(self, model_bytes: bytes) -> Any:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # its warnings about unused initializers and the like are not the user's
+        return onnxruntime.InferenceSession(model_bytes, options, providers=self._providers())
+
+
+def _mismatch(maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str:
+    """Why two runtimes' maps are not the same maps up to float rounding ("" when they are)."""
+    for name, expected in reference.items():
+        got = maps[name]
+        if tuple(got.shape) != tuple(expected.shape):
+            return f"layer {name}: shape {tuple(got.shape)}, not {tuple(expected.shape)}"
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        difference = float((got.float() - expected.float()).abs().max()) if expected.numel() else 0.0
+        if not difference <= CHECK_TOLERANCE * max(scale, 1e-12):
+            return f"layer {name}: values differ by up to {difference:.3g} where they reach {scale:.3g}"
+    return ""
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
