@@ -215,7 +215,7 @@ def key_material(job: Job, host: Any, rule: Mapping[str, Any], memo: DigestMemo 
     material = {
         "protocol": PROTOCOL_VERSION,
         "model": _model_identity(job.model, memo),
-        "backend": _backend_identity(host, job.backend),
+        "backend": _backend_identity(host, job.backend, job.backend_options.get("runtime")),
         "weights_sha256": memo.sha256(job.weights) if job.weights else None,
         "pretrained": bool(job.pretrained and not job.weights),
         "backend_options": _plain(dict(sorted(job.backend_options.items()))),
@@ -269,13 +269,15 @@ def _package_version(package: str) -> str | None:
         return None
 
 
-def _backend_identity(host: Any, backend: str | None) -> dict[str, Any]:
+def _backend_identity(host: Any, backend: str | None, runtime: str | None = None) -> dict[str, Any]:
     """The backend asked for (None: detected) and what decides its numbers: the versions of the frameworks
-    it needs, and of third-party plugins that provide it or take part in detecting it. Built-in plugins are
-    covered by :data:`PROTOCOL_VERSION`, so a release that changes no number keeps the store valid."""
+    it needs (onnxruntime's too when ``--runtime`` may run the model there), and of third-party plugins that
+    provide it or take part in detecting it. Built-in plugins are covered by :data:`PROTOCOL_VERSION`, so a
+    release that changes no number keeps the store valid."""
     catalog = host.catalog("backend")
     entries = [catalog.get(backend)] if backend is not None else list(catalog)
-    packages = sorted({p for e in entries for p in e.metadata.get("requires", ())})
+    packages = sorted({p for e in entries for p in e.metadata.get("requires", ())}
+                      | ({"onnxruntime"} if runtime in ("onnxruntime", "auto") else set()))
     plugins = {e.plugin for e in entries}
     if backend is None:
         plugins |= {impl.plugin_name for impl in host.hook.dissect_detect_backend.get_hookimpls()}

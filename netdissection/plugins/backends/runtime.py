@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -219,15 +222,19 @@ class RuntimeForward:
 
         started = time.perf_counter()
         buffer = io.BytesIO()
-        example = images[:batch] if batch else images[:2]
         outputs = [f"map{i}" for i in range(len(names))]
         dynamic = None if batch else {name: {0: "batch"} for name in ["images", *outputs]}
         try:
-            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-                # The exporter warns about its own deprecation and each traced constant; the check says
-                # whether the graph is right.
+            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), _stdout_silenced():
+                # The exporter warns about its own deprecation and each traced constant, and prints its graph
+                # when it fails; the check says whether the graph is right, the error says why it failed.
                 warnings.simplefilter("ignore")
-                torch.onnx.export(_LayerMaps(self.model, self.forward, names), (example.clone(),), buffer,
+                # Traced on noise, not on the batch it is checked on: a value the trace kept as a constant (a
+                # Python branch on the data, a NumPy detour) then shows in the check instead of matching it.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    example = torch.randn(batch or 2, *images.shape[1:]).to(images.device)
+                torch.onnx.export(_LayerMaps(self.model, self.forward, names), (example,), buffer,
                                   dynamo=False, opset_version=OPSET, input_names=["images"], output_names=outputs,
                                   dynamic_axes=dynamic, do_constant_folding=True)
             session = self._session(buffer.getvalue())
@@ -266,6 +273,22 @@ class RuntimeForward:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # its warnings about unused initializers and the like are not the user's
         return onnxruntime.InferenceSession(model_bytes, options, providers=self._providers())
+
+
+@contextmanager
+def _stdout_silenced() -> Iterator[None]:
+    """The process's standard output (file descriptor 1) goes nowhere for a while: torch's exporter writes its
+    log there from C++ (it turns its own log on whatever it is asked), and the terminal is the user's."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _mismatch(maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str:
