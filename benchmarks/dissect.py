@@ -4,6 +4,7 @@
     python benchmarks/dissect.py --images 300 --rounds 1 --models resnet18      # a quick check
     python benchmarks/dissect.py --lite /tmp/NetDissect-Lite     # NetDissect-Lite beside resnet18
     python benchmarks/dissect.py --memory 2000 20000 --size 64   # peak RSS at two dataset sizes
+    python benchmarks/dissect.py --runtimes torch onnxruntime    # the dissection on each --runtime
 
 Every measurement is a whole process, timed from start to exit by this script, on the same images (a
 Broden-hard set from ``broden_hard.py``: Broden's vocabulary, label layers and distinct labels per image,
@@ -11,7 +12,9 @@ Broden-hard set from ``broden_hard.py``: Broden's vocabulary, label layers and d
 
 - forward: ``plain_forward.py``, what anyone would write: a torch DataLoader decoding the JPEGs with
   Pillow, the model in eval mode under ``torch.inference_mode()``; none of netdissection's code;
-- dissection: the ``dissect`` command, with every default report (tally, thresholds, plots, HTML);
+- dissection: the ``dissect`` command, with every default report (tally, thresholds, plots, HTML), once per
+  ``--runtimes`` entry (torch: the model's eager code; onnxruntime: exported in memory; auto), each
+  runtime's thresholds and labels checked against the torch run's;
 - lite: NetDissect-Lite (``netdissect_lite.py``; resnet18 only, when ``--lite`` names a checkout).
 
 The kinds run in alternation (forward, dissection, lite, forward, dissection, lite, ...) so that load from
@@ -95,6 +98,7 @@ def run(argv: list[str], work: Path) -> tuple[float, dict[str, Any], str]:
 
 
 def measure(kind: str, model: Model, data: Path, args: argparse.Namespace, keep: Path | None = None) -> Measured:
+    """``kind``: forward, lite, or dissection@RUNTIME."""
     common = ["--batch-size", str(args.batch_size), "--workers", str(args.workers)]
     with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmp:
         work = Path(tmp)
@@ -102,10 +106,11 @@ def measure(kind: str, model: Model, data: Path, args: argparse.Namespace, keep:
         if kind == "forward":
             argv = [str(HERE / "plain_forward.py"), "--dataset", str(data), "--model", model.name,
                     "--weights", str(weights(model)), *common, *(["--timm"] if model.backend == "timm" else [])]
-        elif kind == "dissection":
+        elif kind.startswith("dissection"):
             # --no-store: every round computes (a later round would otherwise be read from the results store).
             argv = ["-m", "netdissection.cli", "run", model.name, "--backend", model.backend, "--weights",
-                    str(weights(model)), "--dataset", str(data), "--out", str(out), "--no-store", *common]
+                    str(weights(model)), "--dataset", str(data), "--out", str(out), "--no-store", *common,
+                    "--runtime", kind.partition("@")[2] or "torch"]
             for layer in model.layers:
                 argv += ["--layer", layer]
         else:
@@ -116,9 +121,11 @@ def measure(kind: str, model: Model, data: Path, args: argparse.Namespace, keep:
         details: dict[str, float] = {}
         if kind == "forward":
             details = json.loads(output.strip().splitlines()[-1])
-        elif kind == "dissection":
-            details = json.loads((out / "summary.json").read_text())["seconds"]
-            if keep is not None:  # the thresholds, for the mask-activity probe
+        elif kind.startswith("dissection"):
+            summary = json.loads((out / "summary.json").read_text())
+            details = dict(summary["seconds"])
+            details["runtime"] = summary["provenance"]["backend_details"].get("runtime", "torch")
+            if keep is not None:  # the thresholds, for the mask-activity probe and the runtimes' check
                 shutil.rmtree(keep, ignore_errors=True)
                 shutil.copytree(out, keep, ignore=shutil.ignore_patterns("report_files", "*.png", "*.svg"))
         else:
@@ -146,7 +153,7 @@ def report_model(model: Model, runs: dict[str, list[Measured]], images: int) -> 
     from rich.console import Console
     from rich.table import Table
 
-    forward, dissection, lite = runs["forward"], runs["dissection"], runs.get("lite", [])
+    forward, lite = runs["forward"], runs.get("lite", [])
     table = Table(title=f"{model.name} {'+'.join(model.layers)}: {images} images, {len(forward)} round(s); "
                         "seconds: median (range)")
     table.add_column("process")
@@ -162,25 +169,59 @@ def report_model(model: Model, runs: dict[str, list[Measured]], images: int) -> 
                       spread([m.peak_mb for m in side], 0), ratio, style=style)
 
     row("plain forward pass (torch DataLoader)", forward, "1.00")
-    row("dissection end to end (dissect, all reports)", dissection, spread(per_round(dissection, forward), 2),
-        style="bold")
-    for label, key in (("  activation pass", "activations"), ("  thresholds", "thresholds"), ("  IoU pass", "iou"),
-                       ("  all passes", "passes"), ("  reports", "reports")):
-        values = [m.details.get(key, float("nan")) for m in dissection]
-        ratios = [v / f.seconds for v, f in zip(values, forward, strict=True)]
-        table.add_row(label, spread(values, 2), "", "", spread(ratios, 2))
-    rest = [m.seconds - m.details.get("passes", 0) - m.details.get("reports", 0) for m in dissection]
-    table.add_row("  the rest (start, imports, model, index, exit)", spread(rest, 2), "", "", "")
+    dissections = {kind: side for kind, side in runs.items() if kind.startswith("dissection")}
+    for kind, dissection in dissections.items():
+        ran_on = "/".join(sorted({str(m.details.get("runtime")) for m in dissection}))
+        requested = kind.partition("@")[2]
+        on = f"--runtime {requested}" + (f" → {ran_on}" if ran_on != requested else "")
+        row(f"dissection end to end ({on}, all reports)", dissection, spread(per_round(dissection, forward), 2),
+            style="bold")
+        for label, key in (("  activation pass", "activations"), ("  thresholds", "thresholds"),
+                           ("  IoU pass", "iou"), ("  all passes", "passes"), ("  reports", "reports")):
+            values = [m.details.get(key, float("nan")) for m in dissection]
+            ratios = [v / f.seconds for v, f in zip(values, forward, strict=True)]
+            table.add_row(label, spread(values, 2), "", "", spread(ratios, 2))
+        rest = [m.seconds - m.details.get("passes", 0) - m.details.get("reports", 0) for m in dissection]
+        table.add_row("  the rest (start, imports, model, index, exit)", spread(rest, 2), "", "", "")
     if lite:
         row("NetDissect-Lite", lite, spread(per_round(lite, forward), 2))
         for key in ("features", "quantile", "tally", "html"):
             values = [m.details.get(key, float("nan")) for m in lite]
             table.add_row(f"  {key}", spread(values, 2), "", "", "")
     Console(width=140, emoji=False, highlight=False).print(table)
-    passes = [m.details["passes"] / f.seconds for m, f in zip(dissection, forward, strict=True)]
-    print(f"{model.name}: dissection ÷ forward = {spread(per_round(dissection, forward), 2)}; "
-          f"passes ÷ forward = {spread(passes, 2)}"
-          + (f"; Lite ÷ dissection = {spread(per_round(lite, dissection), 2)}" if lite else ""))
+    for kind, dissection in dissections.items():
+        passes = [m.details["passes"] / f.seconds for m, f in zip(dissection, forward, strict=True)]
+        print(f"{model.name} --runtime {kind.partition('@')[2]}: dissection ÷ forward = "
+              f"{spread(per_round(dissection, forward), 2)}; passes ÷ forward = {spread(passes, 2)}"
+              + (f"; Lite ÷ dissection = {spread(per_round(lite, dissection), 2)}" if lite else ""))
+
+
+def check_runtimes(model: Model, kept: dict[str, Path]) -> None:
+    """Each runtime's dissection against the torch one: thresholds (relative) and the labels of the units
+    whose best IoU beats the runner-up by more than 1e-3 (closer ones may swap on float rounding)."""
+    import numpy as np
+
+    from netdissection import load_results
+    from netdissection.core.scores import iou_matrix
+
+    if "dissection@torch" not in kept:
+        return
+    eager = load_results(kept["dissection@torch"])
+    for kind, folder in kept.items():
+        if kind == "dissection@torch":
+            continue
+        other = load_results(folder)
+        for name, layer in eager.layers.items():
+            theirs = other.layers[name]
+            relative = float(np.max(np.abs(theirs.thresholds - layer.thresholds)
+                                    / np.maximum(np.abs(layer.thresholds), 1e-12)))
+            iou_a, iou_b = iou_matrix(layer), iou_matrix(theirs)
+            ordered = np.sort(iou_a, axis=1)
+            clear = ordered[:, -1] - ordered[:, -2] > 1e-3
+            same = float(np.mean(iou_a[clear].argmax(axis=1) == iou_b[clear].argmax(axis=1)))
+            print(f"  {model.name} {name} --runtime {kind.partition('@')[2]} against torch: thresholds within "
+                  f"{relative:.1e} relative; {100 * same:.1f}% of the {int(clear.sum())} units with a clear best "
+                  "label have the same label")
 
 
 def mask_activity(model: Model, data: Path, results: Path, images: int) -> None:
@@ -235,7 +276,8 @@ def speed(args: argparse.Namespace) -> None:
     data = broden_hard.cached(args.images, args.size)
     print(f"data: Broden-hard, {broden_hard.describe(broden_hard.cached_statistics(data))}")
     print(f"batch {args.batch_size}, {args.workers} loader workers, {args.rounds} round(s); {load()} at the start")
-    kinds = {m.name: ["forward", "dissection"] + (["lite"] if args.lite and m.backend == "torchvision" else [])
+    dissections = [f"dissection@{runtime}" for runtime in args.runtimes]
+    kinds = {m.name: ["forward", *dissections] + (["lite"] if args.lite and m.backend == "torchvision" else [])
              for m in models}
     for m in models:
         weights(m)
@@ -245,7 +287,8 @@ def speed(args: argparse.Namespace) -> None:
         for r in range(args.rounds):
             for m in models:
                 for kind in kinds[m.name]:
-                    result = measure(kind, m, data, args, keep=keep / m.name if kind == "dissection" else None)
+                    kept = keep / m.name / kind if kind.startswith("dissection") else None
+                    result = measure(kind, m, data, args, keep=kept)
                     runs[m.name][kind].append(result)
                     print(f"  round {r + 1} {m.name} {kind}: {result.seconds:.1f} s, {result.peak_mb:.0f} MB",
                           flush=True)
@@ -253,7 +296,9 @@ def speed(args: argparse.Namespace) -> None:
         for m in models:
             report_model(m, runs[m.name], args.images)
         for m in models:
-            mask_activity(m, data, keep / m.name, min(args.images, 300))
+            check_runtimes(m, {kind: keep / m.name / kind for kind in dissections})
+        for m in models:
+            mask_activity(m, data, keep / m.name / dissections[0], min(args.images, 300))
     finally:
         shutil.rmtree(keep, ignore_errors=True)
 
@@ -266,7 +311,7 @@ def memory(args: argparse.Namespace) -> None:
     for n in args.memory:
         data = broden_hard.cached(n, args.size)
         forward = measure("forward", model, data, args)
-        dissection = measure("dissection", model, data, args)
+        dissection = measure(f"dissection@{args.runtimes[0]}", model, data, args)
         peaks[n] = {"forward": forward.peak_mb, "dissection": dissection.peak_mb}
         print(f"  {n:6d} images: forward {forward.peak_mb:.0f} MB ({forward.seconds:.0f} s), dissection "
               f"{dissection.peak_mb:.0f} MB ({dissection.seconds:.0f} s): {dissection.peak_mb / forward.peak_mb:.3f}×")
@@ -285,6 +330,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="loader processes, for every side")
     parser.add_argument("--lite", type=Path, metavar="CHECKOUT", help="a NetDissect-Lite checkout to run beside")
     parser.add_argument("--memory", type=int, nargs="+", metavar="N", help="peak RSS at these dataset sizes")
+    parser.add_argument("--runtimes", nargs="+", default=["torch"], choices=["torch", "onnxruntime", "auto"],
+                        help="a dissection per --runtime (the first one for --memory)")
     args = parser.parse_args()
     if args.memory:
         memory(args)
