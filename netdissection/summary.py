@@ -138,9 +138,11 @@ def timing_line(result: RunResult, seconds: float) -> str:
     if not result.images or "activations" not in s:
         return f"{seconds:.1f} s in all"
     parts = [f"{seconds:.1f} s for {result.images} images"]
+    runtime = (result.provenance.get("backend_details") or {}).get("runtime")
     for name, key in (("activations", "activations"), ("IoU", "iou")):
         if key in s:
-            parts.append(f"{name} {s[key]:.1f} s ({result.images / max(s[key], 1e-9):.0f}/s)")
+            on = f" on {runtime}" if key == "activations" and runtime not in (None, "torch") else ""
+            parts.append(f"{name} {s[key]:.1f} s ({result.images / max(s[key], 1e-9):.0f}/s{on})")
     if s.get("thresholds", 0) >= 0.05:  # usually a few ms: not worth a column of the line
         parts.append(f"thresholds {s['thresholds']:.1f} s")
     if "explain" in s:  # --explain: the explainer's reads and search

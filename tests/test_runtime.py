@@ -162,6 +162,7 @@ def test_runtime_through_the_cli(run_cli, tmp_path: Path, concept_set: Path, r18
     code, out, err = run_cli(*common, "--out", tmp_path / "ort", "--runtime", "onnxruntime")
     assert code == 0, err
     assert "from the results store" not in out  # another runtime is another job
+    assert "/s on onnxruntime)" in out  # the terminal's timing line says where the forward pass ran
     summary = json.loads((tmp_path / "ort" / "summary.json").read_text())
     assert summary["provenance"]["backend_details"]["runtime"] == "onnxruntime"
     code, out, err = run_cli(*common, "--out", tmp_path / "again", "--runtime", "onnxruntime")
