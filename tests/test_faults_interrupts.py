@@ -132,9 +132,6 @@ def test_kill_9_at_twenty_moments_then_a_rerun_equals_the_uninterrupted_run(zygo
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known intermittent hang: after Ctrl-C during the reports, a drawing worker can stay "
-                          "blocked and the run waits for it (seen in full-suite runs only; under investigation)",
-                   strict=False)
 def test_ctrl_c_at_random_moments(zygote: Zygote, baseline: Baseline, concept_set: Path, tmp_path: Path) -> None:
     rng = random.Random(SEED + 1)
     trials: list[tuple[str, int | None, float]] = [("store", step, 0.0) for step in spread(

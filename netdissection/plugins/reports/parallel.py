@@ -6,17 +6,24 @@ callable (a closure over the run's results and the dataset), inherited by the ch
 pickled; only its index goes to a child and only its return value comes back. Where forking is not the
 safe default (anything but Linux), inside a daemonic process (which may not have children), or for one
 task or one core, the tasks run here, one after the other.
+
+Stopped (Ctrl-C, or a task's error): the tasks not started never start, those running finish (their files
+whole) and the workers end; a worker still running :data:`GRACE` seconds later is killed, so that a stopped
+run never waits for a worker that cannot go on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
@@ -25,6 +32,10 @@ T = TypeVar("T")
 # The tasks of the pool being run, set just before its workers fork (so they inherit them).
 _TASKS: Sequence[Callable[[], Any]] = ()
 _ONE_POOL = threading.Lock()  # one pool at a time per process: _TASKS is the pool's
+
+#: How long a stopped pool waits for the tasks its workers are running (a figure, a chunk of strips: a few
+#: seconds at most) before it kills the workers still at it.
+GRACE = 30.0
 
 
 def cores() -> int:
@@ -52,6 +63,51 @@ def _leave_interrupts_to_the_parent() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Within the block Ctrl-C is held back, and raised at its end (as the handler in place would have).
+
+    Blocking SIGINT in this thread is not enough for that: the kernel hands a signal sent to the process to
+    any of its threads that does not block it (rich's progress refresh, torch's threads), and Python then
+    raises KeyboardInterrupt in the main thread wherever it is. So in the main thread a handler that only
+    notes the Ctrl-C stands in meanwhile. SIGINT is blocked as well, so that processes forked in the block
+    start with it blocked."""
+    held: list[int] = []
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous is not None:  # None: not the main thread (where no KeyboardInterrupt is raised), or not Python's
+        signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C pending meanwhile is noted as it is let in
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+            if held:
+                signal.raise_signal(signal.SIGINT)
+
+
+def _stop(pool: ProcessPoolExecutor, workers: Sequence[Any]) -> None:
+    """Stop ``pool`` and its ``workers`` (processes), its work interrupted: the tasks not started never start,
+    those running finish, and the workers end; those still running :data:`GRACE` seconds on are killed.
+    Ctrl-C waits meanwhile: a second one does not leave workers behind, which the interpreter would wait for."""
+    with _ctrl_c_held():
+        manager = getattr(pool, "_executor_manager_thread", None)  # CPython's thread that lets the workers go
+        pool.shutdown(wait=False, cancel_futures=True)
+        running = {worker.sentinel: worker for worker in workers}
+        deadline = time.monotonic() + GRACE
+        while running and (left := deadline - time.monotonic()) > 0:
+            for ended in multiprocessing.connection.wait(list(running), timeout=left):
+                del running[ended]
+        for worker in running.values():
+            worker.kill()
+        if isinstance(manager, threading.Thread) and manager.is_alive():
+            manager.join(GRACE)
+        if manager is None or not manager.is_alive():  # nobody else waits for them (reaps them) now
+            for worker in workers:
+                worker.join(GRACE)
+
+
 def run_tasks(tasks: Sequence[Callable[[], T]], workers: int | None = None) -> list[T]:
     """Each task's result, in task order. Tasks are handed out in order to whichever worker is free, so
     put the longest first. The first exception a task raises is raised here."""
@@ -67,21 +123,23 @@ def run_tasks(tasks: Sequence[Callable[[], T]], workers: int | None = None) -> l
         # every object it inherited (torch's and the model's: hundreds of MB), writing into each and so
         # copying every page of them.
         gc.freeze()
+        before = set(multiprocessing.active_children())
         try:
             pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"),
                                        initializer=_leave_interrupts_to_the_parent)
             try:
-                # The first submit forks every worker (the fork start method): with Ctrl-C blocked meanwhile,
-                # so that it cannot land in a child before the child ignores it. A Ctrl-C sent in between
-                # is delivered here when it is unblocked.
-                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-                try:
+                # The first submit forks every worker (the fork start method), then starts the pool's thread,
+                # which alone tells the workers to end: a Ctrl-C in between would leave workers that nobody
+                # tells to end, and that the interpreter waits for on its way out. So Ctrl-C waits for the
+                # submits (and it cannot land in a child before the child ignores it).
+                with _ctrl_c_held():
                     futures = [pool.submit(_run, index) for index in range(len(tasks))]
-                finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-                return [future.result() for future in futures]
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)  # interrupted: the tasks not started never start
+                results = [future.result() for future in futures]
+            except BaseException:
+                _stop(pool, [child for child in multiprocessing.active_children() if child not in before])
+                raise
+            pool.shutdown(wait=True)
+            return results
         finally:
             gc.unfreeze()
             _TASKS = ()
