@@ -189,6 +189,11 @@ def test_a_backend_without_runtimes_refuses_the_option(run_cli, tmp_path: Path, 
                            "--no-store")
     assert_one_line_error(code, err, "onnx backend", "--runtime torch", "onnxruntime")
     assert not (tmp_path / "out" / "summary.json").exists()
+    code, _, err = run_cli(onnx_file, "--dataset", concept_set, "--out", tmp_path / "out", "--runtime", "auto",
+                           "--no-store", "--report", "tally", "--workers", "0")
+    assert code == 0, err  # a graph runs on onnxruntime: auto has one choice, and the run says which
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["provenance"]["backend_details"]["runtime"] == "onnxruntime"
 
     class OwnRuntime:
         """resnet18 behind a backend that offers no choice of runtime (no ``runtimes``)."""

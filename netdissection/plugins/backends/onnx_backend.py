@@ -382,6 +382,7 @@ class OnnxBackend:
             "opset": {(o.domain or "ai.onnx"): int(o.version) for o in proto.opset_import},
             "onnx": self._onnx.__version__,
             "onnxruntime": self._ort.__version__,
+            "runtime": "onnxruntime",
             "providers": [p[0] if isinstance(p, tuple) else p for p in self._providers],
             "input": {"name": self.input.name, "shape": self.input_dims, "layout": "NHWC" if self.nhwc else "NCHW"},
             "batch": self.fixed_batch or "dynamic",
