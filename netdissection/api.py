@@ -103,7 +103,8 @@ def dissect(
             ``cache_budget`` — bytes or a size like ``"20G"`` — and the free space).
         progress: an object with ``start(name, total)``, ``advance(images)``, ``finish()`` (rich bars in the CLI).
         host: the plugin host to use (default: a fresh ``build_host()``).
-        backend_options: ``input_size``, ``mean``, ``std``, ``bgr`` for the backend.
+        backend_options: ``input_size``, ``mean``, ``std``, ``bgr`` for the backend, and ``runtime``
+            (``"torch"``, ``"onnxruntime"`` or ``"auto"``: what runs a torch model's forward pass).
         dataset_options: format options (``image_column``, ``mask_columns``, ``split``, ``concepts``).
         strict_plugins: make any plugin failure an error (default: ``$NETDISSECTION_STRICT_PLUGINS``).
         rotate, rotate_seed: read every dissected layer's units in a rotated basis, Q^rotate with Q a random
