@@ -152,6 +152,8 @@ def test_three_shards_equal_the_unsharded_run(ray_cluster: Any, concept_set: Pat
     assert executor["cluster"]["resources"]["CPU"] == 2.0 and executor["cluster"]["nodes"] == 1
     assert executor["per_shard"] == {"CPU": 0.6666} and executor["torch_threads_per_shard"] == 1
     assert executor["restarted_shards"] == []
+    assert executor["shard_runtimes"] == ["torch"] * 3  # what each shard's backend ran on
+    assert summary["provenance"]["backend_details"]["runtime"] == "torch"
     assert summary["provenance"]["layers"] == list(LAYERS)  # as a local run records them
     assert json.loads((out / "compare.json").read_text())["executor"] == "ray"
 

@@ -279,7 +279,9 @@ class ShardWorker:
         """The run's provenance and resolved modules (as ``dissect`` records them), and where this shard ran."""
         if self.error is not None:
             raise self.error
-        return {"provenance": self.prepared.provenance, "modules": self.prepared.modules, "node": self.node,
+        # The backend is asked again, as after a local run's passes: it records what it chose while running.
+        provenance = {**self.prepared.provenance, "backend_details": self.prepared.plan.backend.describe()}
+        return {"provenance": provenance, "modules": self.prepared.modules, "node": self.node,
                 "restarted": self.restarted}
 
     def close(self) -> None:
@@ -435,6 +437,8 @@ class _Job:
             "cluster": {k: v for k, v in self.cluster.info.items() if k not in ("node_cpus", "node_gpus")},
             "shard_nodes": [a["node"] for a in about],
             "restarted_shards": [i for i, a in enumerate(about) if a["restarted"]],
+            # Each shard's backend decides --runtime auto for itself, on its own first batch.
+            "shard_runtimes": [(a["provenance"].get("backend_details") or {}).get("runtime") for a in about],
         }
         from ...core.skipped import skipped_samples
 
