@@ -214,3 +214,25 @@ def test_a_backend_without_runtimes_refuses_the_option(run_cli, tmp_path: Path, 
     with pytest.raises(DissectionError, match="opaque backend does not run on --runtime auto"):
         netdissection.dissect("anything", backend="opaque", dataset=concept_set, host=host,
                               backend_options={"runtime": "auto"})
+
+
+def test_auto_without_onnxruntime_runs_on_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the onnx extra (or without a CUDA provider on a GPU), auto has one choice; onnxruntime asked
+    for by name is an error naming the extra."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name: str, *args: object, **kwargs: object) -> object:
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    auto = TorchvisionBackend("resnet18", BackendOptions(runtime="auto"))
+    x = images(2)
+    assert_same_maps(auto.activations(x, ["layer4"]), TorchvisionBackend("resnet18", BackendOptions()).activations(
+        x, ["layer4"]))
+    assert auto.describe()["runtime"] == "torch"
+    with pytest.raises(DissectionError, match=r"pip install 'netdissection\[onnx\]'"):
+        TorchvisionBackend("resnet18", BackendOptions(runtime="onnxruntime"))

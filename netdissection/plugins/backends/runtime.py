@@ -99,6 +99,12 @@ class RuntimeForward:
         self._graphs: dict[tuple[str, ...], _Graph] = {}
         if self.requested == "onnxruntime":
             self._providers()  # a missing extra or CUDA provider is an error before any pass
+        elif self.requested == "auto":
+            try:
+                self._providers()
+            except DissectionError as exc:  # MissingExtraError too: auto then has one runtime to choose
+                log.info("%s: the forward pass runs on torch (%s)", model_name, exc)
+                self.chosen = "torch"
 
     # ---- what the run records
 
