@@ -9,9 +9,8 @@ Nothing is taken on trust. The first batch of every input shape runs through bot
 are compared (each within ``CHECK_TOLERANCE`` of its largest value: float rounding passes, a graph that
 traced a batch size or a Python branch as a constant does not). ``auto`` times that same batch in each
 runtime (the better of two runs: a first run pays for its set-up) and keeps onnxruntime only when it is
-clearly faster (``AUTO_MARGIN``); a model that does not
-export, or a graph that disagrees, stays on torch with a line in the log. ``onnxruntime`` asked for by
-name fails in one line instead.
+clearly faster (``AUTO_MARGIN``); a model that does not export, or a graph that disagrees, stays on torch
+with a line in the log. ``onnxruntime`` asked for by name fails in one line instead.
 """
 
 from __future__ import annotations
@@ -50,28 +49,27 @@ Forward = Callable[["torch.Tensor", tuple[str, ...]], "dict[str, torch.Tensor]"]
 
 
 def check_runtime(runtime: str | None) -> None:
+    """One line for a runtime no torch backend knows (the CLI offers only known ones; Python may pass any)."""
     if runtime is not None and runtime not in RUNTIMES:
         raise DissectionError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
 
 
-class _LayerMaps:
-    """The backend's forward for fixed layers as a module torch can export (maps as a tuple)."""
+def _layer_maps(model: nn.Module, forward: Forward, layers: tuple[str, ...]) -> nn.Module:
+    """The backend's forward for fixed layers as a module torch can export (the maps as a tuple)."""
+    from torch import nn
 
-    def __new__(cls, model: nn.Module, forward: Forward, layers: tuple[str, ...]) -> nn.Module:  # type: ignore[misc]
-        from torch import nn
+    class LayerMaps(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model  # registered, so that its weights are the graph's initializers
 
-        class LayerMaps(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model  # registered, so that its weights are the graph's initializers
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            maps = forward(x, layers)
+            return tuple(maps[layer] for layer in layers)
 
-            def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                maps = forward(x, layers)
-                return tuple(maps[layer] for layer in layers)
-
-        # In the model's own mode: the exporter restores the wrapper's mode afterwards, recursively, and a
-        # fresh module is in training mode (batch statistics in every BatchNorm from then on).
-        return LayerMaps().train(model.training)
+    # In the model's own mode: the exporter restores the wrapper's mode afterwards, recursively, and a fresh
+    # module is in training mode (batch statistics in every BatchNorm from then on).
+    return LayerMaps().train(model.training)
 
 
 @dataclass
@@ -245,7 +243,7 @@ class RuntimeForward:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(0)
                     example = torch.randn(batch or 2, *images.shape[1:]).to(images.device)
-                torch.onnx.export(_LayerMaps(self.model, self.forward, names), (example,), buffer,
+                torch.onnx.export(_layer_maps(self.model, self.forward, names), (example,), buffer,
                                   dynamo=False, opset_version=OPSET, input_names=["images"], output_names=outputs,
                                   dynamic_axes=dynamic, do_constant_folding=True)
             session = self._session(buffer.getvalue())

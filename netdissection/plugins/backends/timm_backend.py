@@ -231,11 +231,10 @@ class TimmBackend:
         from torch import nn
 
         from .layouts import fit_input
-        from .runtime import RuntimeForward, check_runtime
+        from .runtime import RuntimeForward
         from .timm_layers import TimmLayers
         from .torch_common import file_sha256, load_weights, seeded_init
 
-        check_runtime(options.runtime)
         self.options = options
         self.model_name = str(model_ref)
         self.device = torch.device(options.device)

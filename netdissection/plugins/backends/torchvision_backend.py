@@ -50,12 +50,11 @@ class TorchvisionBackend:
         from torch import nn
 
         from .layouts import fit_input
-        from .runtime import RuntimeForward, check_runtime
+        from .runtime import RuntimeForward
         from .stages import stage_names
         from .torch_common import INIT_SEED, HookedModel, file_sha256, load_weights, seeded_init
         from .torchvision_stages import stage_modules
 
-        check_runtime(options.runtime)
         self.options = options
         self.device = torch.device(options.device)
         self.weights_sha256: str | None = None
