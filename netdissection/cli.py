@@ -533,15 +533,17 @@ def backends_command(context: CliContext) -> None:
     asked = [impl.plugin_name for impl in reversed(host.hook.dissect_detect_backend.get_hookimpls())]
     table = Table(title="backends: without --backend, the first to claim MODEL loads it (order column); "
                         ".onnx → onnx, torchvision names → torchvision, other timm names → timm")
-    for column in ("order", "backend", "plugin", "accepts", "needs"):
+    for column in ("order", "backend", "plugin", "accepts", "runtimes", "needs"):
         table.add_column(column)
     entries = sorted(host.catalog("backend"), key=lambda e: asked.index(e.plugin) if e.plugin in asked else len(asked))
     for entry in entries:
         order = str(asked.index(entry.plugin) + 1) if entry.plugin in asked else "-"
         needs = [f"{package} {'ok' if importlib.util.find_spec(package) else 'missing'}"
                  for package in entry.metadata.get("requires", ())]
+        # A backend class says which --runtime it takes (Backend.runtimes) without loading a model.
+        runtimes = ", ".join(getattr(entry.factory, "runtimes", ())) or "-"
         table.add_row(order, entry.name, entry.plugin, str(entry.metadata.get("accepts", entry.description)),
-                      ", ".join(needs) or "-")
+                      runtimes, ", ".join(needs) or "-")
     context.out.print(table)
 
 

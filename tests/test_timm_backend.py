@@ -136,7 +136,8 @@ def test_backends_command_lists_order_and_accepts(run_cli: Callable[..., tuple[i
     assert code == 0, err
     order = [name for name in ("onnx", "torchvision", "timm") if f"│ {name} " in out]
     assert order == ["onnx", "torchvision", "timm"]
-    assert "order" in out and "accepts" in out
+    assert "order" in out and "accepts" in out and "runtimes" in out
+    assert "onnxruntime" in out.split("│ onnx ")[1].split("\n")[0]  # what --runtime each backend takes
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
