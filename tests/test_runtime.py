@@ -236,3 +236,13 @@ def test_auto_without_onnxruntime_runs_on_torch(monkeypatch: pytest.MonkeyPatch)
     assert auto.describe()["runtime"] == "torch"
     with pytest.raises(DissectionError, match=r"pip install 'netdissection\[onnx\]'"):
         TorchvisionBackend("resnet18", BackendOptions(runtime="onnxruntime"))
+
+
+def test_compare_takes_the_runtime(run_cli, tmp_path: Path, concept_set: Path) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_cli("compare", "resnet18", "--dataset", concept_set, "--layer", "layer4", "--runtime",
+                           "onnxruntime", "--batch-size", "12", "--workers", "0", "--store", tmp_path / "store",
+                           "--out", tmp_path / "cmp")
+    assert code == 0, err
+    [run] = [p for p in (tmp_path / "cmp" / "runs").iterdir() if p.is_dir()]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["provenance"]["backend_details"]["runtime"] == "onnxruntime"
