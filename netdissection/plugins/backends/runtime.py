@@ -102,7 +102,7 @@ class RuntimeForward:
             try:
                 self._providers()
             except DissectionError as exc:  # MissingExtraError too: auto then has one runtime to choose
-                log.info("%s: the forward pass runs on torch (%s)", model_name, exc)
+                log.info("%s: --runtime auto runs the forward pass on torch (%s)", model_name, exc)
                 self.chosen = "torch"
 
     # ---- what the run records
