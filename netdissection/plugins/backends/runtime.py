@@ -30,7 +30,6 @@ from ...core.errors import DissectionError, MissingExtraError
 from ...core.runtimes import RUNTIMES
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
     from torch import nn
 
@@ -186,29 +185,17 @@ class RuntimeForward:
             return self.forward(images, names)
 
     def _run(self, graph: _Graph, images: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The graph's maps of ``images`` (a fixed-batch graph is only ever run on batches of its size)."""
         import numpy as np
         import torch
 
         x = np.ascontiguousarray(images.detach().to("cpu", torch.float32).numpy())
-        n = x.shape[0]
-        parts: list[list[np.ndarray]] = []
-        step = graph.batch or n
-        for start in range(0, n, step):
-            chunk = x[start:start + step]
-            keep = chunk.shape[0]
-            if keep < step:  # a fixed-batch graph: pad the last chunk, drop the padding's maps
-                chunk = np.concatenate([chunk, np.zeros((step - keep, *chunk.shape[1:]), chunk.dtype)])
-            try:
-                outputs = graph.session.run(None, {"images": chunk})
-            except Exception as exc:  # onnxruntime raises its own types, one per kind of failure
-                raise DissectionError(f"onnxruntime failed on a batch of shape {tuple(chunk.shape)}: "
-                                      f"{_first_line(exc)}") from None
-            parts.append([o[:keep] for o in outputs])
-        maps = {}
-        for i, name in enumerate(names):
-            value = np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]
-            maps[name] = torch.from_numpy(value).to(images.device)
-        return maps
+        try:
+            outputs = graph.session.run(None, {"images": x})
+        except Exception as exc:  # onnxruntime raises its own types, one per kind of failure
+            raise DissectionError(f"onnxruntime failed on a batch of shape {tuple(x.shape)}: "
+                                  f"{_first_line(exc)}") from None
+        return {name: torch.from_numpy(value).to(images.device) for name, value in zip(names, outputs, strict=True)}
 
     # ---- the export
 
