@@ -38,7 +38,7 @@ import json, os, shutil, sys, time
 from pathlib import Path
 code, run, out = sys.argv[1:4]
 sys.path.insert(0, code)
-import netdissection.core.reporting as reporting
+import netdissection.api as api
 from netdissection.core.results import load_run
 from netdissection.registry import build_host
 
@@ -51,27 +51,27 @@ with torch.inference_mode():
 host = build_host()
 result = load_run(Path(out))
 seconds = {}
-choose = reporting._reporters
+make_writers = api.make_writers
 
-def timed(*args, **kwargs):
-    chosen = choose(*args, **kwargs)
-    for name, writer in chosen:
-        def write(result, out_dir, _write=writer.write, _name=name):
+def timed(*args, **kwargs):  # each writer made as a run makes it, its write timed
+    chosen = make_writers(*args, **kwargs)
+    for choice in chosen:
+        def write(result, out_dir, _write=choice.writer.write, _name=choice.name):
             start = time.perf_counter()
             try:
                 return _write(result, out_dir)
             finally:
                 seconds[_name] = time.perf_counter() - start
-        writer.write = write
+        choice.writer.write = write
     return chosen
 
-reporting._reporters = timed
+api.make_writers = timed
 def cpu():  # this process and the worker processes it waited for
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
 
 start, started_cpu = time.perf_counter(), cpu()
-reporting.write_reports(host, result, Path(out))
+api.write_reports(result, Path(out), host=host)
 seconds["all"], seconds["cpu"] = time.perf_counter() - start, cpu() - started_cpu
 print(json.dumps(seconds))
 """
