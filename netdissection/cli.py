@@ -144,15 +144,19 @@ class _OneLineWarning(logging.Handler):
 def _setup_logging(verbose: int) -> None:
     from .registry.failures import failure_log
 
-    level = logging.WARNING - 10 * verbose
+    level = max(logging.WARNING - 10 * verbose, logging.DEBUG)
     handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(message)s", handlers=[handler], force=True)
+    # Other libraries log one step less than this package: our debug lines without matplotlib's font
+    # matching or PIL's chunk reads, which one more -v adds.
+    logging.basicConfig(level=min(level + 10, logging.WARNING), format="%(message)s", handlers=[handler],
+                        force=True)
+    logging.getLogger(__package__).setLevel(level)
     failure_log.handlers[:] = [_OneLineWarning()]
     failure_log.propagate = False
 
 
 def _verbose_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")(command)
+    return click.option("-v", "--verbose", count=True, help="More log output; repeat for more.")(command)
 
 
 def _apply(options: Sequence[Callable[..., Any]], command: Callable[..., Any]) -> Callable[..., Any]:

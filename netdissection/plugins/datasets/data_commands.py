@@ -51,7 +51,7 @@ def dataset_options(command: F) -> F:
         click.option("--split", help="Split (HuggingFace datasets)."),
         click.option("--concepts", type=click.Path(dir_okay=False),
                      help="Concepts file naming label ids: id,name,category CSV or id2label JSON (HuggingFace)."),
-        click.option("-v", "--verbose", count=True, help="More log output (-vv for debug)."),
+        click.option("-v", "--verbose", count=True, help="More log output; repeat for more."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -99,7 +99,7 @@ def _progress(context: CommandContext, description: str, total: int | None, tran
 @click.option("--keep-zip", is_flag=True, help="Keep the archive after unpacking.")
 @click.option("--retries", type=click.IntRange(0), default=3, show_default=True,
               help="Resume this many times after a broken connection.")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="More log output; repeat for more.")
 @click.pass_obj
 def download_command(context: CommandContext, name: str, dest: str | None, mirror: str | None, keep_zip: bool,
                      retries: int, verbose: int) -> None:

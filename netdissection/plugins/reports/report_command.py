@@ -32,7 +32,7 @@ def dissect_register_commands(cli: click.Group) -> None:
                    "See: dissect plugins.")
 @click.option("--strict-plugins", is_flag=True,
               help="Any plugin failure is an error (exit status 2); also NETDISSECTION_STRICT_PLUGINS=1.")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="More log output; repeat for more.")
 @click.pass_obj
 def report_command(context: CommandContext, results_dir: str, top_k: int | None, reporters: tuple[str, ...],
                    strict_plugins: bool, verbose: int) -> None:
