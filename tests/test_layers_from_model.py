@@ -112,6 +112,7 @@ def test_stages_and_modules_share_one_pass(model: str, layers: list[str]) -> Non
         if isinstance(module, torch.nn.Conv2d) and module.in_channels == 3:
             passes.append(module)
 
+    backend.activations(x, layers)  # the first batch also finds the batch norms to fold, on 2 images
     handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
     try:
         maps = backend.activations(x, layers)

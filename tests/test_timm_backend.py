@@ -70,7 +70,11 @@ def test_end_to_end(model: str, module_layer: str, stage_units: tuple[int, int],
     layers = ["stage:0", "stage:-1", module_layer]
     result = netdissection.dissect(model, backend="timm", dataset=concept_set, layers=layers, batch_size=4,
                                    workers=0)
-    assert counter.by_batch[4] == 2  # 8 images in 2 batches: one pass each serves all three layers
+    # 8 images in 2 batches: one pass each serves all three layers (and where batch norms were folded, a pass of
+    # 2 images of the first batch showed which ones, and checks the folded model).
+    assert counter.by_batch[4] == 2
+    folded = result.provenance["backend_details"].get("batchnorms_folded", 0)
+    assert counter.by_batch[2] == (1 if folded else 0)
     assert list(result.layers) == layers
     assert (result.layers["stage:0"].units, result.layers["stage:-1"].units) == stage_units
     for layer in result.layers.values():

@@ -32,7 +32,7 @@ from .files import atomic_write_text
 log = logging.getLogger(__name__)
 
 #: Bump when a change of the protocol or of what a run writes makes stored results stale.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: batch norms folded into their convolutions on torch (maps change in the last bits)
 #: Hex digits of a key (128 bits).
 KEY_LENGTH = 32
 #: Files with these suffixes are hashed by content in a dataset fingerprint (index and label tables).

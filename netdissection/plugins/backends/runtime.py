@@ -11,6 +11,9 @@ traced a batch size or a Python branch as a constant does not). ``auto`` times t
 runtime (the better of two runs: a first run pays for its set-up) and keeps onnxruntime only when it is
 clearly faster (``AUTO_MARGIN``); a model that does not export, or a graph that disagrees, stays on torch
 with a line in the log. ``onnxruntime`` asked for by name fails in one line instead.
+
+On torch, the batch norms that follow convolutions are folded into them on the first batch (:mod:`.folding`),
+and the folded model is checked against the model as it was on that batch.
 """
 
 from __future__ import annotations
@@ -84,11 +87,16 @@ class RuntimeForward:
     """A torch backend's forward pass on the runtime the user asked for (see the module's docstring)."""
 
     def __init__(self, model: nn.Module, forward: Forward, runtime: str | None, *, device: Any,
-                 model_name: str) -> None:
+                 model_name: str, fold_batchnorms: bool = True) -> None:
+        from .folding import BatchNormFolding
+
         check_runtime(runtime)
         self.model = model
         self.forward = forward
         self.requested = runtime or "torch"
+        # Folding serves the torch runtime only (onnxruntime fuses its graph itself).
+        self._folding = BatchNormFolding(model) if fold_batchnorms and self.requested != "onnxruntime" else None
+        self._folded_for: tuple[str, ...] | None = None  # the layers the folds were checked for
         self.device = device
         self.model_name = model_name
         #: the runtime in use: decided on the first batch under ``auto``
@@ -116,6 +124,8 @@ class RuntimeForward:
             import onnxruntime
 
             details["onnxruntime"] = onnxruntime.__version__
+        elif self._folding is not None and self._folded_for is not None:
+            details["batchnorms_folded"] = len(self._folding.folds)
         return details
 
     # ---- the forward pass
@@ -182,7 +192,37 @@ class RuntimeForward:
         import torch
 
         with torch.inference_mode():
+            if self._folding is not None and self._folded_for != names:
+                return self._fold(images, names)
             return self.forward(images, names)
+
+    def _fold(self, images: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The first batch for these layers. A few of its images run through the model as it is, which shows
+        which norms follow which convolutions; those are folded (but for requested layers), the whole batch
+        runs through the folded model, and its maps of those few images are checked against the model's own.
+        Every batch, the first too, is then the folded model's."""
+        from .folding import FOLD_CHECK_IMAGES, FOLD_TOLERANCE, has_foldable_norms, watching_pairs
+
+        assert self._folding is not None
+        self._folding.unfold()  # other layers than before: the convolutions requested now keep their norms
+        self._folded_for = names
+        if not has_foldable_norms(self.model):
+            return self.forward(images, names)
+        few = images[:FOLD_CHECK_IMAGES]
+        with watching_pairs(self.model) as pairs:
+            reference = self.forward(few, names)
+        if not self._folding.fold(pairs, keep=names):
+            return self.forward(images, names)
+        maps = self.forward(images, names)
+        mismatch = _mismatch({k: v[:len(few)] for k, v in maps.items()}, reference, tolerance=FOLD_TOLERANCE)
+        if not mismatch:
+            log.debug("%s: %d batch norms folded into their convolutions", self.model_name,
+                      len(self._folding.folds))
+            return maps
+        self._folding.unfold()
+        log.info("%s: folding its batch norms into their convolutions changes its maps (%s); they stay "
+                 "unfolded", self.model_name, mismatch)
+        return self.forward(images, names)
 
     def _run(self, graph: _Graph, images: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """The graph's maps of ``images`` (a fixed-batch graph is only ever run on batches of its size)."""
@@ -294,15 +334,17 @@ def _stdout_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _mismatch(maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str:
-    """Why two runtimes' maps are not the same maps up to float rounding ("" when they are)."""
+def _mismatch(maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+              tolerance: float = CHECK_TOLERANCE) -> str:
+    """Why two runs' maps are not the same maps up to float rounding ("" when they are): each within
+    ``tolerance`` of its largest magnitude."""
     for name, expected in reference.items():
         got = maps[name]
         if tuple(got.shape) != tuple(expected.shape):
             return f"layer {name}: shape {tuple(got.shape)}, not {tuple(expected.shape)}"
         scale = float(expected.abs().max()) if expected.numel() else 0.0
         difference = float((got.float() - expected.float()).abs().max()) if expected.numel() else 0.0
-        if not difference <= CHECK_TOLERANCE * max(scale, 1e-12):
+        if not difference <= tolerance * max(scale, 1e-12):
             return f"layer {name}: values differ by up to {difference:.3g} where they reach {scale:.3g}"
     return ""
 

@@ -182,11 +182,15 @@ class HookedModel:
         self.calls: dict[str, int] = {}
         self.infos: list[LayerInfo] = []
         self.layouts: dict[str, Layout] = {}
+        #: modules whose output the model changes in place after it is made (``out += identity``, an in-place
+        #: ReLU): a captured output of theirs is copied the moment it is made.
+        self.changed_later: set[str] = set()
         self._probe(probe_input, layout_of or inferred_layout_of(model), on_output)
 
     def _probe(self, x: torch.Tensor, layout_of: LayoutOf, on_output: Callable[[str, Any], None] | None) -> None:
         order: list[str] = []
         outputs: dict[str, Any] = {}
+        versions: dict[str, int] = {}  # a tensor's version counter as its module returned it
 
         def hook(name: str):  # type: ignore[no-untyped-def]
             def record(_m: nn.Module, _i: Any, out: Any) -> None:
@@ -195,17 +199,21 @@ class HookedModel:
                     order.remove(name)
                 order.append(name)  # completion order; a reused module counts where it was last called
                 outputs[name] = out
+                if isinstance(out, torch.Tensor):
+                    versions[name] = out._version
                 if on_output is not None:
                     on_output(name, out)
             return record
 
         handles = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
         try:
-            with torch.inference_mode():
+            # no_grad, not inference_mode: only normal tensors count their in-place changes (_version).
+            with torch.no_grad():
                 self.model(x)
         finally:
             for h in handles:
                 h.remove()
+        self.changed_later = {name for name, version in versions.items() if outputs[name]._version != version}
         input_hw = (int(x.shape[-2]), int(x.shape[-1]))
         for name in order:
             found = layout_of(name, outputs[name], int(x.shape[0]), input_hw)
@@ -226,13 +234,15 @@ class HookedModel:
 
         def hook(name: str):  # type: ignore[no-untyped-def]
             def record(_m: nn.Module, _i: Any, out: Any) -> None:
-                captured[name] = out
+                captured[name] = out.clone() if name in self.changed_later else out
                 remaining[name] -= 1
                 if stop_when_done and all(v <= 0 for v in remaining.values()):
                     raise _Done
             return record
 
-        handles = [self.modules[name].register_forward_hook(hook(name)) for name in set(layers)]
+        # Looked up now, not from the probe's table: the runtime may have swapped modules since (a batch
+        # norm folded into its convolution is an nn.Identity under the norm's name).
+        handles = [self.model.get_submodule(name).register_forward_hook(hook(name)) for name in set(layers)]
         result = None
         try:
             result = run()

@@ -1,0 +1,173 @@
+"""Batch norms folded into their convolutions on the torch runtime: the maps stay the model's own (up to float
+rounding), a requested convolution keeps its norm, and a fold that would change what the model computes is
+undone."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+from torch import nn  # noqa: E402
+
+from netdissection.core.types import BackendOptions  # noqa: E402
+from netdissection.plugins.backends.folding import AfterNorm, BatchNormFolding, watching_pairs  # noqa: E402
+from netdissection.plugins.backends.torchvision_backend import TorchvisionBackend  # noqa: E402
+
+
+def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Norm statistics and affine parameters far from the identity a fresh model has, so that a fold
+    changes the weights for real."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                c = module.num_features
+                module.running_mean.copy_(torch.randn(c, generator=generator) * 0.2)
+                module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(c, generator=generator) * 0.2)
+    return model
+
+
+def eager_maps(model: nn.Module, images: torch.Tensor, modules: list[str]) -> dict[str, torch.Tensor]:
+    """The outputs of ``modules`` in a plain eager forward pass of ``model`` (hooks, nothing of ours), fed as the
+    backend feeds it on CPU (channels last: the same kernels, so the same bits)."""
+    images = images.contiguous(memory_format=torch.channels_last)
+    captured: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda _m, _i, out, name=name: captured.__setitem__(name, out.clone())) for name in modules]
+    try:
+        with torch.inference_mode():
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-5) -> None:
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max()) <= tolerance * float(expected.abs().max())
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def resnet(runtime: str | None = None) -> tuple[TorchvisionBackend, nn.Module]:
+    backend = TorchvisionBackend("resnet18", BackendOptions(input_size=(64, 64), runtime=runtime))
+    trained_like(backend.model)
+    return backend, copy.deepcopy(backend.model)  # the model as it is, before any fold
+
+
+def test_folded_maps_are_the_models_own(images: torch.Tensor) -> None:
+    backend, reference = resnet()
+    layers = ["layer4", "layer3", "layer2.1.bn2"]
+    first = backend.activations(images, layers)  # the batch that folds: already the folded model's maps
+    later = backend.activations(images, layers)
+    expected = eager_maps(reference, images, layers)
+    for layer in layers:
+        assert torch.equal(first[layer], later[layer])  # every batch alike, whichever comes first
+        assert_close(later[layer], expected[layer])
+        assert not torch.equal(later[layer], expected[layer])  # folded for real
+    # Every conv -> norm pair of resnet18 (stem, 16 in the blocks, 3 downsamples): each norm is now an identity.
+    assert backend.describe()["batchnorms_folded"] == 20
+    norms = [m for m in backend.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms == []
+    assert isinstance(backend.model.get_submodule("layer2.1.bn2"), nn.Identity)
+
+
+def test_a_requested_convolution_keeps_its_norm(images: torch.Tensor) -> None:
+    backend, reference = resnet()
+    layers = ["layer4", "layer1.0.conv1"]
+    backend.activations(images, layers)
+    maps = backend.activations(images, layers)
+    expected = eager_maps(reference, images, layers)
+    # Its map is the one before its norm (the stem before it is folded: equal up to rounding, not bit for bit).
+    assert_close(maps["layer1.0.conv1"], expected["layer1.0.conv1"])
+    assert_close(maps["layer4"], expected["layer4"])
+    assert backend.describe()["batchnorms_folded"] == 19
+    assert isinstance(backend.model.get_submodule("layer1.0.bn1"), nn.BatchNorm2d)
+
+
+def test_other_layers_later_unfold_what_they_need(images: torch.Tensor) -> None:
+    backend, reference = resnet()
+    backend.activations(images, ["layer4"])
+    backend.activations(images, ["layer4"])  # everything folded, layer1.0.conv1 included
+    assert isinstance(backend.model.get_submodule("layer1.0.bn1"), nn.Identity)
+    maps = backend.activations(images, ["layer1.0.conv1"])  # before its norm again (the stem's is folded)
+    assert_close(maps["layer1.0.conv1"], eager_maps(reference, images, ["layer1.0.conv1"])["layer1.0.conv1"])
+    assert isinstance(backend.model.get_submodule("layer1.0.bn1"), nn.BatchNorm2d)
+
+
+class SharedConvOutput(nn.Module):
+    """A convolution whose output a norm reads, and a residual reads too: folding the norm would change
+    the residual. Watching the modules run cannot tell; the check must."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head(self.norm(y) + y)
+
+
+def test_a_fold_that_changes_the_maps_is_undone(images: torch.Tensor, caplog: pytest.LogCaptureFixture) -> None:
+    model = trained_like(SharedConvOutput()).eval()
+    reference = copy.deepcopy(model)
+    backend = TorchvisionBackend(model, BackendOptions(input_size=(64, 64)))
+    with caplog.at_level(logging.INFO, logger="netdissection"):
+        backend.activations(images, ["head"])
+    maps = backend.activations(images, ["head"])
+    assert torch.equal(maps["head"], eager_maps(reference, images, ["head"])["head"])
+    assert backend.describe()["batchnorms_folded"] == 0
+    assert isinstance(backend.model.norm, nn.BatchNorm2d)
+    assert "stay unfolded" in caplog.text
+
+
+def test_pairs_are_those_that_ran_once() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                          nn.BatchNorm2d(4)).eval()
+    with watching_pairs(model) as pairs, torch.inference_mode():
+        model(torch.randn(1, 3, 16, 16))
+    assert pairs == [("0", "1")]  # the second norm reads a ReLU's output, not a convolution's
+    folding = BatchNormFolding(model)
+    assert folding.fold(pairs) == 1 and isinstance(model[1], nn.Identity)
+    folding.unfold()
+    assert isinstance(model[1], nn.BatchNorm2d) and type(model[0]) is nn.Conv2d
+
+
+def test_onnxruntime_folds_nothing(images: torch.Tensor) -> None:
+    pytest.importorskip("onnxruntime")
+    backend, _ = resnet("onnxruntime")
+    backend.activations(images, ["layer4"])
+    assert "batchnorms_folded" not in backend.describe()
+    assert any(isinstance(m, nn.BatchNorm2d) for m in backend.model.modules())
+
+
+def test_timm_norms_with_their_activation(images: torch.Tensor) -> None:
+    timm = pytest.importorskip("timm")
+    from netdissection.plugins.backends.timm_backend import TimmBackend
+
+    backend = TimmBackend("efficientnet_b0", BackendOptions(input_size=(64, 64)))
+    trained_like(backend.model)
+    reference = copy.deepcopy(backend.model)
+    layers = ["stage:-1", "bn1.act"]  # a stage, and the activation inside the stem's BatchNormAct2d
+    backend.activations(images, layers)
+    maps = backend.activations(images, layers)
+    expected = eager_maps(reference, images, ["blocks.6", "bn1.act"])
+    assert_close(maps["stage:-1"], expected["blocks.6"])
+    assert_close(maps["bn1.act"], expected["bn1.act"])
+    assert backend.describe()["batchnorms_folded"] > 40
+    # Every norm up to the stage is folded (the head's never ran: the pass stops at the stage).
+    assert isinstance(backend.model.bn1, AfterNorm)
+    assert not any(isinstance(m, timm.layers.BatchNormAct2d) for m in backend.model.blocks.modules())
+    assert isinstance(backend.model.bn2, timm.layers.BatchNormAct2d)
