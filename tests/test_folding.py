@@ -171,3 +171,16 @@ def test_timm_norms_with_their_activation(images: torch.Tensor) -> None:
     assert isinstance(backend.model.bn1, AfterNorm)
     assert not any(isinstance(m, timm.layers.BatchNormAct2d) for m in backend.model.blocks.modules())
     assert isinstance(backend.model.bn2, timm.layers.BatchNormAct2d)
+
+
+def test_an_output_changed_in_place_later_is_captured_as_made(images: torch.Tensor) -> None:
+    """A ResNet block adds its shortcut to bn2's output in place and applies an in-place ReLU to bn1's: the maps
+    of those layers are what the norms returned, bit for bit (folding left out, to compare exactly)."""
+    backend, reference = resnet()
+    backend.runtime._folding = None
+    layers = ["layer2.1.bn2", "layer1.0.bn1", "layer3"]
+    maps = backend.activations(images, layers)
+    expected = eager_maps(reference, images, layers)
+    for layer in layers:
+        assert torch.equal(maps[layer], expected[layer]), layer
+    assert float(maps["layer1.0.bn1"].min()) < 0  # not the ReLU's output
