@@ -159,3 +159,24 @@ def test_paper_versus_lite_toy_case() -> None:
     assert lite[0] == pytest.approx(1 / 3)
     assert paper[1] == pytest.approx(0.375)
     assert lite[1] == pytest.approx(0.375)
+
+
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_preprocessing_in_either_memory_layout(order: str) -> None:
+    """The batch a backend gets: the same values whichever layout it asks for (a channels-last one comes
+    without a copy), equal to the normalisation written out in NumPy."""
+    from netdissection.core.scheduler import preprocess
+    from netdissection.core.types import InputSpec
+
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8))
+    spec = InputSpec(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), channel_order=order)
+    plain = preprocess(images, spec, "cpu")
+    last = preprocess(images, InputSpec(**{**spec.__dict__, "memory_format": "channels_last"}), "cpu")
+    assert plain.shape == last.shape == (3, 3, 5, 7)
+    assert plain.is_contiguous() and last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plain, last)
+    x = images.numpy().astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255)
+    expected = (x - np.float32([0.4, 0.5, 0.6])[:, None, None]) / np.float32([0.2, 0.25, 0.3])[:, None, None]
+    if order == "BGR":
+        expected = expected[:, ::-1]
+    np.testing.assert_array_equal(plain.numpy(), expected)

@@ -12,7 +12,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -230,7 +230,7 @@ def prepare_run(
 
     spec = backend.input_spec()
     if compat == "lite":
-        spec = InputSpec(size=spec.size, mean=LITE_INPUT.mean, std=LITE_INPUT.std, channel_order=spec.channel_order)
+        spec = replace(spec, mean=LITE_INPUT.mean, std=LITE_INPUT.std)
     provenance: dict[str, Any] = {
         "netdissection": __version__,
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -124,14 +124,20 @@ class Plan:
 
 
 def preprocess(images: torch.Tensor, spec: InputSpec, device: str) -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` RGB → normalised float ``(N, 3, H, W)`` in the model's channel order."""
+    """uint8 ``(N, H, W, 3)`` RGB → normalised float ``(N, 3, H, W)`` in the model's channel order, laid out in
+    memory as ``spec.memory_format`` asks.
+
+    The images arrive channels-last (pixel by pixel), so a channels-last batch is made without a copy: the
+    arithmetic runs in place on the float batch (the same operations in the same order as out of place, so
+    the same values), and only a backend that wants contiguous NCHW pays for the one reordering copy."""
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
-    x = (x - mean) / std
+    x.sub_(mean).div_(std)
     if spec.channel_order.upper() == "BGR":
         x = x.flip(1)
-    return x.contiguous()
+    layout = torch.channels_last if spec.memory_format == "channels_last" else torch.contiguous_format
+    return x.contiguous(memory_format=layout)
 
 
 #: ``accumulator(thresholds, vocabulary, semantics, device)``: what the IoU pass counts into.

@@ -133,12 +133,15 @@ class LayerInfo:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """How a backend wants its images: size hint, normalisation and channel order."""
+    """How a backend wants its images: size hint, normalisation, channel order, and the memory layout of the
+    ``(N, 3, H, W)`` batch ("contiguous", or "channels_last" for a model that runs channels-last: the batch
+    then comes without a copy)."""
 
     size: tuple[int, int] | None = None
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     channel_order: str = "RGB"
+    memory_format: str = "contiguous"
 
 
 @dataclass(frozen=True)

@@ -290,7 +290,8 @@ class TimmBackend:
         mean = self.options.mean or tuple(float(v) for v in self.data_config["mean"])
         std = self.options.std or tuple(float(v) for v in self.data_config["std"])
         return InputSpec(size=self.spatial_input, mean=mean, std=std,  # type: ignore[arg-type]
-                         channel_order="BGR" if self.options.bgr else "RGB")
+                         channel_order="BGR" if self.options.bgr else "RGB",
+                         memory_format="channels_last" if self._channels_last else "contiguous")
 
     def activations(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         import torch

@@ -143,7 +143,8 @@ class TorchvisionBackend:
     def input_spec(self) -> InputSpec:
         default = InputSpec()
         return InputSpec(size=self.spatial_input, mean=self.options.mean or default.mean,
-                         std=self.options.std or default.std, channel_order="BGR" if self.options.bgr else "RGB")
+                         std=self.options.std or default.std, channel_order="BGR" if self.options.bgr else "RGB",
+                         memory_format="channels_last" if self._channels_last else "contiguous")
 
     def activations(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         import torch
