@@ -2,18 +2,18 @@
 
 In eval mode a ``BatchNorm2d`` is an affine map per channel, so a convolution followed by one computes what a
 single convolution with scaled weights and a shifted bias computes (torch's ``fuse_conv_bn_eval``). Folding
-skips the norm's pass over every activation: a ResNet's forward pass runs about 10% faster on CPU, and the
-norms' output tensors (the stem's is the largest tensor of the pass) no longer count in the peak memory. The
-maps change only by float rounding.
+skips the norm's pass over every activation: on a 2-core CPU resnet18 runs 1.16× and resnet50 1.28× more
+images a second. The norms' output tensors are no longer made, though the peak memory stays about where it
+was: the modules as they were are kept, to undo the folds. The maps change only by float rounding.
 
 Which pairs: those seen running, not read from the code, so that any model qualifies: a ``BatchNorm2d`` whose
 input is the very tensor a ``Conv2d`` has just returned, each module called once in the pass. timm's
-``BatchNormAct2d`` (a norm, then its dropout and activation) qualifies too: what is left of it once folded
-is its dropout and activation, under their own names. That nothing
-else reads the convolution's output cannot be seen that way, so nothing is taken on trust: the folded model's
-maps are compared with the model's own on the same images (each within :data:`FOLD_TOLERANCE` of its largest
-value), and the model is put back as it was when they differ. A convolution whose own output is a requested
-layer keeps its norm (its map is the one before the norm).
+``BatchNormAct2d`` (a norm, then its dropout and activation) qualifies too: what is left of it once folded is
+its dropout and activation, under their own names. That nothing else reads the convolution's output cannot be
+seen that way, so nothing is taken on trust: the folded model's maps are compared with the model's own on the
+same images (each within :data:`FOLD_TOLERANCE` of its largest value), and the model is put back as it was
+when they differ. A convolution whose own output is a requested layer keeps its norm (its map is the one
+before the norm).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 #: How far a folded model's map may be from the model's own: this fraction of the map's largest magnitude, as
-#: for onnxruntime's graphs. Rounding stays far below it (1e-6 in trained ResNets; deep networks whose
-#: activations grow large amplify it); a norm folded into a convolution whose output is also read elsewhere
-#: changes the maps by their own size.
+#: for onnxruntime's graphs. Rounding stays far below it (about 2e-6 in the ResNets and EfficientNets tested;
+#: deep networks whose activations grow large amplify it); a norm folded into a convolution whose output is
+#: also read elsewhere changes the maps by their own size.
 FOLD_TOLERANCE = 1e-3
 #: The folded model is checked on this many images of the batch it was folded on.
 FOLD_CHECK_IMAGES = 2
