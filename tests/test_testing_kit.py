@@ -89,6 +89,13 @@ class WrongShape(Wrapped):
                 for i in self.inner.layers()]
 
 
+class UnknownLayout(Wrapped):
+    def input_spec(self) -> Any:
+        import dataclasses
+
+        return dataclasses.replace(self.inner.input_spec(), memory_format="nhwc")
+
+
 def test_check_backend_passes_the_torchvision_backend(host: Any) -> None:
     maps = check_backend(tiny_backend(host))
     assert set(maps) == {"conv1", "relu1", "conv2", "relu2"} and tuple(maps["conv2"].shape) == (2, 16, 8, 8)
@@ -98,6 +105,7 @@ def test_check_backend_passes_the_torchvision_backend(host: Any) -> None:
     (BatchDependent, "batch dependence"),
     (ForwardPerLayer, "ONE forward pass"),
     (WrongShape, "layers\\(\\) promised"),
+    (UnknownLayout, "memory_format"),
 ])
 def test_check_backend_catches(host: Any, broken: type, message: str) -> None:
     with pytest.raises(AssertionError, match=message):

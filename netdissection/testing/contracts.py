@@ -65,6 +65,8 @@ def check_backend(backend: Backend, *, layers: Sequence[str] | None = None, imag
     assert isinstance(spec, InputSpec), "input_spec() must return an InputSpec"
     assert len(spec.mean) == 3 and len(spec.std) == 3, "input_spec() mean and std need three values"
     assert spec.channel_order.upper() in ("RGB", "BGR"), "input_spec().channel_order is RGB or BGR"
+    assert spec.memory_format in ("contiguous", "channels_last"), \
+        "input_spec().memory_format is 'contiguous' or 'channels_last'"
     described = backend.describe()
     assert isinstance(described, dict) and "model" in described, "describe() must return a dict with 'model'"
     json.dumps(described)  # provenance goes into summary.json
