@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -49,3 +50,32 @@ def test_rebuilding_reports_imports_no_framework(small_run: SmallRun, tmp_path: 
     assert imported == "0 []"
     assert (results / "report.html").is_file()  # every default report was written, the HTML page with its strips
     assert len(list((results / "report_files" / "layer3").glob("unit*.jpg"))) == 256
+
+
+# Asks whether timm has a model, in a fresh interpreter; prints the answer and whether timm was imported.
+TIMM_ASKED = """
+import sys
+from netdissection.plugins.backends.torchvision_backend import timm_has_model
+print(timm_has_model(sys.argv[1]), "timm" in sys.modules)
+"""
+
+
+def test_timm_names_are_asked_without_importing_timm(tmp_path: Path) -> None:
+    """A torchvision run by name says whether timm has the model too; after the first time, timm's names come from
+    a file of the user's cache, without timm's half-second import."""
+    pytest.importorskip("timm")
+    from importlib import metadata
+
+    env = {**os.environ, "NETDISSECTION_CACHE": str(tmp_path)}
+
+    def ask(name: str) -> str:
+        return subprocess.run([sys.executable, "-c", TIMM_ASKED, name], capture_output=True, text=True, check=True,
+                              env=env).stdout.strip()
+
+    assert ask("resnet18") == "True True"  # the first time: timm imported, its names written down
+    names = tmp_path / f"timm-models-{metadata.version('timm')}.txt"
+    assert "resnet18" in names.read_text().split() and "alexnet" not in names.read_text().split()
+    assert ask("resnet18") == "True False"
+    assert ask("alexnet") == "False False"
+    names.write_text("alexnet\n")  # the file is what is read: timm itself is not asked again
+    assert ask("alexnet") == "True False"

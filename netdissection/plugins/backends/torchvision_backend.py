@@ -13,6 +13,7 @@ timm's model of that name has the layer.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import sys
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ...core.errors import DissectionError, UnknownNameError
+from ...core.files import atomic_write_text, cache_root
 from ...core.hookspecs import hookimpl
 from ...core.types import BackendOptions, InputSpec, LayerInfo
 
@@ -200,12 +202,29 @@ def dissect_detect_backend(model_ref: Any) -> str | None:
 
 
 def timm_has_model(name: str) -> bool:
-    """Whether timm is installed and has a model of this name (imports timm only when it is installed)."""
+    """Whether timm is installed and has a model of this name.
+
+    Asked on every run of a torchvision model by name, for the one-line pointer to timm's: importing timm to
+    answer takes half a second, so timm's model names are kept in the user's cache folder, one file per timm
+    version (``timm-models-VERSION.txt``), and timm is imported only to write that file."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("timm")
+    except metadata.PackageNotFoundError:
+        return False
+    path = cache_root() / f"timm-models-{version}.txt"
+    try:
+        return name in path.read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError):
+        pass
     if importlib.util.find_spec("timm") is None:
         return False
     try:
         import timm
     except ImportError:
         return False
+    with contextlib.suppress(OSError):  # a read-only home only costs the import next time too
+        atomic_write_text(path, "".join(f"{n}\n" for n in timm.list_models()))
     return bool(timm.is_model(name))
 
