@@ -11,7 +11,7 @@ input is the very tensor a ``Conv2d`` has just returned, each module called once
 ``BatchNormAct2d`` (a norm, then its dropout and activation) qualifies too: what is left of it once folded is
 its dropout and activation, under their own names. That nothing else reads the convolution's output cannot be
 seen that way, so nothing is taken on trust: the folded model's maps are compared with the model's own on the
-same images (each within :data:`FOLD_TOLERANCE` of its largest value), and the model is put back as it was
+same images (by :mod:`.runtime`, each within 1e-3 of its largest value), and the model is put back as it was
 when they differ. A convolution whose own output is a requested layer keeps its norm (its map is the one
 before the norm).
 """
@@ -27,11 +27,6 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-#: How far a folded model's map may be from the model's own: this fraction of the map's largest magnitude, as
-#: for onnxruntime's graphs. Rounding stays far below it (about 2e-6 in the ResNets and EfficientNets tested;
-#: deep networks whose activations grow large amplify it); a norm folded into a convolution whose output is
-#: also read elsewhere changes the maps by their own size.
-FOLD_TOLERANCE = 1e-3
 #: The folded model is checked on this many images of the batch it was folded on.
 FOLD_CHECK_IMAGES = 2
 

@@ -13,7 +13,8 @@ clearly faster (``AUTO_MARGIN``); a model that does not export, or a graph that 
 with a line in the log. ``onnxruntime`` asked for by name fails in one line instead.
 
 On torch, the batch norms that follow convolutions are folded into them on the first batch (:mod:`.folding`),
-and the folded model is checked against the model as it was on that batch.
+and the folded model's maps of two of its images are checked against the model's own, within the same
+``CHECK_TOLERANCE``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: How far an exported graph's map may be from torch's: this fraction of the map's largest magnitude.
+#: How far an exported graph's map (or a folded model's) may be from torch's: this fraction of the map's largest
+#: magnitude. Rounding stays far below it (about 2e-6 for folded ResNets and EfficientNets; deep networks whose
+#: activations grow large amplify it); a traced constant, or a norm folded into a convolution whose output is
+#: also read elsewhere, changes the maps by their own size.
 CHECK_TOLERANCE = 1e-3
 #: ``auto`` takes onnxruntime when its batch takes at most this fraction of torch's: it holds a second copy
 #: of the weights, and a tie is no reason to leave the model's own code.
@@ -87,7 +91,7 @@ class RuntimeForward:
     """A torch backend's forward pass on the runtime the user asked for (see the module's docstring)."""
 
     def __init__(self, model: nn.Module, forward: Forward, runtime: str | None, *, device: Any,
-                 model_name: str, fold_batchnorms: bool = True) -> None:
+                 model_name: str) -> None:
         from .folding import BatchNormFolding
 
         check_runtime(runtime)
@@ -95,7 +99,7 @@ class RuntimeForward:
         self.forward = forward
         self.requested = runtime or "torch"
         # Folding serves the torch runtime only (onnxruntime fuses its graph itself).
-        self._folding = BatchNormFolding(model) if fold_batchnorms and self.requested != "onnxruntime" else None
+        self._folding = BatchNormFolding(model) if self.requested != "onnxruntime" else None
         self._folded_for: tuple[str, ...] | None = None  # the layers the folds were checked for
         self.device = device
         self.model_name = model_name
@@ -201,7 +205,7 @@ class RuntimeForward:
         which norms follow which convolutions; those are folded (but for requested layers), the whole batch
         runs through the folded model, and its maps of those few images are checked against the model's own.
         Every batch, the first too, is then the folded model's."""
-        from .folding import FOLD_CHECK_IMAGES, FOLD_TOLERANCE, has_foldable_norms, watching_pairs
+        from .folding import FOLD_CHECK_IMAGES, has_foldable_norms, watching_pairs
 
         assert self._folding is not None
         self._folding.unfold()  # other layers than before: the convolutions requested now keep their norms
@@ -214,7 +218,7 @@ class RuntimeForward:
         if not self._folding.fold(pairs, keep=names):
             return self.forward(images, names)
         maps = self.forward(images, names)
-        mismatch = _mismatch({k: v[:len(few)] for k, v in maps.items()}, reference, tolerance=FOLD_TOLERANCE)
+        mismatch = _mismatch({k: v[:len(few)] for k, v in maps.items()}, reference)
         if not mismatch:
             log.debug("%s: %d batch norms folded into their convolutions", self.model_name,
                       len(self._folding.folds))
@@ -334,17 +338,16 @@ def _stdout_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _mismatch(maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
-              tolerance: float = CHECK_TOLERANCE) -> str:
+def _mismatch(maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str:
     """Why two runs' maps are not the same maps up to float rounding ("" when they are): each within
-    ``tolerance`` of its largest magnitude."""
+    ``CHECK_TOLERANCE`` of its largest magnitude."""
     for name, expected in reference.items():
         got = maps[name]
         if tuple(got.shape) != tuple(expected.shape):
             return f"layer {name}: shape {tuple(got.shape)}, not {tuple(expected.shape)}"
         scale = float(expected.abs().max()) if expected.numel() else 0.0
         difference = float((got.float() - expected.float()).abs().max()) if expected.numel() else 0.0
-        if not difference <= tolerance * max(scale, 1e-12):
+        if not difference <= CHECK_TOLERANCE * max(scale, 1e-12):
             return f"layer {name}: values differ by up to {difference:.3g} where they reach {scale:.3g}"
     return ""
 
