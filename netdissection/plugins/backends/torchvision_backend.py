@@ -14,10 +14,10 @@ timm's model of that name has the layer.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from ...core.errors import DissectionError, UnknownNameError
@@ -207,8 +207,6 @@ def timm_has_model(name: str) -> bool:
     Asked on every run of a torchvision model by name, for the one-line pointer to timm's: importing timm to
     answer takes half a second, so timm's model names are kept in the user's cache folder, one file per timm
     version (``timm-models-VERSION.txt``), and timm is imported only to write that file."""
-    from importlib import metadata
-
     try:
         version = metadata.version("timm")
     except metadata.PackageNotFoundError:
@@ -218,11 +216,9 @@ def timm_has_model(name: str) -> bool:
         return name in path.read_text(encoding="utf-8").split()
     except (OSError, UnicodeDecodeError):
         pass
-    if importlib.util.find_spec("timm") is None:
-        return False
     try:
         import timm
-    except ImportError:
+    except ImportError:  # its metadata without the package: a broken install
         return False
     with contextlib.suppress(OSError):  # a read-only home only costs the import next time too
         atomic_write_text(path, "".join(f"{n}\n" for n in timm.list_models()))
