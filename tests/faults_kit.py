@@ -187,6 +187,7 @@ class Zygote:
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
                                         env={**os.environ, "COLUMNS": "120"}, preexec_fn=ctrl_c_as_in_a_terminal)
         assert self.process.stdin is not None
+        self._pending = b""  # bytes read from the zygote's pipe, not yet a whole line
         self.process.stdin.write(json.dumps([str(a) for a in warm_up or []]) + "\n")
         self.process.stdin.flush()
         assert json.loads(self._line(timeout=300)) == {"ready": True}
@@ -194,14 +195,27 @@ class Zygote:
         self._statuses: dict[int, int] = {}
 
     def _line(self, timeout: float) -> str:
+        """The zygote's next line. Its pipe is read here, not through a buffered ``readline``: select() tells
+        only whether the pipe has bytes, and a second line already in Python's buffer would wait unseen
+        (two children's exit statuses arriving together left a test waiting for one that had come)."""
         assert self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        if not ready:
-            raise AssertionError("the zygote did not answer")
-        line = self.process.stdout.readline()
-        if not line:
-            raise AssertionError(f"the zygote ended ({self.process.poll()})")
-        return line
+        fd = self.process.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0.0))
+            if not ready:
+                raise AssertionError("the zygote did not answer")
+            data = os.read(fd, 65536)
+            if not data:
+                raise AssertionError(f"the zygote ended ({self.process.poll()})")
+            self._pending += data
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode()
+
+    def _answered(self) -> bool:
+        """Whether a line of the zygote's waits: read already, or in the pipe."""
+        assert self.process.stdout is not None
+        return b"\n" in self._pending or bool(select.select([self.process.stdout.fileno()], [], [], 0)[0])
 
     def _next(self, timeout: float) -> dict[str, Any]:
         """The zygote's next message; exit statuses are filed by pid as they come."""
@@ -226,8 +240,7 @@ class Zygote:
                 return Child(self, message["pid"], log, events)
 
     def poll_status(self, child: Child) -> int | None:
-        assert self.process.stdout is not None
-        while child.pid not in self._statuses and select.select([self.process.stdout], [], [], 0)[0]:
+        while child.pid not in self._statuses and self._answered():
             self._next(timeout=5)
         child.code = self._statuses.get(child.pid)
         return child.code
