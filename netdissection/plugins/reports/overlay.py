@@ -64,14 +64,41 @@ def _window(hot: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> slice | No
 def unit_mask(raw: np.ndarray, threshold: float, size: tuple[int, int]) -> np.ndarray:
     """Where the unit fires on an image of ``size`` = ``(H, W)``: its raw map ``(h, w)`` upsampled, strictly
     above its threshold. Equal to ``upsample_bilinear(raw, size) > threshold``, computed in a window."""
-    a = np.asarray(raw, dtype=np.float64)
     mask = np.zeros(size, dtype=bool)
+    boxed = boxed_mask(raw, threshold, size)
+    if boxed is not None:
+        box, inside = boxed
+        mask[box] = inside
+    return mask
+
+
+def boxed_mask(raw: np.ndarray, threshold: float, size: tuple[int, int]
+               ) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """The mask of :func:`unit_mask` as its :func:`bounding_box` and the mask inside that box (None when the
+    mask is empty), without the whole image's mask: a strip draws only the box."""
+    a = np.asarray(raw, dtype=np.float64)
     hot = a > threshold
     rows = _window(hot.any(axis=1), *_axis(a.shape[0], size[0])[:2])
     cols = _window(hot.any(axis=0), *_axis(a.shape[1], size[1])[:2])
-    if rows is not None and cols is not None:
-        mask[rows, cols] = _interpolate(a, rows, cols, size) > threshold
-    return mask
+    if rows is None or cols is None:
+        return None
+    window = _interpolate(a, rows, cols, size) > threshold
+    ys, xs = np.flatnonzero(window.any(axis=1)), np.flatnonzero(window.any(axis=0))
+    if ys.size == 0:
+        return None
+    # The box in image coordinates, grown by a pixel as bounding_box grows it; the pixels it gains beyond
+    # the window are outside the mask.
+    top, left = rows.start + int(ys[0]), cols.start + int(xs[0])
+    box = (slice(max(top - 1, 0), min(rows.start + int(ys[-1]) + 2, size[0])),
+           slice(max(left - 1, 0), min(cols.start + int(xs[-1]) + 2, size[1])))
+    inside = np.zeros((box[0].stop - box[0].start, box[1].stop - box[1].start), dtype=bool)
+    seen_rows = slice(max(box[0].start, rows.start), min(box[0].stop, rows.stop))
+    seen_cols = slice(max(box[1].start, cols.start), min(box[1].stop, cols.stop))
+    inside[seen_rows.start - box[0].start:seen_rows.stop - box[0].start,
+           seen_cols.start - box[1].start:seen_cols.stop - box[1].start] = \
+        window[seen_rows.start - rows.start:seen_rows.stop - rows.start,
+               seen_cols.start - cols.start:seen_cols.stop - cols.start]
+    return box, inside
 
 
 def erode(mask: np.ndarray) -> np.ndarray:

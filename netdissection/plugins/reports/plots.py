@@ -156,10 +156,14 @@ def save(figure: Figure, stem: Path) -> list[Path]:
 
     written = []
     # Lay the figure out once, then freeze it: each savefig would otherwise redo the constrained layout.
+    # The engine runs on its own, which measures the text it must; draw_without_rendering would also draw
+    # every artist for nothing (40% more time; the same bytes either way).
     # No layout engine at all (None), not the "none" placeholder: with any engine set, savefig first draws
     # the whole figure without rendering it, which is a third of the time of each save (same bytes).
     # (A user's matplotlibrc asking for a layout by default would turn None back into that engine.)
-    figure.draw_without_rendering()
+    engine = figure.get_layout_engine()
+    if engine is not None:
+        engine.execute(figure)
     with matplotlib.rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
         figure.set_layout_engine(None)
     # A fixed hash salt and no date make the SVG the same bytes for the same numbers; text stays text

@@ -27,7 +27,7 @@ import numpy as np
 
 from ...core.errors import DissectionError
 from ...core.types import LayerResult
-from .overlay import OUTLINE_RGB, bounding_box, dim, outline, unit_mask, unit_overlay
+from .overlay import OUTLINE_RGB, boxed_mask, dim, outline, unit_overlay
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -251,13 +251,16 @@ def render_strip(layer: LayerResult, unit: int, pictures: list[Picture], tile: i
         view = strip[y0:y0 + height, i * (square + GAP) + x0:][:, :width]
         dimmed = dim(image) if images is None else images.dimmed(index)
         np.copyto(view, shrink(dimmed, factor) if images is None else images.dimmed_shrunk(index, factor))
-        mask = unit_mask(top.maps[unit, slot], threshold, image.shape[:2])
-        box = bounding_box(mask)
-        if box is None:
+        boxed = boxed_mask(top.maps[unit, slot], threshold, image.shape[:2])
+        if boxed is None:
             continue
         # What draw_overlay does inside the box, on the box grown to whole blocks (still no mask on its border).
+        box, in_box = boxed
         rows, cols = _aligned(box, factor, image.shape)
-        inside, drawn = mask[rows, cols], dimmed[rows, cols].copy()
+        inside = np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
+        inside[box[0].start - rows.start:box[0].stop - rows.start,
+               box[1].start - cols.start:box[1].stop - cols.start] = in_box
+        drawn = dimmed[rows, cols].copy()
         np.copyto(drawn, image[rows, cols], where=inside[..., None])
         drawn[outline(inside, outline_width(image.shape, square))] = OUTLINE_RGB
         view[rows.start // factor:rows.stop // factor, cols.start // factor:cols.stop // factor] = \
