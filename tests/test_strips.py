@@ -7,11 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from netdissection.core.errors import DissectionError
 from netdissection.core.types import LayerResult, RunResult
-from netdissection.plugins.reports.overlay import unit_mask
+from netdissection.plugins.reports.overlay import boxed_mask, unit_mask, upsample_bilinear
 from netdissection.plugins.reports.parallel import can_fork, run_tasks
 from netdissection.plugins.reports.strips import (
     ImageSource,
@@ -60,6 +63,28 @@ def test_fast_strips_are_the_plain_strips_shrunk_by_two(run_224: RunResult) -> N
                              images(index).shape[:2])
             edges += bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
     assert edges > 10  # not vacuous: masks that reach the image's edge, where the box meets the border
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=hnp.arrays(np.float32, st.tuples(st.integers(1, 9), st.integers(1, 9)),
+                      elements=st.sampled_from([-1.0, 0.0, 0.25, 0.5, 1.0, 2.0, 3.5])),
+       size=st.tuples(st.integers(1, 40), st.integers(1, 40)), cut=st.floats(0.0, 1.0))
+def test_boxed_mask_is_the_whole_mask_in_its_box(raw: np.ndarray, size: tuple[int, int], cut: float) -> None:
+    """The windowed mask a strip draws is the whole upsampled map above the threshold, inside the mask's
+    bounding box grown by a pixel (clamped to the image), and nothing outside it."""
+    threshold = float(np.quantile(raw, cut))  # often a map value itself: the strict > matters
+    whole = upsample_bilinear(raw, size) > threshold
+    np.testing.assert_array_equal(unit_mask(raw, threshold, size), whole)
+    boxed = boxed_mask(raw, threshold, size)
+    if not whole.any():
+        assert boxed is None
+        return
+    assert boxed is not None
+    (rows, cols), inside = boxed
+    ys, xs = np.flatnonzero(whole.any(axis=1)), np.flatnonzero(whole.any(axis=0))
+    assert (rows.start, rows.stop) == (max(ys[0] - 1, 0), min(ys[-1] + 2, size[0]))
+    assert (cols.start, cols.stop) == (max(xs[0] - 1, 0), min(xs[-1] + 2, size[1]))
+    np.testing.assert_array_equal(inside, whole[rows, cols])
 
 
 @pytest.mark.parametrize("tile", [224, 75, 56])
