@@ -74,6 +74,7 @@ def dissect(
     explain: str | None = None,
     explain_params: Mapping[str, Any] | None = None,
     explain_units: Sequence[int] | str | None = None,
+    writer_options: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Dissect ``model`` on a concept dataset; with ``out``, save the results and write the reports there.
 
@@ -116,6 +117,8 @@ def dissect(
             ``LayerResult.explanations`` and ``<layer>/explanations.csv``.
         explain_params: the explainer's parameters, e.g. ``{"formula_length": 3, "beam": 5}``.
         explain_units: the units to explain, 1-based (``[1, 5, 9]`` or ``"1,5,9"``); default: every unit.
+        writer_options: keyword arguments for the report writers whose factories name them, e.g.
+            ``{"plot_formats": ["png", "pdf"]}`` (copies of the SVG plots) or ``{"top_k": 5}``.
 
     Returns the per-layer counts (thresholds, I, G, A, top images) and the provenance.
     Raises ``DissectionError`` (one line naming the thing and the fix) for any user mistake.
@@ -135,7 +138,7 @@ def dissect(
                                      bootstrap_seed=bootstrap_seed, explain=explain, explain_params=explain_params,
                                      explain_units=explain_units)
     explainer = choose_explainer(host, explain, explain_params, explain_units, compat=compat)
-    writers = make_writers(writer_entries, relay)
+    writers = make_writers(writer_entries, relay, writer_options)
     relay.writers = writers
 
     options = BackendOptions(weights=weights, device=device, pretrained=pretrained, **dict(backend_options or {}))

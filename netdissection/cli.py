@@ -242,6 +242,11 @@ def _backend_options(input_size: tuple[int, int] | None, mean: tuple[float, floa
     return options
 
 
+def _plot_format_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--plot-format", "plot_formats", multiple=True, type=click.Choice(["png", "pdf"]),
+                        help="Also write each plot as PNG or PDF (repeatable); SVG is always written.")(command)
+
+
 def _strict_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--strict-plugins", is_flag=True,
                         help="Any plugin failure is an error (exit status 2); also NETDISSECTION_STRICT_PLUGINS=1.")(
@@ -326,6 +331,7 @@ def cli() -> None:
 @click.option("--top-k", type=int, default=10, show_default=True, help="Top images kept per unit.")
 @click.option("--report", "reporters", multiple=True,
               help="Report writers to run: NAME or NAME,NAME (repeatable; default: every default writer).")
+@_plot_format_option
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images or labels instead of stopping.")
 @click.option("--cache", type=click.Choice(["auto", "disk", "recompute"]), default="auto", show_default=True,
               help="Where the reads after the first pass get the maps: a disk cache, or another forward pass; "
@@ -355,7 +361,7 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
                 quantile: float | None, explain: str | None, explain_params: dict[str, Any],
                 formula_length: int | None, beam: int | None, units: str | None,
                 compat: str, out: str | None, batch_size: int, device: str, workers: int | None,
-                top_k: int, reporters: tuple[str, ...], skip_bad: bool,
+                top_k: int, reporters: tuple[str, ...], plot_formats: tuple[str, ...], skip_bad: bool,
                 cache: str, cache_budget: str | None, bootstrap: int, bootstrap_seed: int,
                 input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                 std: tuple[float, float, float] | None, bgr: bool, runtime: str | None, image_column: str | None,
@@ -397,8 +403,8 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
               dataset_options=dataset_options, threshold=threshold, threshold_params=threshold_params,
               quantile=quantile, compat=compat, top_k=top_k, skip_bad=skip_bad,
               backend_options=_backend_options(input_size, mean, std, bgr, runtime), device=device,
-              batch_size=batch_size,
-              workers=workers, reporters=writers, cache=cache, cache_budget=cache_budget, rotate=rotate,
+              batch_size=batch_size, workers=workers, reporters=writers, plot_formats=plot_formats, cache=cache,
+              cache_budget=cache_budget, rotate=rotate,
               rotate_seed=rotate_seed, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
               explain=explain, explain_params=explain_params, explain_units=explain_units)
     store = None if no_store else ResultsStore(store_dir)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 import netdissection
 from netdissection.core.reporting import summary_of
@@ -271,6 +272,20 @@ def test_repeated_single_run_reads_the_store(run_cli: RunCli, concept_set: Path,
     assert code == 0, err
     code, _, err = run_cli(*common, "--out", tmp_path / "third")
     assert code == 0 and "corrupt" not in err
+    # The stored run's plots are SVG only: asked for PNG copies, the plots are drawn again from its counts.
+    svgs = [name for name in first["written"] if name.endswith(".svg")]
+    assert svgs and not any(name.endswith(".png") for name in first["written"])
+    code, stdout, err = run_cli(*common, "--out", tmp_path / "fourth", "--plot-format", "png")
+    assert code == 0 and "from the results store" in stdout, err
+    written = read_json(tmp_path / "fourth" / "summary.json")["written"]
+    for svg in svgs:
+        png = svg.removesuffix(".svg") + ".png"
+        assert png in written and Image.open(tmp_path / "fourth" / png).size[0] > 500, png
+    # ... and the same from the saved results with `dissect report`, as PDF.
+    code, _, err = run_cli("report", tmp_path / "third", "--plot-format", "pdf")
+    assert code == 0, err
+    for svg in svgs:
+        assert (tmp_path / "third" / svg).with_suffix(".pdf").read_bytes().startswith(b"%PDF-"), svg
 
 
 def test_corrupt_store_entry_is_recomputed_with_a_warning(run_cli: RunCli, concept_set: Path, tmp_path: Path) -> None:

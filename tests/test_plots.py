@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from netdissection.core.errors import DissectionError
 from netdissection.core.scores import UnitScore, count_detectors, unit_scores
 from netdissection.core.types import DETECTOR_IOU, RunResult
 from netdissection.plugins.reports.plots import (
@@ -86,10 +87,10 @@ def test_the_paper_figures_from_the_published_tallies(name: str) -> None:
 
 
 def test_plot_files(small_run: SmallRun) -> None:
-    """SVG and PNG of every plot; the SVG titles name their counting rule."""
+    """An SVG of every plot, and nothing else by default; the SVG titles name their counting rule."""
     for layer in ("layer2", "layer3"):
         for stem in LAYER_PLOTS:
-            svg, png = small_run.out / layer / f"{stem}.svg", small_run.out / layer / f"{stem}.png"
+            svg = small_run.out / layer / f"{stem}.svg"
             text = " ".join(t.text or "" for t in ET.parse(svg).iter() if t.tag.endswith("text"))
             if stem == "unique_detectors":
                 assert RULES["report"] in text and RULES["paper"] not in text
@@ -97,13 +98,36 @@ def test_plot_files(small_run: SmallRun) -> None:
                 assert RULES["paper"] in text and RULES["report"] not in text
             else:
                 assert RULES["report"] in text and RULES["paper"] in text
-            assert Image.open(png).size[0] > 500
+            assert not svg.with_suffix(".png").exists() and not svg.with_suffix(".pdf").exists()
     fractions = small_run.out / "detector_fraction_by_layer.svg"
     text = " ".join(t.text or "" for t in ET.parse(fractions).iter() if t.tag.endswith("text"))
     assert RULES["report"] in text and RULES["paper"] in text
-    assert Image.open(fractions.with_suffix(".png")).size[0] > 500
     written = small_run.result.written
-    assert "layer2/unique_detectors.svg" in written and "detector_fraction_by_layer.png" in written
+    assert "layer2/unique_detectors.svg" in written and "detector_fraction_by_layer.svg" in written
+
+
+def test_png_and_pdf_copies_on_request(small_run: SmallRun, tmp_path: Path) -> None:
+    """``plot_formats``: each plot also as PNG and PDF, the same figure; the same numbers give the same bytes."""
+    written = PlotsWriter(plot_formats=["pdf", "png"]).write(small_run.result, tmp_path)
+    stems = [f"{layer}/{stem}" for layer in ("layer2", "layer3") for stem in LAYER_PLOTS]
+    stems.append("detector_fraction_by_layer")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in written) == \
+        sorted(f"{stem}.{fmt}" for stem in stems for fmt in ("svg", "png", "pdf"))
+    for stem in stems:
+        png = Image.open(tmp_path / f"{stem}.png")
+        width, height = ET.parse(tmp_path / f"{stem}.svg").getroot().attrib["width"], png.size[1]
+        assert png.size[0] == round(float(width.removesuffix("pt")) * 110 / 72)  # the SVG's figure at 110 dpi
+        assert height > 300
+        pdf = (tmp_path / f"{stem}.pdf").read_bytes()
+        assert pdf.startswith(b"%PDF-") and pdf.count(b"/Type /Page\n") + pdf.count(b"/Type /Page ") == 1
+        assert (tmp_path / f"{stem}.svg").read_bytes() == (small_run.out / f"{stem}.svg").read_bytes()
+    again = PlotsWriter(plot_formats=["png", "pdf"]).write(small_run.result, tmp_path / "again")
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in written]
+
+
+def test_an_unknown_plot_format_is_refused() -> None:
+    with pytest.raises(DissectionError, match="unknown plot format 'jpg'; choose from svg, png, pdf"):
+        PlotsWriter(plot_formats=["jpg"])
 
 
 def test_layer_fractions(small_run: SmallRun) -> None:
@@ -123,7 +147,7 @@ def test_one_layer_has_no_cross_layer_plot(small_run: SmallRun, tmp_path: Path) 
     result = small_run.result
     one = RunResult(layers={"layer3": result.layers["layer3"]}, provenance=result.provenance)
     written = PlotsWriter().write(one, tmp_path)
-    assert sorted(p.name for p in written) == sorted(f"{s}.{f}" for s in LAYER_PLOTS for f in ("svg", "png"))
+    assert sorted(p.name for p in written) == sorted(f"{s}.svg" for s in LAYER_PLOTS)
     # The same numbers give the same bytes (no dates, fixed ids): reports can be diffed and cached.
     data = plot_data("layer3", unit_scores(result.layers["layer3"]), result.layers["layer3"].vocabulary.categories)
     save(draw_bars(data, "report"), tmp_path / "again" / "unique_detectors")

@@ -48,7 +48,7 @@ def test_summary_content_and_width(small_run: SmallRun, width: int) -> None:
     assert f"open {small_run.out / 'report.html'}" in path_line
     flat = " ".join(text.split())
     assert "layer2/ counts.npz tally.csv thresholds.csv" in flat
-    assert "unique_detectors.svg|png" in flat
+    assert "unique_detectors.svg unique_detectors_paper.svg" in flat
 
 
 def test_summary_of_a_loaded_run_has_no_pass_timings(small_run: SmallRun) -> None:

@@ -179,7 +179,7 @@ class ExecutionContext:
             arguments.update(dataset=opened, dataset_format=None, categories=None, dataset_options=None)
         result = dissect(job.model, **arguments, out=run_dir,
                          reporters=list(job.reporters) if job.reporters else None, progress=progress,
-                         host=self.host, strict_plugins=self.strict_plugins)
+                         host=self.host, strict_plugins=self.strict_plugins, writer_options=writer_options(job))
         if opened is None and result.dataset is not None:
             self._datasets[ident] = result.dataset
         return result
@@ -190,7 +190,12 @@ class ExecutionContext:
 
         run_dir.mkdir(parents=True, exist_ok=True)
         write_reports(result, run_dir, reporters=list(job.reporters) if job.reporters else None, host=self.host,
-                      strict_plugins=self.strict_plugins)
+                      strict_plugins=self.strict_plugins, writer_options=writer_options(job))
+
+
+def writer_options(job: Job) -> dict[str, Any]:
+    """What the job asks of the report writers (passed to the writers whose factories name them)."""
+    return {"plot_formats": list(job.plot_formats)} if job.plot_formats else {}
 
 
 def dissect_arguments(job: Job) -> dict[str, Any]:
@@ -241,14 +246,18 @@ def dissect_stored(job: Job, out: Path, store: ResultsStore | None, host: Any, p
         return outcome.result, outcome
     entry = context.stored(job)
     have = set((entry.record.get("reporters") if entry is not None else None) or [])
-    missing = [r for r in (job.reporters or context.default_reporters()) if r not in have]
+    chosen = job.reporters or context.default_reporters()
+    missing = [r for r in chosen if r not in have]
+    if job.plot_formats and "plots" in chosen and "plots" not in missing:  # the stored run's plots: SVG only
+        missing.append("plots")
     result = load_run(out)
     written = list((outcome.summary or {}).get("written") or [])
     if missing:
         from ..api import write_reports
 
         log.info("writing the reports the stored run lacks: %s", ", ".join(missing))
-        write_reports(result, out, reporters=missing, host=host, strict_plugins=strict_plugins)
+        write_reports(result, out, reporters=missing, host=host, strict_plugins=strict_plugins,
+                      writer_options=writer_options(job))
         written = list(dict.fromkeys([*written[:-1], *result.written]))  # summary.json stays last
     result.written = written
     return result, outcome

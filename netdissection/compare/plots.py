@@ -33,6 +33,8 @@ PLOTS = {
 }
 #: x values spanning at least this ratio get a log axis.
 LOG_SPAN = 100.0
+#: A comparison has a few figures, the ones that go into papers and slides: each as SVG and PNG.
+FORMATS = ("svg", "png")
 
 Row = Mapping[str, Any]
 
@@ -49,16 +51,16 @@ def write_plots(rows: Sequence[Row], out: Path) -> list[Path]:
     categories = categories_of(done)
     written: list[Path] = []
     if done and categories:
-        written += save(draw_by_model(done, categories), out / "unique_detectors_by_model")
+        written += save(draw_by_model(done, categories), out / "unique_detectors_by_model", FORMATS)
     series = x_series(done)
     if series:
-        written += save(draw_vs_x(series, categories), out / "detectors_vs_x")
+        written += save(draw_vs_x(series, categories), out / "detectors_vs_x", FORMATS)
     rotations = rotation_series(done)
     if rotations:
-        written += save(draw_vs_rotation(rotations, categories), out / "detectors_vs_rotation")
+        written += save(draw_vs_rotation(rotations, categories), out / "detectors_vs_rotation", FORMATS)
     layered = by_layer(done)
     if layered:
-        written += save(draw_by_layer(layered, categories), out / "detectors_by_layer")
+        written += save(draw_by_layer(layered, categories), out / "detectors_by_layer", FORMATS)
     return written
 
 

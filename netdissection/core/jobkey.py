@@ -80,6 +80,7 @@ class Job:
     batch_size: int = 32
     workers: int | None = None
     reporters: tuple[str, ...] | None = None
+    plot_formats: tuple[str, ...] = ()  # PNG, PDF copies of the plots (--plot-format)
     cache: str = "auto"
     cache_budget: str | int | None = None
     # How it is shown: not in the key.

@@ -2,14 +2,17 @@
 
 Per layer, in the layer's folder:
 
-- ``unique_detectors.svg|png``: the paper's bar graph, one bar per unique concept, grouped and coloured by
+- ``unique_detectors.svg``: the paper's bar graph, one bar per unique concept, grouped and coloured by
   category, height = units detecting it, by the report rule (a unit's one label, IoU ≥ 0.04);
-- ``unique_detectors_paper.svg|png``: the same by the paper's per-category rule (best IoU within the
+- ``unique_detectors_paper.svg``: the same by the paper's per-category rule (best IoU within the
   category > 0.04; a unit can count in several categories);
-- ``detectors_by_category.svg|png``: per category, units and unique concepts by both rules.
+- ``detectors_by_category.svg``: per category, units and unique concepts by both rules.
 
-For runs of several layers, ``detector_fraction_by_layer.svg|png`` in the output folder: per layer, the
+For runs of several layers, ``detector_fraction_by_layer.svg`` in the output folder: per layer, the
 fraction of units that detect each category, by both rules.
+
+SVG always (the HTML page shows it; its text stays text); PNG and PDF copies when asked for
+(``plot_formats``, ``--plot-format``): drawing each copy costs as much again, a third of the reports' time.
 
 Every number plotted comes from :func:`plot_data`/:func:`layer_fractions`, which derive them from the
 tally rows and check them against :func:`netdissection.core.scores.count_detectors`; tests compare those
@@ -18,6 +21,7 @@ with the tally.csv on disk. Matplotlib is imported only when a plot is drawn.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from collections.abc import Sequence
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ...core.errors import DissectionError
 from ...core.files import atomic_write, layer_dirnames
 from ...core.hookspecs import hookimpl
 from ...core.scores import DetectorCounts, UnitScore, count_detectors, unit_scores
@@ -40,7 +45,12 @@ RULES = {
     "report": f"report rule: one label per unit, IoU ≥ {DETECTOR_IOU}",
     "paper": f"paper rule: per category, best IoU within the category > {DETECTOR_IOU}",
 }
-FORMATS = ("svg", "png")
+#: The formats a plot can be saved in; SVG is always written.
+FORMATS = ("svg", "png", "pdf")
+#: What the saver of each format is told, so that the same numbers give the same bytes: no dates, no
+#: software version.
+METADATA: dict[str, dict[str, Any]] = {"svg": {"Date": None}, "png": {"Software": None},
+                                       "pdf": {"CreationDate": None, "Producer": None}}
 #: The file stems of each layer's plots (in the layer's folder) with what they show, and the cross-layer plot.
 LAYER_PLOTS = {
     "unique_detectors": "unique detectors per concept (report rule)",
@@ -150,8 +160,16 @@ def _figure(width: float, height: float) -> Figure:
     return figure
 
 
-def save(figure: Figure, stem: Path) -> list[Path]:
-    """``stem``.svg and ``stem``.png, written atomically."""
+def checked_formats(asked: Sequence[str] | None) -> tuple[str, ...]:
+    """SVG and the formats asked for, in :data:`FORMATS` order; an unknown one is an error."""
+    unknown = [f for f in asked or () if f not in FORMATS]
+    if unknown:
+        raise DissectionError(f"unknown plot format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
+    return tuple(f for f in FORMATS if f == "svg" or f in (asked or ()))
+
+
+def save(figure: Figure, stem: Path, formats: Sequence[str] = ("svg",)) -> list[Path]:
+    """``stem``.svg (and ``stem``.png, ``stem``.pdf when ``formats`` name them), written atomically."""
     import matplotlib
 
     written = []
@@ -169,10 +187,9 @@ def save(figure: Figure, stem: Path) -> list[Path]:
     # A fixed hash salt and no date make the SVG the same bytes for the same numbers; text stays text
     # (smaller, searchable, and the rule named in the title can be read back).
     with matplotlib.rc_context({"svg.hashsalt": "netdissection", "svg.fonttype": "none"}):
-        for fmt in FORMATS:
+        for fmt in formats:
             buffer = io.BytesIO()
-            metadata: dict[str, Any] = {"Date": None} if fmt == "svg" else {"Software": None}
-            figure.savefig(buffer, format=fmt, dpi=110, metadata=metadata)
+            figure.savefig(buffer, format=fmt, dpi=110, metadata=METADATA[fmt])
             written.append(atomic_write(stem.with_suffix(f".{fmt}"), lambda f, b=buffer: f.write(b.getvalue())))
     return written
 
@@ -276,10 +293,12 @@ class PlotsWriter:
     """Writes the plots; without matplotlib (the ``report`` extra) it logs how to get them and writes none.
 
     Each figure is drawn and saved by its own task, spread over the cores (:mod:`.parallel`), the figures
-    with the most bars first; the files are listed in the same order whatever ran where."""
+    with the most bars first; the files are listed in the same order whatever ran where. ``plot_formats``:
+    "png", "pdf": copies beside the SVG."""
 
-    def __init__(self, workers: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, plot_formats: Sequence[str] | None = None) -> None:
         self.workers = workers
+        self.formats = checked_formats(plot_formats)
 
     def write(self, result: RunResult, out_dir: Path) -> list[Path]:
         try:
@@ -292,16 +311,21 @@ class PlotsWriter:
         from .parallel import run_tasks
 
         folders = layer_dirnames(result.layers)
+        formats = self.formats
+
+        def task(draw: Any, stem: Path) -> Any:  # draw() makes the figure, in the worker
+            return lambda: save(draw(), stem, formats)
+
         jobs: list[tuple[int, Any]] = []  # (bars drawn: the cost, task)
         for name, layer in result.layers.items():
             data = plot_data(name, unit_scores(layer), layer.vocabulary.categories)
-            folder = out_dir / folders[name]
-            stems = [folder / stem for stem in LAYER_PLOTS]  # in LAYER_PLOTS order: bars (both rules), counts
-            jobs += [(len(data.graphs["report"].bars), lambda d=data, s=stems[0]: save(draw_bars(d, "report"), s)),
-                     (len(data.graphs["paper"].bars), lambda d=data, s=stems[1]: save(draw_bars(d, "paper"), s)),
-                     (len(data.categories), lambda d=data, s=stems[2]: save(draw_category_counts(d), s))]
+            bars, paper, counts = (out_dir / folders[name] / stem for stem in LAYER_PLOTS)  # LAYER_PLOTS order
+            jobs += [(len(data.graphs["report"].bars), task(functools.partial(draw_bars, data, "report"), bars)),
+                     (len(data.graphs["paper"].bars), task(functools.partial(draw_bars, data, "paper"), paper)),
+                     (len(data.categories), task(functools.partial(draw_category_counts, data), counts))]
         if len(result.layers) > 1:
-            jobs.append((len(result.layers), lambda: save(draw_layer_fractions(result), out_dir / LAYERS_PLOT)))
+            jobs.append((len(result.layers), task(functools.partial(draw_layer_fractions, result),
+                                                  out_dir / LAYERS_PLOT)))
         order = sorted(range(len(jobs)), key=lambda i: -jobs[i][0])
         done = run_tasks([jobs[i][1] for i in order], self.workers)
         files = dict(zip(order, done, strict=True))
@@ -311,4 +335,4 @@ class PlotsWriter:
 @hookimpl
 def dissect_register_reporters(register) -> None:  # type: ignore[no-untyped-def]
     register("plots", PlotsWriter, description="bar graphs of unique detectors per category (both counting "
-             "rules), SVG and PNG; across layers for multi-layer runs", default=True)
+             "rules), SVG (PNG, PDF with --plot-format); across layers for multi-layer runs", default=True)

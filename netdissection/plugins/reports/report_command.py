@@ -8,6 +8,7 @@ uses only the public API and the command context the host hands it.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,24 +31,27 @@ def dissect_register_commands(cli: click.Group) -> None:
 @click.option("--report", "reporters", multiple=True,
               help="Report writers to run: NAME or NAME,NAME (repeatable; default: every default writer). "
                    "See: dissect plugins.")
+@click.option("--plot-format", "plot_formats", multiple=True, type=click.Choice(["png", "pdf"]),
+              help="Also write each plot as PNG or PDF (repeatable); SVG is always written.")
 @click.option("--strict-plugins", is_flag=True,
               help="Any plugin failure is an error (exit status 2); also NETDISSECTION_STRICT_PLUGINS=1.")
 @click.option("-v", "--verbose", count=True, help="More log output; repeat for more.")
 @click.pass_obj
 def report_command(context: CommandContext, results_dir: str, top_k: int | None, reporters: tuple[str, ...],
-                   strict_plugins: bool, verbose: int) -> None:
+                   plot_formats: tuple[str, ...], strict_plugins: bool, verbose: int) -> None:
     """Rebuild the reports (HTML, plots, tally...) of the finished run in RESULTS_DIR, without the model."""
     context.setup_logging(verbose + 1)
     started = time.perf_counter()
     result = rebuild_reports(context.host, Path(results_dir), reporters=context.split(reporters) or None,
-                             top_k=top_k, strict_plugins=strict_plugins or None)
+                             top_k=top_k, plot_formats=plot_formats, strict_plugins=strict_plugins or None)
     # The run's own pass timings belong to the run, not to this rebuild: say only how long the rebuild took.
     context.print_summary(result, Path(results_dir))
     context.out.print(f"reports rebuilt from the saved results in {time.perf_counter() - started:.1f} s")
 
 
 def rebuild_reports(host: Any, results_dir: Path, *, reporters: list[str] | None = None,
-                    top_k: int | None = None, strict_plugins: bool | None = None) -> Any:
+                    top_k: int | None = None, plot_formats: Sequence[str] = (),
+                    strict_plugins: bool | None = None) -> Any:
     """Load the run in ``results_dir`` and write its reports again; returns the run (``written`` set)."""
     from ... import load_results, write_reports
 
@@ -59,6 +63,7 @@ def rebuild_reports(host: Any, results_dir: Path, *, reporters: list[str] | None
     if top_k is not None and top_k < 1:
         raise DissectionError(f"--top-k must be at least 1, not {top_k}")
     result = load_results(results_dir)
-    write_reports(result, results_dir, reporters=reporters, writer_options={"top_k": top_k}, host=host,
+    write_reports(result, results_dir, reporters=reporters,
+                  writer_options={"top_k": top_k, "plot_formats": list(plot_formats) or None}, host=host,
                   strict_plugins=strict_plugins)
     return result
