@@ -25,7 +25,7 @@ from torch import nn
 from netdissection.core.errors import DissectionError
 from netdissection.core.types import BackendOptions
 from netdissection.plugins.backends.onnx_backend import OnnxBackend
-from netdissection.plugins.backends.torch_common import load_weights, read_state_dict
+from netdissection.plugins.backends.torch_common import build_with_weights, load_weights, read_state_dict
 
 from .hostile import cut, flip_bytes, fuzz, read_or_refuse
 
@@ -242,8 +242,19 @@ def test_checkpoints_load_or_are_refused_and_never_run_code(tmp_path_factory: py
     if damage != "none":
         blob = path.read_bytes()
         path.write_bytes(cut(data.draw, blob) if damage == "truncate" else flip_bytes(data.draw, blob))
-    read_or_refuse(lambda: load_weights(Tiny(), path, "tiny"))
+    copied = read_or_refuse(lambda: _copied_into(Tiny(), path))
+    # Built on the meta device around the file's tensors: the same refusals, and the same model when it loads.
+    built = read_or_refuse(lambda: build_with_weights(Tiny, lambda m: m, path, "tiny"))
     assert not marker.exists(), "loading the checkpoint ran code from it"
+    assert isinstance(built, DissectionError) == isinstance(copied, DissectionError)
+    if isinstance(built, nn.Module) and isinstance(copied, nn.Module):
+        mine, theirs = built.state_dict(), copied.state_dict()
+        assert all(mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def _copied_into(model: nn.Module, path: Path) -> nn.Module:
+    load_weights(model, path, "tiny")
+    return model
 
 
 @pytest.mark.parametrize("how", ["zip", "legacy", "pickle"])

@@ -233,18 +233,20 @@ class TimmBackend:
         from .layouts import fit_input
         from .runtime import RuntimeForward
         from .timm_layers import TimmLayers
-        from .torch_common import file_sha256, load_weights, seeded_init
+        from .torch_common import build_with_weights, file_sha256, seeded_init
 
         self.options = options
         self.model_name = str(model_ref)
         self.device = torch.device(options.device)
         self.weights_sha256: str | None = None
         _check_name(timm, self.model_name)
-        with seeded_init():
-            model, took = _create(timm, self.model_name, options)
         if options.weights:
-            load_weights(model, options.weights, self.model_name)
+            model, took = build_with_weights(lambda: _create(timm, self.model_name, options), lambda built: built[0],
+                                             options.weights, self.model_name)
             self.weights_sha256 = file_sha256(options.weights)
+        else:
+            with seeded_init():
+                model, took = _create(timm, self.model_name, options)
         model.eval().to(self.device)
         self.model = model
         self.data_config = resolve_model_data_config(model)

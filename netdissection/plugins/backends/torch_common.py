@@ -9,7 +9,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -90,8 +90,54 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: str | Path, model_name: str) -> None:
     """Load a checkpoint strictly, with an error that says how far it is from fitting."""
+    _load_state(model, read_state_dict(path), path, model_name)
+
+
+M = TypeVar("M")
+
+
+def build_with_weights(make: Callable[[], M], module_of: Callable[[M], nn.Module], path: str | Path,
+                       model_name: str) -> M:
+    """``make()``'s model (``module_of`` finds the module in what it returns) holding the checkpoint's weights.
+
+    The model is built on the meta device, without drawing random values for every weight only to overwrite
+    them (1.5 s for timm's vit_small_patch16_224 here, 0.1 s for a ResNet-18), and the checkpoint's tensors, cast
+    to the model's dtypes, become its weights. A model that cannot be built there (one that reads a tensor's
+    value while it is built), or that keeps state no checkpoint holds (a buffer it does not save), is built as
+    usual, seeded, and the weights copied in: the same model either way."""
     state = read_state_dict(path)
-    expected = model.state_dict()
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = make()
+    except Exception:  # any failure here only means: build it the usual way
+        built = None
+    if built is not None:
+        module = module_of(built)
+        expected = module.state_dict()
+        _check_fits(state, expected, path, model_name)
+        plain = all(v.layout == torch.strided and v.is_floating_point() == expected[k].is_floating_point()
+                    for k, v in state.items())  # else the copy below converts, or refuses, as it always did
+        if plain and _all_saved(module, expected):
+            cast = {k: v.to(expected[k].dtype) for k, v in state.items()}
+            _load_state(module, cast, path, model_name, assign=True)
+            return built
+    with seeded_init():
+        built = make()
+    _load_state(module_of(built), state, path, model_name)
+    return built
+
+
+def _all_saved(module: nn.Module, saved: dict[str, torch.Tensor]) -> bool:
+    """Whether every tensor of the module built on the meta device is one its checkpoint holds (no buffer
+    left out of its state dict, no tensor kept as a plain attribute)."""
+    if any(name not in saved for name, _ in (*module.named_parameters(), *module.named_buffers())):
+        return False
+    return not any(isinstance(value, torch.Tensor) for m in module.modules() for value in vars(m).values())
+
+
+def _check_fits(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: str | Path,
+                model_name: str) -> None:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [k for k in expected if k in state and (tuple(state[k].shape) != tuple(expected[k].shape)
@@ -106,10 +152,15 @@ def load_weights(model: nn.Module, path: str | Path, model_name: str) -> None:
             parts.append(f"{len(mismatched)} of another shape or kind (e.g. {mismatched[0]})")
         raise DissectionError(f"checkpoint {path} does not fit {model_name}: keys {', '.join(parts)}; "
                               "is it a checkpoint of this architecture?")
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, model_name: str, *,
+                assign: bool = False) -> None:
+    _check_fits(state, model.state_dict(), path, model_name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.load_state_dict(state, strict=True)
+            model.load_state_dict(state, strict=True, assign=assign)
     except Exception as exc:  # the right names and shapes, values torch cannot copy in (complex, sparse, ...)
         raise DissectionError(f"checkpoint {path} does not fit {model_name}: {_first_line(exc)}") from None
 

@@ -54,7 +54,14 @@ class TorchvisionBackend:
         from .layouts import fit_input
         from .runtime import RuntimeForward
         from .stages import stage_names
-        from .torch_common import INIT_SEED, HookedModel, file_sha256, load_weights, seeded_init
+        from .torch_common import (
+            INIT_SEED,
+            HookedModel,
+            build_with_weights,
+            file_sha256,
+            load_weights,
+            seeded_init,
+        )
         from .torchvision_stages import stage_modules
 
         self.options = options
@@ -64,6 +71,8 @@ class TorchvisionBackend:
         self.named: str | None = None  # the torchvision name the model was built from
         if isinstance(model_ref, nn.Module):
             model, self.model_name = model_ref, type(model_ref).__name__
+            if options.weights:
+                load_weights(model, options.weights, self.model_name)
         else:
             self.model_name = self.named = str(model_ref)
             names = classification_models()
@@ -72,17 +81,20 @@ class TorchvisionBackend:
                                        hint="list them with: python -c 'import torchvision; "
                                             "print(torchvision.models.list_models())'")
             weights = "DEFAULT" if options.pretrained and not options.weights else None
-            try:
-                with seeded_init():
-                    model = torchvision.models.get_model(self.model_name, weights=weights)
-                if weights is None and not options.weights:
-                    self.random_init_seed = INIT_SEED
-            except (OSError, RuntimeError) as exc:  # urllib errors are OSErrors
-                raise DissectionError(
-                    f"cannot download the pretrained weights of {self.model_name} ({exc}); without a network, "
-                    "pass a local file with --weights FILE") from None
+            if options.weights:  # built around the file's weights, with no random init to overwrite
+                model = build_with_weights(lambda: torchvision.models.get_model(self.model_name), lambda m: m,
+                                           options.weights, self.model_name)
+            else:
+                try:
+                    with seeded_init():
+                        model = torchvision.models.get_model(self.model_name, weights=weights)
+                    if weights is None:
+                        self.random_init_seed = INIT_SEED
+                except (OSError, RuntimeError) as exc:  # urllib errors are OSErrors
+                    raise DissectionError(
+                        f"cannot download the pretrained weights of {self.model_name} ({exc}); without a network, "
+                        "pass a local file with --weights FILE") from None
         if options.weights:
-            load_weights(model, options.weights, self.model_name)
             self.weights_sha256 = file_sha256(options.weights)
         model.eval().to(self.device)
         # torchvision's VisionTransformer takes only its own image_size: batches are resized to it.
