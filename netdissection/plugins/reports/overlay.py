@@ -25,17 +25,19 @@ OUTLINE_RGB = (255, 214, 0)
 
 
 @lru_cache(maxsize=64)
-def _axis(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per output position: lower and upper source index and the upper corner's weight (torch's rule)."""
+def _axis(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per output position: lower and upper source index, and the weights of the lower corner (1 − w) and of
+    the upper corner (w) (torch's rule)."""
     scale = size_in / size_out
     src = np.maximum((np.arange(size_out, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
     lower = np.minimum(np.floor(src).astype(np.int64), size_in - 1)
     upper = np.minimum(lower + 1, size_in - 1)
     # At a clamped edge both corners are the same value: weight 0 keeps the pixel exactly that value.
     weight = np.where(upper == lower, 0.0, src - lower)
-    for array in (lower, upper, weight):
+    arrays = (lower, upper, 1 - weight, weight)
+    for array in arrays:
         array.flags.writeable = False  # cached and shared: nobody may change them
-    return lower, upper, weight
+    return arrays
 
 
 def _interpolate(a: np.ndarray, rows: slice, cols: slice, size: tuple[int, int]) -> np.ndarray:
@@ -44,10 +46,16 @@ def _interpolate(a: np.ndarray, rows: slice, cols: slice, size: tuple[int, int])
     Along x first, then along y: per pixel ``top = c00·(1−wx) + c01·wx``, ``bottom`` likewise, then
     ``top·(1−wy) + bottom·wy`` — the arithmetic of :func:`netdissection.core.upsample.active_pixels`.
     """
-    y0, y1, wy = (v[rows] for v in _axis(a.shape[-2], size[0]))
-    x0, x1, wx = (v[cols] for v in _axis(a.shape[-1], size[1]))
-    across = a[..., x0] * (1 - wx) + a[..., x1] * wx  # (..., h, W)
-    return across[..., y0, :] * (1 - wy)[:, None] + across[..., y1, :] * wy[:, None]
+    y0, y1, vy, wy = (v[rows] for v in _axis(a.shape[-2], size[0]))
+    x0, x1, vx, wx = (v[cols] for v in _axis(a.shape[-1], size[1]))
+    across = a[..., x0] * vx + a[..., x1] * wx  # (..., h, W)
+    # The same operations in place: no temporaries of the output's size beyond the two gathered rows.
+    values = across[..., y0, :]
+    values *= vy[:, None]
+    bottom = across[..., y1, :]
+    bottom *= wy[:, None]
+    values += bottom
+    return values
 
 
 def upsample_bilinear(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
