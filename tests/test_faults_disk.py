@@ -62,7 +62,7 @@ def test_the_cache_filling_the_disk(run_cli: RunCli, concept_set: Path, tmp_path
     assert_nothing_complete(out)
 
 
-@pytest.mark.parametrize("room", [60_000, 250_000, 700_000])
+@pytest.mark.parametrize("room", [60_000, 250_000, 400_000])
 def test_the_results_filling_the_disk(run_cli: RunCli, concept_set: Path, tmp_path: Path, room: int,
                                       results_estimate: int) -> None:
     """Wherever the disk fills — the counts, the tables, the plots, the HTML report — the run ends in one
