@@ -17,7 +17,7 @@ from netdissection.plugins.reports.strips import GAP
 from .report_data import SmallRun
 
 RunCli = Callable[..., tuple[int, str, str]]
-PLOTS = ("unique_detectors.svg", "unique_detectors.png", "unique_detectors_paper.svg", "detectors_by_category.png")
+PLOTS = ("unique_detectors.svg", "unique_detectors_paper.svg", "detectors_by_category.svg")
 
 
 @pytest.fixture
