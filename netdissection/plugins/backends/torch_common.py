@@ -90,7 +90,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: str | Path, model_name: str) -> None:
     """Load a checkpoint strictly, with an error that says how far it is from fitting."""
-    _load_state(model, read_state_dict(path), path, model_name)
+    state = read_state_dict(path)
+    _check_fits(state, model.state_dict(), path, model_name)
+    _load_state(model, state, path, model_name)
 
 
 M = TypeVar("M")
@@ -124,7 +126,9 @@ def build_with_weights(make: Callable[[], M], module_of: Callable[[M], nn.Module
             return built
     with seeded_init():
         built = make()
-    _load_state(module_of(built), state, path, model_name)
+    module = module_of(built)
+    _check_fits(state, module.state_dict(), path, model_name)
+    _load_state(module, state, path, model_name)
     return built
 
 
@@ -156,7 +160,7 @@ def _check_fits(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, model_name: str, *,
                 assign: bool = False) -> None:
-    _check_fits(state, model.state_dict(), path, model_name)
+    """``load_state_dict`` of a state that fits (:func:`_check_fits`); what torch still refuses, in one line."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
