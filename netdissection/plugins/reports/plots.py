@@ -12,7 +12,7 @@ For runs of several layers, ``detector_fraction_by_layer.svg`` in the output fol
 fraction of units that detect each category, by both rules.
 
 SVG always (the HTML page shows it; its text stays text); PNG and PDF copies when asked for
-(``plot_formats``, ``--plot-format``): drawing each copy costs as much again, a third of the reports' time.
+(``plot_formats``, ``--plot-format``): PNG copies made the plots take 1.5× as long, every run.
 
 Every number plotted comes from :func:`plot_data`/:func:`layer_fractions`, which derive them from the
 tally rows and check them against :func:`netdissection.core.scores.count_detectors`; tests compare those
