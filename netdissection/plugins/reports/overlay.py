@@ -94,18 +94,14 @@ def boxed_mask(raw: np.ndarray, threshold: float, size: tuple[int, int]
     ys, xs = np.flatnonzero(window.any(axis=1)), np.flatnonzero(window.any(axis=0))
     if ys.size == 0:
         return None
-    # The box in image coordinates, grown by a pixel as bounding_box grows it; the pixels it gains beyond
-    # the window are outside the mask.
+    tight = window[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1]
+    # The box in image coordinates, grown by a pixel as bounding_box grows it: what it gains is outside the mask.
     top, left = rows.start + int(ys[0]), cols.start + int(xs[0])
-    box = (slice(max(top - 1, 0), min(rows.start + int(ys[-1]) + 2, size[0])),
-           slice(max(left - 1, 0), min(cols.start + int(xs[-1]) + 2, size[1])))
+    box = (slice(max(top - 1, 0), min(top + tight.shape[0] + 1, size[0])),
+           slice(max(left - 1, 0), min(left + tight.shape[1] + 1, size[1])))
     inside = np.zeros((box[0].stop - box[0].start, box[1].stop - box[1].start), dtype=bool)
-    seen_rows = slice(max(box[0].start, rows.start), min(box[0].stop, rows.stop))
-    seen_cols = slice(max(box[1].start, cols.start), min(box[1].stop, cols.stop))
-    inside[seen_rows.start - box[0].start:seen_rows.stop - box[0].start,
-           seen_cols.start - box[1].start:seen_cols.stop - box[1].start] = \
-        window[seen_rows.start - rows.start:seen_rows.stop - rows.start,
-               seen_cols.start - cols.start:seen_cols.stop - cols.start]
+    y, x = top - box[0].start, left - box[1].start
+    inside[y:y + tight.shape[0], x:x + tight.shape[1]] = tight
     return box, inside
 
 
