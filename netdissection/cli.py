@@ -37,6 +37,7 @@ from rich.text import Text
 from .core.errors import DissectionError
 from .core.runtimes import RUNTIME_HELP, RUNTIMES
 from .core.version import __version__
+from .plugins.reports.plots import COPY_FORMATS
 
 log = logging.getLogger("netdissection")
 err_console = Console(stderr=True)
@@ -244,7 +245,7 @@ def _backend_options(input_size: tuple[int, int] | None, mean: tuple[float, floa
 
 
 def _plot_format_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--plot-format", "plot_formats", multiple=True, type=click.Choice(["png", "pdf"]),
+    return click.option("--plot-format", "plot_formats", multiple=True, type=click.Choice(COPY_FORMATS),
                         help="Also write each plot as PNG or PDF (repeatable); SVG is always written.")(command)
 
 

@@ -45,8 +45,9 @@ RULES = {
     "report": f"report rule: one label per unit, IoU ≥ {DETECTOR_IOU}",
     "paper": f"paper rule: per category, best IoU within the category > {DETECTOR_IOU}",
 }
-#: The formats a plot can be saved in; SVG is always written.
+#: The formats a plot can be saved in; SVG is always written, the others are copies on request.
 FORMATS = ("svg", "png", "pdf")
+COPY_FORMATS = FORMATS[1:]
 #: What the saver of each format is told, so that the same numbers give the same bytes: no dates, no
 #: software version.
 METADATA: dict[str, dict[str, Any]] = {"svg": {"Date": None}, "png": {"Software": None},

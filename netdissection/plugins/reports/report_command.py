@@ -16,6 +16,7 @@ import click
 
 from ...core.errors import DissectionError
 from ...core.hookspecs import CommandContext, hookimpl
+from .plots import COPY_FORMATS
 
 
 @hookimpl
@@ -31,7 +32,7 @@ def dissect_register_commands(cli: click.Group) -> None:
 @click.option("--report", "reporters", multiple=True,
               help="Report writers to run: NAME or NAME,NAME (repeatable; default: every default writer). "
                    "See: dissect plugins.")
-@click.option("--plot-format", "plot_formats", multiple=True, type=click.Choice(["png", "pdf"]),
+@click.option("--plot-format", "plot_formats", multiple=True, type=click.Choice(COPY_FORMATS),
               help="Also write each plot as PNG or PDF (repeatable); SVG is always written.")
 @click.option("--strict-plugins", is_flag=True,
               help="Any plugin failure is an error (exit status 2); also NETDISSECTION_STRICT_PLUGINS=1.")
