@@ -34,6 +34,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from .core import malloc
 from .core.errors import DissectionError
 from .core.runtimes import RUNTIME_HELP, RUNTIMES
 from .core.version import __version__
@@ -654,7 +655,11 @@ def console_main(argv: Sequence[str] | None = None) -> None:
     The objects still alive then are frozen out of garbage collection: the interpreter's last collection
     would otherwise walk every object that torch and its imports made, most of a second here, only for the
     process's memory to be handed back whole. Exit handlers still run, and so do the finalizers of
-    everything freed by reference counting: every file has been written and closed by then."""
+    everything freed by reference counting: every file has been written and closed by then.
+
+    Before anything else, glibc's allocator is set to reuse the pages of one batch for the next
+    (``core.malloc``): the command owns its process, which the library does not."""
+    malloc.tune_for_batches()
     try:
         main(argv)
     finally:

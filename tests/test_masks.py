@@ -151,3 +151,23 @@ def test_label_sets_hold_each_pixels_labels() -> None:
     finally:
         masks.DENSE_KEYS = original
     assert torch.equal(again.ids, sets.ids) and torch.equal(again.labels, sets.labels)
+
+
+@pytest.mark.parametrize(("map_shape", "label_shape"), [((7, 7), (112, 112)), ((14, 14), (112, 112)), ((1, 3), (8, 24)),
+                                                        ((2, 5), (4, 10)), ((7, 7), (113, 113))])
+def test_corner_max_is_the_largest_of_each_cells_corners(map_shape: tuple[int, int], label_shape: tuple[int, int]
+                                                         ) -> None:
+    """Each cell's largest corner, read corner by corner, whichever way the plan computes it (the shifted
+    plans of integer scales take a faster way)."""
+    plan = masks.CellPlan.of(map_shape, label_shape, "cpu")
+    maps = torch.from_numpy(np.random.default_rng(5).integers(-3, 4, size=(6, *map_shape)).astype(np.float32))
+    got = plan.corner_max(maps)
+    cy, cx = plan.cells
+    assert got.shape == (6, cy, cx)
+    for i in range(cy):
+        for j in range(cx):
+            corners = [maps[:, int(r), int(c)] for r in (plan.row_lower[i], plan.row_upper[i])
+                       for c in (plan.col_lower[j], plan.col_upper[j])]
+            torch.testing.assert_close(got[:, i, j], torch.stack(corners).amax(dim=0), rtol=0, atol=0)
+    if map_shape in ((7, 7), (14, 14)) and label_shape == (112, 112):
+        assert plan.shifted  # the way of resnet18's layer4 and layer3 at Broden's label size

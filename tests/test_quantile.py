@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from netdissection.core.protocols import MergeableThresholdRule, MultiRoundThresholdRule
+from netdissection.core.quantile import StreamingTopK
 from netdissection.plugins.thresholds.quantile import DEFAULT_MEMORY_CAP, QuantileRule
 
 LITE_LEVEL = {q: (int(1000 * (1 - q)) - 1) / 999 for q in (0.005, 0.15, 0.5, 0.999)}
@@ -132,7 +133,8 @@ def test_buffers_do_not_grow_with_the_number_of_values() -> None:
         rule = QuantileRule(64, images * per_image)
         rule.update(torch.randn(2, 64, 112, 112))
         sizes[images] = (rule.mode, rule.buffer_bytes)
-    assert sizes[2_000][0] == "top-k" and sizes[2_000][1] <= DEFAULT_MEMORY_CAP
+    # The top-k buffer: k values per unit within the cap, and room to insert more (an eighth of k, or 4 MB).
+    assert sizes[2_000][0] == "top-k" and sizes[2_000][1] <= 1.125 * DEFAULT_MEMORY_CAP + 2**22
     assert sizes[20_000] == sizes[63_305] == ("radix", sizes[20_000][1])
     assert sizes[20_000][1] <= 1.01 * DEFAULT_MEMORY_CAP
     # Small layers keep the top-k, which answers without another read.
@@ -171,3 +173,30 @@ def test_merge_refuses_states_of_different_rules() -> None:
     a, b = QuantileRule(2, 64), QuantileRule(2, 64, q=0.1)
     with pytest.raises(ValueError, match="same"):
         a.merge(b)
+
+
+@settings(max_examples=150, deadline=None)
+@given(acts=hnp.arrays(np.float32, st.tuples(*(st.integers(1, side) for side in (12, 3, 3, 4))),
+                       elements=st.one_of(st.floats(width=32, allow_nan=False, allow_infinity=True),
+                                          st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5]))),
+       k=st.integers(1, 40), room=st.integers(1, 9), shards=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_streaming_top_k_keeps_the_k_largest(acts: np.ndarray, k: int, room: int, shards: int, seed: int) -> None:
+    """Whatever the batches, shards, ties and insertion room (small rooms force many compactions), the
+    running top-k holds exactly the k largest values of each unit (all of them when there are fewer)."""
+    rng = np.random.default_rng(seed)
+    n, units = acts.shape[:2]
+    states = []
+    for part in np.array_split(rng.permutation(n), min(shards, n)):
+        top = StreamingTopK(units, k, room=room)
+        cuts = np.sort(rng.choice(np.arange(1, len(part)), size=min(2, len(part) - 1), replace=False))
+        for batch in np.split(part, cuts):
+            top.update(torch.from_numpy(acts[batch]))
+        states.append(top)
+    merged = states[0]
+    for other in states[1:]:
+        merged = merged.merge(other)
+    values = np.sort(acts.transpose(1, 0, 2, 3).reshape(units, -1), axis=1) + 0.0
+    expected = values[:, -k:]
+    assert merged.count == values.shape[1]
+    np.testing.assert_array_equal(np.sort(merged.kept().numpy(), axis=1) + 0.0, expected)
+    assert merged.buffer_bytes == 4 * units * (k + room)

@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .upsample import source_positions
 
@@ -184,10 +183,10 @@ class CellPlan:
     def corner_max(self, maps: torch.Tensor) -> torch.Tensor:
         """``(P, cy, cx)``: the largest of each cell's four corners, for maps ``(P, h, w)``."""
         if self.shifted:
-            # Cell r spans source indices r − 1 and r, clamped: a 2 × 2 maximum over the map with its
-            # edges repeated once on every side.
-            edged = F.pad(maps.unsqueeze(1), (1, 1, 1, 1), mode="replicate")
-            return F.max_pool2d(edged, 2, stride=1).squeeze(1)
+            # Cell r spans source indices r − 1 and r, clamped: the maximum of each row and the next, with
+            # the first and last rows on their own, then the same over columns. (Two elementwise maxima:
+            # several times faster than a 2 × 2 max pooling of the map with its edges repeated, on the CPU.)
+            return _neighbour_max(_neighbour_max(maps, 1), 2)
         top = maps.index_select(1, self.row_lower)
         bottom = maps.index_select(1, self.row_upper)
         return torch.maximum(
@@ -214,6 +213,18 @@ class CellPlan:
         values += bottom * self.wy_upper.index_select(0, ci).unsqueeze(2)
         # NaN weights at padding make NaN values, never above a threshold.
         return (values > thresholds.view(-1, 1, 1)).view(values.shape[0], -1)
+
+
+def _neighbour_max(maps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Along ``dim`` (of size n): the first entry, the maximum of each entry and the next, the last entry (n + 1)."""
+    n = maps.shape[dim]
+    shape = list(maps.shape)
+    shape[dim] = n + 1
+    out = maps.new_empty(shape)
+    out.narrow(dim, 0, 1).copy_(maps.narrow(dim, 0, 1))
+    torch.maximum(maps.narrow(dim, 0, n - 1), maps.narrow(dim, 1, n - 1), out=out.narrow(dim, 1, n - 1))
+    out.narrow(dim, n, 1).copy_(maps.narrow(dim, n - 1, 1))
+    return out
 
 
 def count_sets(maps: torch.Tensor, image_idx: torch.Tensor, unit_idx: torch.Tensor, thresholds: torch.Tensor,

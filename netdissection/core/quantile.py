@@ -96,13 +96,42 @@ def quantile_from_top(top_ascending: np.ndarray, n: int, level: float, method: s
     return lerp(a, b, stats.gamma).astype(np.float64) + 0.0
 
 
-class StreamingTopK:
-    """Keeps the k largest values of each unit over a stream of activation batches; mergeable."""
+#: The least insertion room of a running top-k, in values per unit times units (4 MB of float32): bounds the
+#: number of column chunks a batch is split into when k is small.
+MIN_ROOM_VALUES = 2**20
 
-    def __init__(self, units: int, k: int, device: torch.device | str = "cpu") -> None:
+
+class StreamingTopK:
+    """Keeps the k largest values of each unit over a stream of activation batches; mergeable.
+
+    Each unit's row of a buffer holds a superset of its k largest values so far, with room for ``room``
+    more (an eighth of k, at least ``MIN_ROOM_VALUES`` over all units). A batch adds only the values above
+    the row's *floor*, the k-th largest value at the row's last compaction: nothing at or below it can be
+    among the k largest. When a row would overflow, the full rows are compacted to their k largest (a
+    ``topk`` over a few rows at a time). After the first batches almost no value passes the floor, so a
+    batch costs a comparison and a scan of its values, and the memory is the buffer, ``(k + room)`` values
+    per unit, with no temporary of the buffer's size.
+    """
+
+    def __init__(self, units: int, k: int, device: torch.device | str = "cpu", room: int | None = None) -> None:
         self.units, self.k = units, k
-        self.values = torch.empty(units, 0, device=device)
+        self.room = room if room is not None else max(k // 8, -(-MIN_ROOM_VALUES // max(units, 1)))
+        if self.room < 1:
+            raise ValueError(f"the insertion room must hold at least one value, not {self.room}")
+        self.capacity = k + self.room
         self.count = 0
+        self._buffer = torch.empty(units, self.capacity, device=device)
+        self._fill = torch.zeros(units, dtype=torch.int64, device=device)  # values held per row
+        # NaN until a row is first compacted: every value compares as a candidate (x <= NaN is False).
+        self._floor = torch.full((units,), torch.nan, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._buffer.device
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self._buffer.element_size() * self._buffer.numel()
 
     def update(self, activations: torch.Tensor) -> None:
         """Take ``(N, units, h, w)`` activations (any spatial size)."""
@@ -111,25 +140,61 @@ class StreamingTopK:
             raise ValueError(f"expected {self.units} units, got {units}")
         flat = activations.detach().transpose(0, 1).reshape(units, -1).float()
         self.count += flat.shape[1]
-        self._keep(flat)
+        self._insert(flat.to(self.device))
 
     def merge(self, other: StreamingTopK) -> StreamingTopK:
         """The k largest of both streams: exactly what one stream of all the values would keep."""
         if (other.units, other.k) != (self.units, self.k):
             raise ValueError("top-k buffers of different sizes cannot be merged")
         self.count += other.count
-        self._keep(other.values)
+        self._insert(other.kept().to(self.device))
         return self
 
-    def _keep(self, flat: torch.Tensor) -> None:
-        merged = torch.cat([self.values.to(flat.device), flat], dim=1)
-        if merged.shape[1] > self.k:
-            merged = torch.topk(merged, self.k, dim=1, largest=True, sorted=False).values
-        self.values = merged
+    def kept(self) -> torch.Tensor:
+        """``(units, min(count, k))``: the k largest values of each unit so far, in no order."""
+        self._compact()
+        held = int(self._fill.max()) if self.units else 0
+        return self._buffer[:, :held]
 
     def ascending(self) -> np.ndarray:
         """The kept values, float64, sorted ascending per unit."""
-        return np.sort(self.values.double().cpu().numpy(), axis=1)
+        return np.sort(self.kept().double().cpu().numpy(), axis=1)
+
+    def _insert(self, flat: torch.Tensor) -> None:
+        # In column chunks no wider than the room: a compacted row (k values) always has space for one.
+        for start in range(0, flat.shape[1], self.room):
+            chunk = flat[:, start:start + self.room]
+            # "not at or below the floor" rather than "above": a NaN value stays a candidate (as torch.topk
+            # keeps it), and a NaN floor (a row never compacted) lets every value through.
+            candidate = torch.le(chunk, self._floor.unsqueeze(1)).logical_not_()
+            unit, column = torch.nonzero(candidate, as_tuple=True)  # row-major: grouped by unit
+            if unit.numel() == 0:
+                continue
+            per_unit = torch.bincount(unit, minlength=self.units)
+            if int((self._fill + per_unit).max()) > self.capacity:
+                self._compact()
+            first = torch.cumsum(per_unit, 0) - per_unit  # where each unit's candidates start in ``unit``
+            rank = torch.arange(unit.numel(), device=flat.device) - first.index_select(0, unit)
+            slot = unit * self.capacity + self._fill.index_select(0, unit) + rank
+            self._buffer.view(-1).index_copy_(0, slot, chunk[unit, column])
+            self._fill += per_unit
+
+    def _compact(self) -> None:
+        """Cut every row holding more than k values to its k largest, and raise its floor."""
+        full = torch.nonzero(self._fill > self.k).flatten()
+        if full.numel() == 0:
+            return
+        positions = torch.arange(self.capacity, device=self.device)
+        step = max(1, MIN_ROOM_VALUES // self.capacity)  # rows at a time: bounded temporaries
+        for start in range(0, full.numel(), step):
+            rows = full[start:start + step]
+            block = self._buffer.index_select(0, rows)
+            # Unused slots read as -inf, the least value: never kept over a held one of the same row.
+            block.masked_fill_(positions >= self._fill.index_select(0, rows).unsqueeze(1), -torch.inf)
+            top = torch.topk(block, self.k, dim=1, largest=True, sorted=False).values
+            self._buffer[rows, :self.k] = top
+            self._floor[rows] = top.amin(dim=1)
+        self._fill[full] = self.k
 
 
 def order_keys(values: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,24 @@ class TopImagesPartial:
         n = acts.shape[0]
         peaks = acts.amax(dim=(2, 3)).T.cpu()  # (U, N)
         ids = torch.from_numpy(np.asarray(indices, dtype=np.int64)).expand(self.units, n)
+        if self.scores.shape[1] == self.k > 0:
+            # Once k images are kept, only a unit with an image at least as good as its worst kept one (a tie
+            # may win on its index; NaN sorts first) can change: the others are left as they are.
+            worst = self.scores[:, -1:]
+            rows = torch.nonzero(((peaks >= worst) | peaks.isnan()).any(dim=1)).flatten()
+            if rows.numel() < self.units:
+                if rows.numel():
+                    self._keep_rows(rows, peaks, ids, acts)
+                return
         self._keep(peaks, ids, lambda unit, position: acts[position.to(acts.device), unit.to(acts.device)].cpu())
+
+    def _keep_rows(self, rows: torch.Tensor, peaks: torch.Tensor, ids: torch.Tensor, acts: torch.Tensor) -> None:
+        """``_keep`` for the units ``rows`` only."""
+        part = TopImagesPartial(self.k, self.scores[rows], self.indices[rows], self.maps[rows])
+        on_device = rows.to(acts.device)
+        part._keep(peaks[rows], ids[rows],
+                   lambda unit, position: acts[position.to(acts.device), on_device[unit.to(acts.device)]].cpu())
+        self.scores[rows], self.indices[rows], self.maps[rows] = part.scores, part.indices, part.maps
 
     def merge(self, other: TopImagesPartial) -> TopImagesPartial:
         """The k best of both (returned; this partial is reused)."""

@@ -118,9 +118,10 @@ class QuantileRule:
 
     @property
     def buffer_bytes(self) -> int:
-        """The most bytes the rule's state holds: its top-k values once full, or its radix histograms."""
+        """The bytes the rule's state holds: its top-k buffer (the k values and room to insert more), or its
+        radix histograms."""
         if self._top is not None:
-            return 4 * self._top.units * self._top.k
+            return self._top.buffer_bytes
         assert self._select is not None
         return self._select.buffer_bytes
 
