@@ -28,9 +28,10 @@ from .faults_kit import disk_quota, leftovers, result_files
 RunCli = Callable[..., tuple[int, str, str]]
 IMAGES = 24
 MODEL = ("resnet18", "--layer", "layer1", "--layer", "layer2", "--batch-size", "8", "--workers", "0")
-#: resnet18 at 32 px: layer1 is 64 units of 8×8, layer2 128 units of 4×4; the cache holds them all as float32.
+#: resnet18 at 32 px: layer1 is 64 units of 8×8, layer2 128 units of 4×4; the cache holds at most all of them as
+#: float32, with a mask of the units kept per image and layer (a bit a unit, in 4-byte words).
 SHAPES = [(64, 8, 8), (128, 4, 4)]
-CACHE = IMAGES * sum(4 * u * h * w for u, h, w in SHAPES)
+CACHE = IMAGES * sum(4 * u * h * w + 4 * -(-u // 32) for u, h, w in SHAPES)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import netdissection
-from netdissection.core.cache import choose_cache, parse_size
+from netdissection.core.cache import ActivationCache, choose_cache, parse_size
 from netdissection.core.errors import DissectionError
 from netdissection.core.partials import (
     ActivationPartial,
@@ -66,9 +66,10 @@ def broden(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                label_size=8, seed=1)
 
 
-def plan_for(model: nn.Module, broden: Path, compat: str, *, radix_layer: str | None = "1", **options: Any
-             ) -> tuple[Plan, InputSpec]:
-    """A plan as ``dissect`` builds it; the rule of ``radix_layer`` is forced into the multi-read selection."""
+def plan_for(model: nn.Module, broden: Path, compat: str, *, radix_layer: str | None = "1", room: int | None = None,
+             q: float = 0.15, **options: Any) -> tuple[Plan, InputSpec]:
+    """A plan as ``dissect`` builds it; the rule of ``radix_layer`` is forced into the multi-read selection, the
+    other's top-k given ``room``."""
     backend = TorchvisionBackend(model, BackendOptions())
     dataset = BrodenDataset(broden)
     spec = backend.input_spec()
@@ -77,8 +78,8 @@ def plan_for(model: nn.Module, broden: Path, compat: str, *, radix_layer: str | 
     units_of_radix_layer = 6 if radix_layer == "1" else -1
 
     def make_rule(units: int, values: int) -> QuantileRule:
-        cap = {"memory_cap": 0, "digits": (11, 11, 10)} if units == units_of_radix_layer else {}
-        return QuantileRule(units, values, q=0.15, compat=compat, **cap)
+        cap = {"memory_cap": 0, "digits": (11, 11, 10)} if units == units_of_radix_layer else {"room": room}
+        return QuantileRule(units, values, q=q, compat=compat, **cap)
 
     plan = Plan(backend=backend, dataset=dataset, layers=["1", "2"], make_rule=make_rule, semantics=compat,
                 batch_size=BATCH, workers=0, top_k=5, **options)
@@ -182,6 +183,25 @@ def test_recomputed_maps_give_the_same_results(broden: Path, compat: str) -> Non
     assert_same_results(recomputed, disk)
 
 
+@pytest.mark.parametrize("compat", ["paper", "lite"])
+def test_maps_left_out_of_the_cache_change_nothing(broden: Path, compat: str, caplog: pytest.LogCaptureFixture
+                                                  ) -> None:
+    """A small top-k room compacts the top-k every batch, so its bound rises and the cache leaves out the maps
+    whose peak is below it (q = 0.02: few maps fire): the same results as recomputing every map, in one shard
+    or three."""
+    with caplog.at_level(logging.DEBUG, logger="netdissection"):
+        disk, _, _ = run_passes(*plan_for(tiny_model(), broden, compat, room=3, q=0.02, cache="disk"))
+    written = [r.getMessage() for r in caplog.records if r.getMessage().startswith("activation cache of 2:")]
+    kept, seen = (int(word) for word in written[0].split()[4:7:2])
+    assert seen == 20 * 5 and 0 < kept < seen  # layer "2": 20 images × 5 units, some left out
+    assert any(r.getMessage().startswith("activation cache of 1: 120 of 120 maps") for r in caplog.records)  # radix
+    recomputed, _, _ = run_passes(*plan_for(tiny_model(), broden, compat, room=3, q=0.02, cache="recompute"))
+    assert_same_results(disk, recomputed)
+    shards, _, _ = sharded(*plan_for(tiny_model(), broden, compat, room=3, q=0.02, cache="disk"),
+                           [np.arange(0, 20, 3), np.arange(1, 20, 3), np.arange(2, 20, 3)])
+    assert_same_results(shards, recomputed)
+
+
 def test_cache_budget_switches_to_recompute(broden: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
                                             ) -> None:
     """Through dissect(): the disk cache, and a budget too small for it (one notice, same files)."""
@@ -195,8 +215,9 @@ def test_cache_budget_switches_to_recompute(broden: Path, tmp_path: Path, caplog
         outputs[name] = {p.relative_to(tmp_path / name): p.read_bytes()
                          for p in (tmp_path / name).glob("*/*.csv")}
         if name == "budget":
-            # 20 images × (6·8·8 + 5·4·4) floats × 4 bytes = 37,120 bytes, over the 1 KB budget.
-            assert notices == ["the activation cache would take 36.2 KB, over the --cache-budget of 1.0 KB: "
+            # 20 images × ((6·8·8 + 5·4·4) floats × 4 bytes + a 4-byte mask of the units kept per layer) =
+            # 37,280 bytes at most, over the 1 KB budget.
+            assert notices == ["the activation cache would take 36.4 KB, over the --cache-budget of 1.0 KB: "
                                "the maps are recomputed (another forward pass) for the later reads"]
         else:
             assert notices == []
@@ -251,6 +272,31 @@ def test_shards_must_cover_the_dataset(broden: Path) -> None:
         ShardRunner(plan, spec, [1, 1])
 
 
+@pytest.mark.parametrize("units", [1, 5, 32, 33])
+def test_the_cache_gives_back_each_kept_map_and_minus_inf_for_the_rest(tmp_path: Path, units: int) -> None:
+    """Batches at positions out of order, each with its own units kept (none, some, all); read back in any
+    order and grouping: the kept maps bit for bit, the others -inf."""
+    rng = np.random.default_rng(units)
+    images, shape = 12, (units, 3, 2)
+    maps = rng.normal(size=(images, *shape)).astype(np.float32)
+    maps[0, 0] = -0.0
+    kept = rng.random((images, units)) < 0.5
+    kept[1], kept[2] = False, True
+    cache = ActivationCache(tmp_path / "layer.f32", images)
+    try:
+        for batch in (np.array([3, 4, 5]), np.array([0, 1, 2]), np.array([9, 6]), np.array([7, 8, 10, 11])):
+            cache.write(batch, torch.from_numpy(maps[batch]), torch.from_numpy(kept[batch]))
+        expected = np.where(kept[:, :, None, None], maps, -np.inf).astype(np.float32)
+        for positions in (np.arange(images), np.array([2, 3, 4, 5, 0]), np.array([11, 1, 6, 9, 7])):
+            got = cache.read(positions).numpy()
+            np.testing.assert_array_equal(got.view(np.uint32), expected[positions].view(np.uint32))
+        assert cache.maps_written == kept.sum() and cache.maps_seen == images * units
+        assert cache.size == images * 4 * -(-units // 32) + kept.sum() * 4 * 6
+    finally:
+        cache.close()
+    assert not (tmp_path / "layer.f32").exists()
+
+
 def test_cache_sizes_and_choice(tmp_path: Path) -> None:
     assert parse_size("500M") == 500 * 2**20
     assert parse_size("20G") == 20 * 2**30
@@ -281,14 +327,15 @@ def test_cli_cache_budget_notice_and_same_tally(run_cli: Any, tmp_path: Path) ->
         code, _out, err = run_cli("resnet18", "--dataset", data, "--layer", "layer4", "--out", tmp_path / name,
                                   "--workers", "0", "--report", "tally", *options)
         assert code == 0, err
-        # 8 images × 512 units × 2×2 × 4 bytes = 64 KiB: within 100K, so the disk cache, and no notice.
+        # 8 images × (512 units × 2×2 × 4 bytes + a 64-byte mask) = 64.5 KiB: within 100K, so the disk cache.
         assert "recomputed" not in err
         tallies[name] = (tmp_path / name / "layer4" / "tally.csv").read_bytes()
     code, _out, err = run_cli("resnet18", "--dataset", data, "--layer", "layer3", "--layer", "layer4", "--out",
                               tmp_path / "small", "--workers", "0", "--report", "tally", "--cache-budget", "100K")
     assert code == 0, err
-    # layer3 adds 8 × 256 × 4×4 × 4 bytes: 192 KiB in all, over the budget.
-    assert ("the activation cache would take 192.0 KB, over the --cache-budget of 100.0 KB: the maps are "
+    # layer3 adds 8 × 256 × 4×4 × 4 bytes, and each image's masks of the units kept 8 × (64 + 32) bytes:
+    # 192.8 KiB in all at most, over the budget.
+    assert ("the activation cache would take 192.8 KB, over the --cache-budget of 100.0 KB: the maps are "
             "recomputed (another forward pass) for the later reads") in " ".join(err.split())
     assert (tmp_path / "small" / "layer4" / "tally.csv").read_bytes() == tallies["disk"] == tallies["budget"]
 

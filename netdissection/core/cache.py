@@ -2,9 +2,10 @@
 
 The IoU pass (and a threshold rule that reads the maps more than once) needs every raw map again.
 Keeping them in memory would grow with the dataset; recomputing them costs another forward pass; the
-disk cache costs N × Σ units·h·w × 4 bytes (resnet50 layer3+layer4 on all of Broden: about 75 GB).
-``choose_cache`` weighs that against a budget and the free space. Records are written and read with
-plain positioned I/O, so the process's memory stays flat whatever the dataset size.
+disk cache costs at most N × Σ units·h·w × 4 bytes (resnet50 layer3+layer4 on all of Broden: about 75 GB),
+and about half of it where maps that cannot fire are left out (``ActivationCache``). ``choose_cache`` weighs
+the most it can take against a budget and the free space. Records are written and read with plain
+positioned I/O, so the process's memory stays flat whatever the dataset size.
 """
 
 from __future__ import annotations
@@ -110,21 +111,44 @@ def _alive(pid: int) -> bool:
 
 
 class ActivationCache:
-    """Fixed-size records of ``(units, h, w)`` float32, addressed by dataset index."""
+    """Each image's ``(units, h, w)`` float32 maps, addressed by position in the shard, appended as they come.
+
+    A record holds a bitmask of the units kept and those units' maps: a map whose peak is below its unit's
+    ``lower_bound`` (a value the threshold will not be below, see ``BoundedThresholdRule``) can hold no mask
+    pixel, so it is not written, and ``read`` gives it back as -inf, below every threshold. On Broden-like
+    data that leaves out about half the maps of resnet18's ``layer3`` and ``layer4``. Records of consecutive
+    positions lie one after the other, so a batch is written, and read back, with one system call.
+    """
 
     def __init__(self, path: Path, images: int) -> None:
         self.path = path
         self.images = images
         self.record_shape: tuple[int, int, int] | None = None
         self.present = np.zeros(images, dtype=bool)
+        self._offset = np.zeros(images, dtype=np.int64)  # where each position's record starts
+        self._kept = np.zeros(images, dtype=np.int32)  # how many units' maps it holds
+        self._end = 0
+        self.maps_written = self.maps_seen = 0
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
 
     @property
-    def record_bytes(self) -> int:
-        assert self.record_shape is not None
-        return 4 * int(np.prod(self.record_shape))
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._end
 
-    def write(self, indices: np.ndarray, activations: torch.Tensor) -> None:
+    @property
+    def _mask_bytes(self) -> int:
+        assert self.record_shape is not None
+        return -(-self.record_shape[0] // 32) * 4  # the bitmask, padded so that the maps stay 4-byte aligned
+
+    @property
+    def _map_bytes(self) -> int:
+        assert self.record_shape is not None
+        return 4 * self.record_shape[1] * self.record_shape[2]
+
+    def write(self, indices: np.ndarray, activations: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """The maps ``(N, units, h, w)`` of the images at shard positions ``indices``; ``keep`` ``(N, units)``
+        says which to write (default: all)."""
         shape = tuple(activations.shape[1:])
         if self.record_shape is None:
             self.record_shape = shape  # type: ignore[assignment]
@@ -133,18 +157,49 @@ class ActivationCache:
         import torch
 
         data = activations.detach().to("cpu", torch.float32).contiguous().numpy()
-        for run_start, run_stop in _runs(indices):
-            _write_fully(self._fd, memoryview(data[run_start:run_stop]).cast("B"),
-                         int(indices[run_start]) * self.record_bytes)
+        n, units = data.shape[:2]
+        kept = np.ones((n, units), dtype=bool) if keep is None else keep.detach().cpu().numpy().astype(bool)
+        counts = kept.sum(axis=1)
+        mask_bytes = self._mask_bytes
+        masks = np.zeros((n, mask_bytes), dtype=np.uint8)
+        masks[:, :-(-units // 8)] = np.packbits(kept, axis=1, bitorder="little")
+        sizes = mask_bytes + counts * self._map_bytes
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        record = np.empty(int(sizes.sum()), dtype=np.uint8)
+        for i in range(n):
+            at = int(starts[i])
+            record[at:at + mask_bytes] = masks[i]
+            maps = data[i] if counts[i] == units else data[i][kept[i]]
+            record[at + mask_bytes:at + int(sizes[i])] = maps.reshape(-1).view(np.uint8)
+        _write_fully(self._fd, memoryview(record), self._end)
+        self._offset[indices] = self._end + starts
+        self._kept[indices] = counts
+        self._end += len(record)
+        self.maps_written += int(counts.sum())
+        self.maps_seen += n * units
         self.present[indices] = True
 
     def read(self, indices: np.ndarray) -> torch.Tensor:
         assert self.record_shape is not None
+        units, h, w = self.record_shape
         out = np.empty((len(indices), *self.record_shape), dtype=np.float32)
-        for run_start, run_stop in _runs(indices):
-            count = run_stop - run_start
-            raw = os.pread(self._fd, count * self.record_bytes, int(indices[run_start]) * self.record_bytes)
-            out[run_start:run_stop] = np.frombuffer(raw, dtype=np.float32).reshape(count, *self.record_shape)
+        mask_bytes, map_bytes = self._mask_bytes, self._map_bytes
+        sizes = mask_bytes + self._kept[indices].astype(np.int64) * map_bytes
+        offsets = self._offset[indices]
+        for run_start, run_stop in _runs(indices, offsets, sizes):
+            first = int(offsets[run_start])
+            raw = os.pread(self._fd, int(offsets[run_stop - 1] + sizes[run_stop - 1]) - first, first)
+            for i in range(run_start, run_stop):
+                at = int(offsets[i]) - first
+                count = int(self._kept[indices[i]])
+                maps = np.frombuffer(raw, dtype=np.float32, count=count * h * w, offset=at + mask_bytes)
+                if count == units:
+                    out[i] = maps.reshape(units, h, w)
+                    continue
+                kept = np.unpackbits(np.frombuffer(raw, dtype=np.uint8, count=mask_bytes, offset=at),
+                                     count=units, bitorder="little").astype(bool)
+                out[i].fill(-np.inf)
+                out[i][kept] = maps.reshape(count, h, w)
         import torch
 
         return torch.from_numpy(out)
@@ -165,11 +220,11 @@ def _write_fully(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[written:], offset + written
 
 
-def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
-    """Split positions into runs of consecutive dataset indices: one system call per run."""
+def _runs(indices: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> list[tuple[int, int]]:
+    """Split positions into runs whose records lie one after the other in the file: one read per run."""
     if len(indices) == 0:
         return []
-    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    breaks = np.flatnonzero(offsets[1:] != offsets[:-1] + sizes[:-1]) + 1
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(indices)]])
     return list(zip(starts.tolist(), stops.tolist(), strict=True))

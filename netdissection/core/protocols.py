@@ -113,6 +113,20 @@ class MultiRoundThresholdRule(ThresholdRule, Protocol):
         ...
 
 
+@runtime_checkable
+class BoundedThresholdRule(ThresholdRule, Protocol):
+    """A rule that knows, while it reads, a value each unit's final threshold will not be below: the
+    activation cache then keeps no map of an image whose peak is below it (such a map can hold no mask pixel,
+    as an upsampled value never exceeds its map's peak), and the IoU pass reads those maps as -inf."""
+
+    def lower_bound(self) -> torch.Tensor:
+        """``(units,)`` float32, on any device: for each unit a value its threshold, once finished, will be at
+        least (``-inf`` where nothing is known yet). Valid at any time and for any shard: a shard's rule
+        knows a bound for the whole dataset's threshold. A rule that will ask to read every map again
+        (``next_round``) must give -inf: those reads take the maps from the same cache."""
+        ...
+
+
 #: ``factory(units, values_per_unit, **params) -> ThresholdRule``; ``values_per_unit`` is the number
 #: of activation values each unit will see over the whole dataset (rules that keep a top-k need it).
 ThresholdFactory = Callable[..., ThresholdRule]

@@ -150,6 +150,11 @@ class StreamingTopK:
         self._insert(other.kept().to(self.device))
         return self
 
+    def lower_bound(self) -> torch.Tensor:
+        """``(units,)``: a value each unit's k-th largest, over this stream and any it is merged with, is at
+        least: the k-th largest at the row's last compaction (-inf before its first)."""
+        return torch.nan_to_num(self._floor, nan=-torch.inf)
+
     def kept(self) -> torch.Tensor:
         """``(units, min(count, k))``: the k largest values of each unit so far, in no order."""
         self._compact()

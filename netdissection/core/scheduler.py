@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import loading
-from .cache import ActivationCache, cache_prefix, choose_cache, remove_stale_caches
+from .cache import ActivationCache, cache_prefix, choose_cache, format_size, remove_stale_caches
 from .diagnostics import UnitStatistics
 from .errors import DissectionError
 from .explain import Read
@@ -50,7 +50,7 @@ from .partials import (
     merge_all,
     settle_thresholds,
 )
-from .protocols import Backend, ConceptDataset, ThresholdRule
+from .protocols import Backend, BoundedThresholdRule, ConceptDataset, ThresholdRule
 from .skipped import skipped_samples
 from .space import check_room, disk_full_as_error, results_bytes
 from .topimages import TopImagesPartial
@@ -170,6 +170,7 @@ class ShardRunner:
         self._position[self.indices] = np.arange(len(self.indices))
         self._present = np.zeros(len(self.indices), dtype=bool)  # read by the activation pass
         self._caches: dict[str, ActivationCache] = {}
+        self._bounds: dict[str, torch.Tensor] = {}  # per cached layer: below what its cache left maps out
         self._folder: tempfile.TemporaryDirectory[str] | None = None
         self._cache_dir, self._cache_bytes = Path(tempfile.gettempdir()), 0  # where the cache goes, its size
         #: True when the reads after the activation pass recompute the maps (decided on its first batch).
@@ -212,8 +213,9 @@ class ShardRunner:
                             f"layer {name!r}: activation maps changed shape from {(layer.units, *layer.map_shape)} "
                             f"to {tuple(acts.shape[1:])}; all images of a run must have the same size")
                     if name in self._caches:
+                        keep = self._worth_keeping(name, layer.rule, acts)
                         with disk_full_as_error(self._cache_dir, "the activation cache", self._cache_bytes, CACHE_HINT):
-                            self._caches[name].write(positions, acts)
+                            self._caches[name].write(positions, acts, keep)
                     layer.rule.update(acts)
                     layer.top_images.update(acts, batch.indices)
                     if layer.diagnostics is not None:
@@ -226,12 +228,40 @@ class ShardRunner:
             self.progress.finish()
         return ActivationPartial(layers, images, skipped, tuple(sorted(failures)))
 
+    def _worth_keeping(self, name: str, rule: ThresholdRule, acts: torch.Tensor) -> torch.Tensor | None:
+        """``(N, units)``: which maps the cache must keep: all but those whose peak is below a bound the rule
+        knows its threshold will reach (None: all). The largest bound used is kept, for ``_check_bounds``."""
+        if not isinstance(rule, BoundedThresholdRule):
+            return None
+        bound = rule.lower_bound().to(acts.device, torch.float32)
+        used = self._bounds.get(name)
+        self._bounds[name] = bound if used is None else torch.maximum(used, bound)
+        # "not below" rather than "at least": a NaN peak is kept.
+        return torch.lt(acts.amax(dim=(2, 3)), bound).logical_not_()
+
+    def _check_bounds(self, thresholds: Mapping[str, np.ndarray]) -> None:
+        """Each cached layer's thresholds reach the bounds its cache left maps out below (so every map left out
+        is -inf for the counts without changing them)."""
+        for name, bound in self._bounds.items():
+            if name in thresholds and name in self._caches:
+                below = torch.from_numpy(np.asarray(thresholds[name], dtype=np.float64)) < bound.double().cpu()
+                if bool(below.any()):
+                    units = below.nonzero().flatten().tolist()[:5]
+                    raise RuntimeError(f"layer {name!r}: the thresholds of units {units} fell below the bound their "
+                                       "threshold rule gave while the cache was written")
+
     def threshold_round(self, states: Mapping[str, ThresholdRule]) -> dict[str, ThresholdRule]:
         """One more read of every map of the layers in ``states``: each state (copied, never changed)
         updated with this shard's maps, for the driver to merge across shards."""
         updated = {name: copy.deepcopy(state) for name, state in states.items()}
         if not updated:
             return updated
+        for name in updated:
+            bound = self._bounds.get(name)
+            if not self.recompute and bound is not None and bool(torch.isfinite(bound).any()):
+                raise RuntimeError(f"layer {name!r}: its threshold rule asks to read every map again after giving a "
+                                   "lower bound, below which the cache left maps out; a rule that reads again must "
+                                   "give -inf bounds")
         present = np.flatnonzero(self._present)
         self.progress.start("thresholds", len(present))
         try:
@@ -257,6 +287,11 @@ class ShardRunner:
         ``stage`` names the read in the progress bars."""
         plan = self.plan
         vocabulary = plan.dataset.vocabulary
+        if not self.recompute:
+            self._check_bounds(thresholds)
+            for name, cache in self._caches.items():
+                log.debug("activation cache of %s: %d of %d maps written, %s", name, cache.maps_written,
+                          cache.maps_seen, format_size(cache.size))
         counts = accumulator(thresholds, vocabulary, plan.semantics, plan.device)
         # The loader's workers prepare each batch's labels (label sets included) beside this process's counting.
         prepare = LabelPreparation(vocabulary.primary_category_index(), len(vocabulary.categories), plan.semantics)
@@ -350,7 +385,9 @@ class ShardRunner:
 
     def _open_cache(self, layers: Mapping[str, LayerActivations]) -> None:
         plan = self.plan
-        record = sum(4 * layer.units * layer.map_shape[0] * layer.map_shape[1] for layer in layers.values())
+        # At most: every map and the bitmask of the units kept (``ActivationCache``); usually about half.
+        record = sum(4 * layer.units * layer.map_shape[0] * layer.map_shape[1] + 4 * -(-layer.units // 32)
+                     for layer in layers.values())
         folder = plan.work_dir if plan.work_dir is not None else Path(tempfile.gettempdir())
         # What the results will take where the run writes them: refused now, not after the passes.
         vocabulary = plan.dataset.vocabulary

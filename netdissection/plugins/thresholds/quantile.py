@@ -31,12 +31,13 @@ class QuantileRule:
     after the activation pass. Past it (an early layer on a large dataset: resnet18 conv1 on all of
     Broden would need about 1 GB), a radix selection over the values' 32-bit keys answers exactly
     after 2 to 8 reads of the maps, with one histogram per unit that fits in ``memory_cap``
-    (``digits``, the bits per read, may be given for tests and tuning).
+    (``digits``, the bits per read, and ``room``, the top-k's insertion room per unit, may be given for tests
+    and tuning).
     """
 
     def __init__(self, units: int, values_per_unit: int, *, q: float = DEFAULT_Q, compat: str = "paper",
                  device: str | torch.device = "cpu", memory_cap: int = DEFAULT_MEMORY_CAP,
-                 digits: tuple[int, ...] | None = None) -> None:
+                 digits: tuple[int, ...] | None = None, room: int | None = None) -> None:
         from ...core.quantile import RadixSelect, StreamingTopK, radix_digits, values_needed
 
         if not 0 < q < 1:
@@ -53,7 +54,7 @@ class QuantileRule:
         self.digits: tuple[int, ...] | None = None
         if units * k * 4 <= memory_cap:
             self.mode = "top-k"
-            self._top = StreamingTopK(units, k, device=device)
+            self._top = StreamingTopK(units, k, device=device, room=room)
         else:
             self.mode = "radix"
             self.digits = tuple(digits) if digits is not None else radix_digits(units, memory_cap)
@@ -65,6 +66,16 @@ class QuantileRule:
         else:
             assert self._select is not None
             self._select.update(activations)
+
+    def lower_bound(self) -> torch.Tensor:
+        """Per unit, a value the threshold will be at least (``BoundedThresholdRule``): the top-k's k-th
+        largest so far, below the value numpy interpolates up from; nothing (-inf) for the radix selection,
+        which reads every map again."""
+        import torch
+
+        if self._top is not None:
+            return self._top.lower_bound()
+        return torch.full((self.units,), -torch.inf)
 
     def merge(self, other: QuantileRule) -> QuantileRule:
         """Combine another shard's state of the same read into this one (returned)."""
