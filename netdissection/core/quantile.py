@@ -28,8 +28,10 @@ import torch
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 
-#: Values keyed at once by RadixSelect.update: bounds the temporaries of a read whatever the batch.
-KEY_CHUNK = 2**22
+#: Values keyed at once by RadixSelect.update: bounds the temporaries of a read whatever the batch (about
+#: 5 four-byte temporaries of this many values, 20 MB; at 2^22 an early layer's reads took 150 MB more than
+#: its activation pass). Smaller chunks cost only Python overhead, a few microseconds each.
+KEY_CHUNK = 2**20
 
 
 def virtual_index(n: int, level: float, method: str) -> float:
@@ -283,7 +285,9 @@ class RadixSelect:
         last = self.read == len(self.digits) - 1
         shift = 32 - known - bits
         device = self.counts.device
-        offsets = (torch.arange(units, device=device, dtype=torch.int32) << bits).view(1, units, 1, 1)
+        # int32 bin indices (half the bytes of int64, and index_add_ takes them) unless the bins outgrow it.
+        index_type = torch.int32 if (units << bits) < INT32_MAX else torch.int64
+        offsets = (torch.arange(units, device=device, dtype=index_type) << bits).view(1, units, 1, 1)
         prefix = self.prefix.to(torch.int32).view(1, units, 1, 1)
         outside = units << bits  # the last count: values outside the bracket
         ones = torch.ones(1, dtype=torch.int64, device=device)
@@ -292,7 +296,7 @@ class RadixSelect:
             # In place where it can be: these few integer operations on every value are the cost of a read.
             unsigned = order_keys(activations[start:start + step].detach().to(device))
             unsigned ^= INT32_MIN  # the same order read as unsigned bits: logical shifts below
-            index = unsigned >> shift
+            index = (unsigned >> shift).to(index_type)
             index &= (1 << bits) - 1
             index += offsets
             if known:
@@ -304,7 +308,7 @@ class RadixSelect:
                     unsigned.masked_fill_(head <= prefix, INT32_MAX)
                     above = unsigned.amin(dim=(0, 2, 3)).long()
                     self.min_above = torch.minimum(self.min_above, above)
-            index = index.reshape(-1).long()
+            index = index.reshape(-1)
             self.counts.index_add_(0, index, ones.expand(index.numel()))
         self.count += n * int(activations.shape[2]) * int(activations.shape[3])
 
@@ -319,7 +323,8 @@ class RadixSelect:
         return self
 
     def advance(self, stats_for: OrderStatisticsFor) -> RadixSelect:
-        """After a read merged over every shard: the state for the next read, or ``self`` resolved."""
+        """After a read merged over every shard: the state for the next read, or ``self`` resolved. The
+        read's counts are used up (turned into running sums): advance a state once."""
         if self.total is None:
             self.total = self.count
             if self.total == 0:
@@ -330,13 +335,16 @@ class RadixSelect:
         stats = stats_for(self.total)
         rank = stats.previous
         bits = self.digits[self.read]
-        cumulative = self.hist.cumsum(dim=1)
+        # The counts become their running sums in place (a read's counts are spent once it is advanced): no
+        # temporary the size of the histograms, which are as large as the memory cap allows.
+        cumulative = self.hist.cumsum_(dim=1)
         within = rank - self.below
         if bool(((within < 0) | (within >= cumulative[:, -1])).any()):
             raise RuntimeError("the wanted value left its bracket between reads: the maps changed between reads")
         digit = torch.searchsorted(cumulative, within.unsqueeze(1), right=True).squeeze(1)
-        in_bin = self.hist.gather(1, digit.unsqueeze(1)).squeeze(1)
-        below = self.below + cumulative.gather(1, digit.unsqueeze(1)).squeeze(1) - in_bin
+        upto = cumulative.gather(1, digit.unsqueeze(1)).squeeze(1)
+        before = cumulative.gather(1, (digit - 1).clamp(min=0).unsqueeze(1)).squeeze(1).masked_fill(digit == 0, 0)
+        below = self.below + before
         prefix = (self.prefix << bits) | digit
         if self.read + 1 < len(self.digits):
             state = RadixSelect(self.units, self.digits, self.counts.device, read=self.read + 1)
@@ -347,11 +355,11 @@ class RadixSelect:
         if stats.following == stats.previous:
             successor = key
         else:
-            bins = torch.arange(self.hist.shape[1], device=self.hist.device).unsqueeze(0)
-            later = (self.hist > 0) & (bins > digit.unsqueeze(1))
-            next_key = ((self.prefix << bits).unsqueeze(1) + bins - 2**31).masked_fill(~later, INT32_MAX)
-            following = torch.minimum(next_key.amin(dim=1), self.min_above)
-            same = rank + 1 < below + in_bin
+            # The next non-empty bin is the first whose running sum passes the rank's bin's.
+            later = torch.searchsorted(cumulative, upto.unsqueeze(1), right=True).squeeze(1)
+            next_key = ((self.prefix << bits) + later - 2**31).masked_fill(later >= cumulative.shape[1], INT32_MAX)
+            following = torch.minimum(next_key, self.min_above)
+            same = rank + 1 < upto + self.below
             successor = torch.where(same, key, following)
         self.keys = (key.cpu().numpy(), successor.cpu().numpy())
         return self
