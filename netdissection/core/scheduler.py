@@ -212,12 +212,13 @@ class ShardRunner:
                         raise DissectionError(
                             f"layer {name!r}: activation maps changed shape from {(layer.units, *layer.map_shape)} "
                             f"to {tuple(acts.shape[1:])}; all images of a run must have the same size")
+                    peaks = acts.amax(dim=(2, 3))  # (N, units): for the cache's choice and the top images
                     if name in self._caches:
-                        keep = self._worth_keeping(name, layer.rule, acts)
+                        keep = self._worth_keeping(name, layer.rule, peaks)
                         with disk_full_as_error(self._cache_dir, "the activation cache", self._cache_bytes, CACHE_HINT):
                             self._caches[name].write(positions, acts, keep)
                     layer.rule.update(acts)
-                    layer.top_images.update(acts, batch.indices)
+                    layer.top_images.update(acts, batch.indices, peaks)
                     if layer.diagnostics is not None:
                         layer.diagnostics.update(acts)
                     layer.values += acts.shape[0] * acts.shape[2] * acts.shape[3]
@@ -228,16 +229,19 @@ class ShardRunner:
             self.progress.finish()
         return ActivationPartial(layers, images, skipped, tuple(sorted(failures)))
 
-    def _worth_keeping(self, name: str, rule: ThresholdRule, acts: torch.Tensor) -> torch.Tensor | None:
-        """``(N, units)``: which maps the cache must keep: all but those whose peak is below a bound the rule
-        knows its threshold will reach (None: all). The largest bound used is kept, for ``_check_bounds``."""
+    def _worth_keeping(self, name: str, rule: ThresholdRule, peaks: torch.Tensor) -> torch.Tensor | None:
+        """``(N, units)``: which maps (by their ``peaks``) the cache must keep: all but those whose peak is below
+        a bound the rule knows its threshold will reach (None: all). The largest bound used is kept, for
+        ``_check_bounds``."""
         if not isinstance(rule, BoundedThresholdRule):
             return None
-        bound = rule.lower_bound().to(acts.device, torch.float32)
+        bound = rule.lower_bound().to(peaks.device, torch.float32)
         used = self._bounds.get(name)
         self._bounds[name] = bound if used is None else torch.maximum(used, bound)
+        if bool(torch.isneginf(bound).all()):  # no bound yet (or none ever, as for a radix selection)
+            return None
         # "not below" rather than "at least": a NaN peak is kept.
-        return torch.lt(acts.amax(dim=(2, 3)), bound).logical_not_()
+        return torch.lt(peaks, bound).logical_not_()
 
     def _check_bounds(self, thresholds: Mapping[str, np.ndarray]) -> None:
         """Each cached layer's thresholds reach the bounds its cache left maps out below (so every map left out

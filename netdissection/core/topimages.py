@@ -40,13 +40,16 @@ class TopImagesPartial:
     def units(self) -> int:
         return int(self.scores.shape[0])
 
-    def update(self, activations: torch.Tensor, indices: np.ndarray) -> None:
-        """Take a batch ``(N, U, h, w)`` of raw maps (any device) of the images at dataset ``indices``."""
+    def update(self, activations: torch.Tensor, indices: np.ndarray, peaks: torch.Tensor | None = None) -> None:
+        """Take a batch ``(N, U, h, w)`` of raw maps (any device) of the images at dataset ``indices``;
+        ``peaks``, each map's maximum ``(N, U)``, where the caller has them already."""
         import torch
 
         acts = activations.detach().float()
         n = acts.shape[0]
-        peaks = acts.amax(dim=(2, 3)).T.cpu()  # (U, N)
+        if peaks is None:
+            peaks = acts.amax(dim=(2, 3))
+        peaks = peaks.float().T.cpu()  # (U, N)
         ids = torch.from_numpy(np.asarray(indices, dtype=np.int64)).expand(self.units, n)
         if self.scores.shape[1] == self.k > 0:
             # Once k images are kept, only a unit with an image at least as good as its worst kept one (a tie
