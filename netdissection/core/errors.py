@@ -14,6 +14,13 @@ def one_line(text: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of ``exc``'s message, stripped, or its type's name when it has none: what a
+    one-line error can quote of a library's many-line one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 class DissectionError(Exception):
     """A mistake in the user's input: the message names the thing and the fix.
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import DissectionError
+from .errors import DissectionError, first_line
 from .protocols import ConceptDataset
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,6 @@ def _sample_name(dataset: ConceptDataset, index: int) -> str:
         return f"sample {index}"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else ""
-
-
 class _Parts(Dataset):
     def __init__(self, dataset: ConceptDataset, image: bool, labels: bool) -> None:
         self.dataset, self.image, self.labels = dataset, image, labels
@@ -89,7 +84,7 @@ class _Parts(Dataset):
             # It comes back as data instead, naming the sample; the traceback goes to the debug log.
             log.debug("loading sample %d failed", index, exc_info=True)
             return _Failed(index, f"{_sample_name(self.dataset, index)} could not be loaded: "
-                                  f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": "))
+                                  f"{type(exc).__name__}" + (f": {first_line(exc)}" if str(exc).strip() else ""))
 
 
 def _odd_sizes(dataset: ConceptDataset, samples: list) -> list:  # type: ignore[type-arg]
@@ -179,7 +174,7 @@ def iterate(dataset: ConceptDataset, *, batch_size: int, workers: int, image: bo
             # A worker killed from outside (most often by the kernel, out of memory) or crashed in native code.
             if "DataLoader worker" not in str(exc):
                 raise
-            raise DissectionError(f"a data loading worker process died ({_first_line(exc)}); a sample may need "
+            raise DissectionError(f"a data loading worker process died ({first_line(exc)}); a sample may need "
                                   "more memory than is free: rerun with --workers 0 to see which") from None
         if batch.failures and not skip_bad:
             raise DissectionError(f"{batch.failures[0]} (pass --skip-bad to skip unreadable samples)")

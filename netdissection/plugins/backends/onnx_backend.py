@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...core.errors import DissectionError, MissingExtraError, UnknownNameError
+from ...core.errors import DissectionError, MissingExtraError, UnknownNameError, first_line
 from ...core.hookspecs import hookimpl
 from ...core.types import BackendOptions, InputSpec, LayerInfo
 
@@ -57,11 +57,6 @@ def _import() -> tuple[Any, Any]:
     except ImportError:
         raise MissingExtraError("the onnx backend", "onnxruntime", "onnx") from None
     return onnx, onnxruntime
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _dims(value_type: Any) -> list[int | None] | None:
@@ -116,7 +111,7 @@ class OnnxBackend:
         try:
             proto = onnx.load(str(self.path))
         except Exception as exc:  # protobuf DecodeError, a missing external-data file, ...
-            raise DissectionError(f"{self.path} is not an ONNX model ({_first_line(exc)}); export one with "
+            raise DissectionError(f"{self.path} is not an ONNX model ({first_line(exc)}); export one with "
                                   "torch.onnx.export or check the file") from None
         if proto.ir_version <= 0 or not proto.graph.node:
             raise DissectionError(f"{self.path} is not an ONNX model (no graph in it); export one with "
@@ -195,7 +190,7 @@ class OnnxBackend:
                 d.dim_value = value
             inferred = self._onnx.shape_inference.infer_shapes(self.proto, data_prop=True)
         except Exception as exc:  # inference is a convenience: fall back to the probe run for everything
-            log.debug("shape inference failed on %s: %s", self.path.name, _first_line(exc))
+            log.debug("shape inference failed on %s: %s", self.path.name, first_line(exc))
             inferred = None
         finally:
             for d, original in zip(dims, saved, strict=True):
@@ -251,7 +246,7 @@ class OnnxBackend:
             session = self._make_session(names)
             outputs = session.run(names, {self.input.name: np.zeros(self._probe_shape(), dtype=self.input_dtype)})
         except Exception as exc:
-            log.debug("probe run of %s failed: %s", self.path.name, _first_line(exc))
+            log.debug("probe run of %s failed: %s", self.path.name, first_line(exc))
             return {}
         found: dict[str, tuple[int, ...] | None] = {}
         for name, value in zip(names, outputs, strict=True):
@@ -284,7 +279,7 @@ class OnnxBackend:
             with contextlib.redirect_stdout(printed):
                 return ort.InferenceSession(blob, sess_options=settings, providers=self._providers)
         except Exception as exc:
-            raise DissectionError(f"onnxruntime cannot load {self.path}: {_first_line(exc)}") from None
+            raise DissectionError(f"onnxruntime cannot load {self.path}: {first_line(exc)}") from None
         finally:
             if printed.getvalue().strip():
                 log.debug("onnxruntime said: %s", printed.getvalue().strip())
@@ -330,7 +325,7 @@ class OnnxBackend:
                 outputs = session.run(list(names), {self.input.name: chunk})
             except Exception as exc:
                 raise DissectionError(f"onnxruntime failed to run {self.path.name} on a batch of shape "
-                                      f"{tuple(chunk.shape)}: {_first_line(exc)}") from None
+                                      f"{tuple(chunk.shape)}: {first_line(exc)}") from None
             results.append([o[:keep] for o in outputs])
         maps: dict[str, torch.Tensor] = {}
         for i, name in enumerate(names):

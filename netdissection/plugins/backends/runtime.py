@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ...core.errors import DissectionError, MissingExtraError
+from ...core.errors import DissectionError, MissingExtraError, first_line
 from ...core.runtimes import RUNTIMES
 
 if TYPE_CHECKING:
@@ -238,7 +238,7 @@ class RuntimeForward:
             outputs = graph.session.run(None, {"images": x})
         except Exception as exc:  # onnxruntime raises its own types, one per kind of failure
             raise DissectionError(f"onnxruntime failed on a batch of shape {tuple(x.shape)}: "
-                                  f"{_first_line(exc)}") from None
+                                  f"{first_line(exc)}") from None
         return {name: torch.from_numpy(value).to(images.device) for name, value in zip(names, outputs, strict=True)}
 
     # ---- the export
@@ -283,9 +283,9 @@ class RuntimeForward:
         except Exception as exc:  # the exporter's and onnxruntime's failures are of many types
             if self.requested == "onnxruntime":
                 raise DissectionError(f"{self.model_name} cannot run on onnxruntime: exporting it to ONNX failed "
-                                      f"({_first_line(exc)}); use --runtime torch") from None
+                                      f"({first_line(exc)}); use --runtime torch") from None
             log.info("%s does not export to ONNX (%s); the forward pass stays on torch", self.model_name,
-                     _first_line(exc))
+                     first_line(exc))
             self.chosen = "torch"
             return None
         log.debug("%s: layers %s exported to ONNX in %.2f s (%.1f MB)", self.model_name, ", ".join(names),
@@ -350,8 +350,3 @@ def _mismatch(maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor])
         if not difference <= CHECK_TOLERANCE * max(scale, 1e-12):
             return f"layer {name}: values differ by up to {difference:.3g} where they reach {scale:.3g}"
     return ""
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__

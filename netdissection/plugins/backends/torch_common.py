@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ...core.errors import DissectionError
+from ...core.errors import DissectionError, first_line
 from ...core.limits import check_inflation
 from ...core.types import LayerInfo
 from .layouts import ATTENTION_LAYOUT, VECTOR_LAYOUT, Layout, attention_probabilities, detect, token_hints
@@ -41,12 +41,7 @@ def _refusal(exc: BaseException) -> str:
         found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
         return (f"it is no checkpoint torch reads as data (torch.load with weights_only=True): "
                 f"{found.group(1).strip() if found else 'it is damaged'}")
-    return f"it cannot be read as a torch checkpoint: {_first_line(exc)}"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    return f"it cannot be read as a torch checkpoint: {first_line(exc)}"
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -69,7 +64,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # zipfile raises many types on a damaged directory (UnicodeDecodeError, ...)
             # torch reads zips with another parser: what this one cannot check is refused, not passed on.
             raise DissectionError(f"weights file {p} is a damaged zip archive ({type(exc).__name__}: "
-                                  f"{_first_line(exc)})") from None
+                                  f"{first_line(exc)})") from None
     try:
         with warnings.catch_warnings():  # about odd pickle protocols and the like: the refusal says enough
             warnings.simplefilter("ignore")
@@ -166,7 +161,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Pa
             warnings.simplefilter("ignore")
             model.load_state_dict(state, strict=True, assign=assign)
     except Exception as exc:  # the right names and shapes, values torch cannot copy in (complex, sparse, ...)
-        raise DissectionError(f"checkpoint {path} does not fit {model_name}: {_first_line(exc)}") from None
+        raise DissectionError(f"checkpoint {path} does not fit {model_name}: {first_line(exc)}") from None
 
 
 #: ``layout_of(name, output, batch, input_hw)``: a module's probe output as a layer (its info and layout),

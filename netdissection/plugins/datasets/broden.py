@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from ...core.errors import DissectionError, refuse_options
+from ...core.errors import DissectionError, first_line, refuse_options
 from ...core.hookspecs import hookimpl
 from ...core.limits import MAX_IMAGE_PIXELS, MAX_LABEL_PIXELS, check_pixels
 from ...core.types import Concept, Sample, Vocabulary, select_categories
@@ -60,12 +60,7 @@ def _table(path: Path) -> Iterator[tuple[int, dict[str, str | None]]]:
         raise DissectionError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except csv.Error as exc:
         # DictReader counts only the lines of rows it returned; its inner reader, the line it failed on.
-        raise DissectionError(f"{path} line {reader.reader.line_num} is no CSV: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        raise DissectionError(f"{path} line {reader.reader.line_num} is no CSV: {first_line(exc)}") from None
 
 
 def _columns(path: Path, needed: Sequence[str]) -> None:
@@ -78,7 +73,7 @@ def _columns(path: Path, needed: Sequence[str]) -> None:
     except UnicodeDecodeError as exc:
         raise DissectionError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except csv.Error as exc:
-        raise DissectionError(f"{path} line 1 is no CSV: {_first_line(exc)}") from None
+        raise DissectionError(f"{path} line 1 is no CSV: {first_line(exc)}") from None
     missing = [c for c in needed if c not in header]
     if missing:
         raise DissectionError(f"{path} is malformed: its header lacks the column(s) {', '.join(missing)}")
@@ -185,7 +180,7 @@ def _records(f: IO[bytes], path: Path) -> Iterator[tuple[int, list[str]]]:
             yield start, record
             start = position
     except csv.Error as exc:
-        raise DissectionError(f"{path} line {line_number} is no CSV: {_first_line(exc)}") from None
+        raise DissectionError(f"{path} line {line_number} is no CSV: {first_line(exc)}") from None
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...core.errors import DissectionError, refuse_options
+from ...core.errors import DissectionError, first_line, refuse_options
 from ...core.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,10 +89,6 @@ def check_reachable(address: str) -> None:
                               f"'ray start --head --port {port}' or pass the head node's address") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def _why_not_joined(exc: BaseException) -> str | None:
     """What to tell a user whose ``ray.init(address=...)`` failed, when Ray's own words would not help."""
     chain: BaseException | None = exc
@@ -124,7 +120,7 @@ def _bounded(call: Callable[[], Any], seconds: float, what: str,
         error = box["error"]
         if isinstance(error, DissectionError):
             raise error
-        raise DissectionError(f"{what} failed: {explain(error) or _first_line(error)}") from None
+        raise DissectionError(f"{what} failed: {explain(error) or first_line(error)}") from None
     return box.get("value")
 
 
@@ -158,7 +154,7 @@ class Cluster:
                 try:
                     ray.init(include_dashboard=False, **options)
                 except Exception as exc:
-                    raise DissectionError(f"could not start a local Ray instance: {_first_line(exc)}") from None
+                    raise DissectionError(f"could not start a local Ray instance: {first_line(exc)}") from None
             self.started = True
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         total = ray.cluster_resources()
@@ -470,7 +466,7 @@ class _Job:
             raise cause from None
         except ray.exceptions.RayActorError as exc:
             raise DissectionError(f"a Ray worker of {self.job.display} died and was restarted {RESTARTS} times: "
-                                  f"{_first_line(exc)}") from None
+                                  f"{first_line(exc)}") from None
 
     def release(self) -> None:
         """Kill the job's workers and free its placement group (also when it is stopped part way)."""
