@@ -153,8 +153,10 @@ def test_label_sets_hold_each_pixels_labels() -> None:
     assert torch.equal(again.ids, sets.ids) and torch.equal(again.labels, sets.labels)
 
 
-@pytest.mark.parametrize(("map_shape", "label_shape"), [((7, 7), (112, 112)), ((14, 14), (112, 112)), ((1, 3), (8, 24)),
-                                                        ((2, 5), (4, 10)), ((7, 7), (113, 113))])
+@pytest.mark.parametrize(("map_shape", "label_shape"), [
+    ((7, 7), (112, 112)), ((14, 14), (112, 112)), ((1, 3), (8, 24)), ((2, 5), (4, 10)), ((7, 7), (113, 113)),
+    ((112, 112), (112, 112)), ((5, 9), (5, 9)), ((5, 9), (5, 10)),
+])
 def test_corner_max_is_the_largest_of_each_cells_corners(map_shape: tuple[int, int], label_shape: tuple[int, int]
                                                          ) -> None:
     """Each cell's largest corner, read corner by corner, whichever way the plan computes it (the shifted
@@ -171,3 +173,5 @@ def test_corner_max_is_the_largest_of_each_cells_corners(map_shape: tuple[int, i
             torch.testing.assert_close(got[:, i, j], torch.stack(corners).amax(dim=0), rtol=0, atol=0)
     if map_shape in ((7, 7), (14, 14)) and label_shape == (112, 112):
         assert plan.shifted  # the way of resnet18's layer4 and layer3 at Broden's label size
+    # Labels of the map's size (resnet18's conv1 at Broden's): each cell is one value, the map as it is.
+    assert plan.identity == (map_shape == label_shape)

@@ -122,6 +122,12 @@ class AxisCells:
         # never hits, with no separate validity mask to compute.
         return cls(lower[starts], upper[starts], positions, 1 - upper_weight, upper_weight)
 
+    def identity(self, size_in: int) -> bool:
+        """One cell per source index, of one output position (the output is the input's size): the
+        upsampling copies the map, and a cell's four corners are its one value."""
+        return bool(self.lower.numel() == size_in and self.positions.shape[1] == 1
+                    and torch.equal(self.lower, torch.arange(size_in)) and torch.equal(self.upper, self.lower))
+
     def shifted(self, size_in: int) -> bool:
         """The cells are (0, 0), (0, 1), (1, 2), …, (h−1, h−1): every source index and the next, with both
         edges clamped (always so when upsampling to a size that is no odd multiple)."""
@@ -163,14 +169,19 @@ class CellPlan:
     #: The cells are every source index and the next (``AxisCells.shifted``) on both axes: the corners of
     #: all cells are the map and its shifted copies.
     shifted: bool
+    #: The labels have the map's size (``AxisCells.identity`` on both axes; an early layer such as resnet18's
+    #: ``conv1`` on Broden): each cell is one value of the map.
+    identity: bool = False
 
     @classmethod
     def of(cls, map_shape: tuple[int, int], label_shape: tuple[int, int], device: torch.device | str) -> CellPlan:
         rows, cols = AxisCells.of(map_shape[0], label_shape[0]), AxisCells.of(map_shape[1], label_shape[1])
         shifted = rows.shifted(map_shape[0]) and cols.shifted(map_shape[1])
+        identity = rows.identity(map_shape[0]) and cols.identity(map_shape[1])
         return cls(tuple(map_shape), rows, cols, rows.lower.to(device), rows.upper.to(device),  # type: ignore[arg-type]
                    cols.lower.to(device), cols.upper.to(device), rows.weight_lower.to(device),
-                   rows.weight_upper.to(device), cols.weight_lower.to(device), cols.weight_upper.to(device), shifted)
+                   rows.weight_upper.to(device), cols.weight_lower.to(device), cols.weight_upper.to(device), shifted,
+                   identity)
 
     @property
     def cells(self) -> tuple[int, int]:
@@ -182,6 +193,8 @@ class CellPlan:
 
     def corner_max(self, maps: torch.Tensor) -> torch.Tensor:
         """``(P, cy, cx)``: the largest of each cell's four corners, for maps ``(P, h, w)``."""
+        if self.identity:
+            return maps  # each cell's corners are its one value (seven gathers and maxima saved per map)
         if self.shifted:
             # Cell r spans source indices r − 1 and r, clamped: the maximum of each row and the next, with
             # the first and last rows on their own, then the same over columns. (Two elementwise maxima:
