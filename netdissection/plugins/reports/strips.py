@@ -15,6 +15,7 @@ what the tests check exactly) and shrinking it (:func:`compose_strip`).
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
@@ -339,8 +340,11 @@ def write_strips(jobs: Sequence[StripJob], images: Callable[[int], np.ndarray], 
         tasks += [(j, range(start, min(job.layer.units, start + UNITS_PER_TASK)))
                   for start in range(0, job.layer.units, UNITS_PER_TASK)]
     if source is not None:  # decoded once here, and shared by the workers, rather than once in each
-        source.preload(dict.fromkeys(index for job in jobs for unit in range(job.layer.units)
-                                     for _slot, index in unit_tiles(job.layer, unit, top_k)))
+        started = time.perf_counter()
+        wanted = dict.fromkeys(index for job in jobs for unit in range(job.layer.units)
+                               for _slot, index in unit_tiles(job.layer, unit, top_k))
+        source.preload(wanted)
+        log.debug("strips: %d top images decoded in %.2f s", len(wanted), time.perf_counter() - started)
     outcomes = run_tasks([lambda j=j, units=units: encode(jobs[j], units) for j, units in tasks], workers)
     results: list[dict[int, Strip] | Exception] = [{} for _ in jobs]
     for (j, _units), outcome in zip(tasks, outcomes, strict=True):
