@@ -286,6 +286,12 @@ def test_repeated_single_run_reads_the_store(run_cli: RunCli, concept_set: Path,
     assert code == 0, err
     for svg in svgs:
         assert (tmp_path / "third" / svg).with_suffix(".pdf").read_bytes().startswith(b"%PDF-"), svg
+    # ... and in a comparison, whose runs then draw the plots they leave out by default (this one from the store).
+    code, stdout, err = run_cli("compare", *common, "--out", tmp_path / "cmp", "--plot-format", "png")
+    assert code == 0 and "1 from the store" in stdout, err
+    (run,) = [path for path in (tmp_path / "cmp" / "runs").iterdir() if path.is_dir()]
+    for svg in svgs:
+        assert Image.open(run / (svg.removesuffix(".svg") + ".png")).size[0] > 500, svg
 
 
 def test_corrupt_store_entry_is_recomputed_with_a_warning(run_cli: RunCli, concept_set: Path, tmp_path: Path) -> None:

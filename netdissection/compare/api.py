@@ -92,6 +92,7 @@ def compare(
     workers: int | None = None,
     top_k: int = 10,
     reporters: Sequence[str] | None = None,
+    plot_formats: Sequence[str] = (),
     skip_bad: bool = False,
     cache: str = "auto",
     cache_budget: str | int | None = None,
@@ -118,6 +119,8 @@ def compare(
     ``executor_options={"address": "HOST:PORT", "shards": 4}`` (without an address: a local Ray instance).
     ``rotate``: one α or several (``[0, 0.2, ..., 1]``): every model is dissected once per α with its units
     read in the rotated basis Q^α (Q drawn from ``rotate_seed``; see ``netdissection.dissect``).
+    ``plot_formats``: ``["png", "pdf"]`` for copies of every run's plots beside their SVG (the runs then draw
+    their plots, which a comparison leaves out by default).
     The other options are those of :func:`netdissection.dissect`, the same for every model.
     """
     from ..api import build_host, check_run
@@ -137,9 +140,10 @@ def compare(
     if not specs and not tallies:
         raise DissectionError("nothing to compare: name models (dissect compare MODEL ...), --models, "
                               "--models-file, or --add-tally")
-    if not reporters:
-        reporters = [e.name for e in host.catalog("reporter")
-                     if e.metadata.get("default", False) and e.name not in SKIPPED_BY_DEFAULT]
+    if not reporters:  # copies of the runs' plots asked for: the runs draw their plots
+        skipped = () if plot_formats else SKIPPED_BY_DEFAULT
+        reporters = [e.name for e in host.catalog("reporter") if e.metadata.get("default", False)
+                     and e.name not in skipped]
     jobs = [Job(model=s.model, backend=s.backend or backend, weights=s.weights, pretrained=pretrained,
                 layers=tuple(s.layers or layers), lenient_layers=True,
                 dataset=str(dataset) if dataset is not None else None, dataset_format=dataset_format,
@@ -149,10 +153,10 @@ def compare(
                 compat=compat, top_k=top_k, skip_bad=skip_bad,
                 backend_options={k: v for k, v in (backend_options or {}).items() if v is not None},
                 device=device, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, batch_size=batch_size,
-                workers=workers,
-                reporters=tuple(reporters) if reporters else None, cache=cache, cache_budget=cache_budget,
-                name=s.name or _display(s), x=s.x, labels={**common, **s.labels}, rotate=alpha,
-                rotate_seed=rotate_seed if alpha is not None else 0) for s in specs for alpha in alphas]
+                workers=workers, reporters=tuple(reporters) if reporters else None, plot_formats=tuple(plot_formats),
+                cache=cache, cache_budget=cache_budget, name=s.name or _display(s), x=s.x,
+                labels={**common, **s.labels}, rotate=alpha, rotate_seed=rotate_seed if alpha is not None else 0)
+            for s in specs for alpha in alphas]
     results_store = None if store is False or store is None else ResultsStore(None if store is True else store)
     out_dir = Path(out) if out is not None else None
     with tempfile.TemporaryDirectory(prefix="netdissection-compare-") as scratch:
@@ -170,7 +174,8 @@ def compare(
                 shutil.rmtree(folder, ignore_errors=True)
             return folder
 
-        context = ExecutionContext(host, results_store, place=place, events=events, strict_plugins=strict_plugins)
+        context = ExecutionContext(host, results_store, place=place, events=events, strict_plugins=strict_plugins,
+                                   complete_reports=True)
         preflight(jobs, context)
         outcomes = sorted(runner.run(jobs, context), key=lambda o: o.index)
         rows = [row for outcome in outcomes for row in outcome_rows(outcome, out_dir)]

@@ -18,6 +18,7 @@ import click
 from ..core.cache import format_size, parse_size
 from ..core.hookspecs import CommandContext, hookimpl
 from ..core.runtimes import RUNTIME_HELP, RUNTIMES
+from ..plugins.reports.plots import COPY_FORMATS
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
@@ -111,6 +112,8 @@ def _dissect_options(function: Any, context: CommandContext) -> Any:
         click.option("--workers", type=int, help="Data loading processes (default: cores - 1, at most 4)."),
         click.option("--top-k", type=int, default=10, show_default=True, help="Top images kept per unit."),
         click.option("--report", "reporters", multiple=True, help="Report writers per run (default: all defaults)."),
+        click.option("--plot-format", "plot_formats", multiple=True, type=click.Choice(COPY_FORMATS),
+                     help="Each run draws its plots (left out by default), also as PNG or PDF (repeatable)."),
         click.option("--skip-bad", is_flag=True, help="Skip unreadable images or labels."),
         click.option("--cache", type=click.Choice(["auto", "disk", "recompute"]), default="auto", show_default=True,
                      help="Where each run's later reads get the maps: a disk cache, or another forward pass."),
@@ -261,7 +264,8 @@ def run_compare(context: CommandContext, models: tuple[str, ...], patterns: tupl
                         add_tallies=list(tallies), out=out, store=False if no_store else (store_dir or True),
                         executor=executor, executor_options={"address": address, "shards": shards},
                         categories=context.split(options.pop("categories")) or None,
-                        reporters=context.split(options.pop("reporters")) or None, backend_options=backend_options,
+                        reporters=context.split(options.pop("reporters")) or None,
+                        plot_formats=list(options.pop("plot_formats")), backend_options=backend_options,
                         dataset_options=dataset_options, events=progress, host=context.host,
                         strict_plugins=options.pop("strict_plugins") or None, **options)
     out_console.print(comparison_table(table, out_console.width))

@@ -30,15 +30,18 @@ log = logging.getLogger(__name__)
 class ExecutionContext:
     """What every job of a run shares: the plugin host, the store, where runs are placed, the datasets.
 
-    ``place(index, job)`` names the folder the user gets each run in (None: only the store keeps it).
+    ``place(index, job)`` names the folder the user gets each run in (None: only the store keeps it);
+    ``complete_reports``: a run placed there from the store gets the reports the job asks for that the stored
+    run lacks.
     """
 
     def __init__(self, host: Any, store: ResultsStore | None, *,
                  place: Callable[[int, Job], Path | None] | None = None, events: JobEvents | None = None,
-                 strict_plugins: bool | None = None) -> None:
+                 strict_plugins: bool | None = None, complete_reports: bool = False) -> None:
         self.host = host
         self.store = store
         self.strict_plugins = strict_plugins
+        self.complete_reports = complete_reports
         self.place = place or (lambda index, job: None)
         self.events: JobEvents = events or SilentEvents()
         # By id(job): a job's mappings make it unhashable; the job is kept beside its key so the id stays its own.
@@ -95,10 +98,40 @@ class ExecutionContext:
         if entry is None:
             return None
         out = self.place(index, job)
+        summary = entry.summary()
         if out is not None:
             materialise(entry.run_dir, out)
-        return JobOutcome(index, job, OK, key=entry.key, run_dir=entry.run_dir, out_dir=out,
-                          summary=entry.summary(), cached=True)
+            if self.complete_reports:
+                self.write_missing_reports(job, entry, out, summary.get("written") or [])
+        return JobOutcome(index, job, OK, key=entry.key, run_dir=entry.run_dir, out_dir=out, summary=summary,
+                          cached=True)
+
+    def missing_reports(self, job: Job, entry: StoredJob | None) -> list[str]:
+        """The report writers the job asks for that its stored run did not run; the plots too when the job
+        wants copies of them in other formats (a stored run's plots are SVG only)."""
+        have = set((entry.record.get("reporters") if entry is not None else None) or [])
+        chosen = job.reporters or self.default_reporters()
+        missing = [r for r in chosen if r not in have]
+        if job.plot_formats and "plots" in chosen and "plots" not in missing:
+            missing.append("plots")
+        return missing
+
+    def write_missing_reports(self, job: Job, entry: StoredJob | None, out: Path, written: Sequence[str]
+                              ) -> RunResult | None:
+        """Run the ``missing_reports`` on the saved counts of the stored run placed in ``out``: its result, with
+        ``written`` (the stored run's files) and the new ones; None when none was missing."""
+        missing = self.missing_reports(job, entry)
+        if not missing:
+            return None
+        from ..api import write_reports
+        from ..core.results import load_run
+
+        log.info("writing the reports the stored run lacks: %s", ", ".join(missing))
+        result = load_run(out)
+        write_reports(result, out, reporters=missing, host=self.host, strict_plugins=self.strict_plugins,
+                      writer_options=writer_options(job))
+        result.written = list(dict.fromkeys([*list(written)[:-1], *result.written]))  # summary.json stays last
+        return result
 
     def begin(self, index: int, job: Job) -> tuple[Path, Path | None]:
         """The folder to write the job's run into, and the staging folder it lies in (None: no store)."""
@@ -244,20 +277,9 @@ def dissect_stored(job: Job, out: Path, store: ResultsStore | None, host: Any, p
     outcome = execute(0, job, context, progress)
     if outcome.result is not None:
         return outcome.result, outcome
-    entry = context.stored(job)
-    have = set((entry.record.get("reporters") if entry is not None else None) or [])
-    chosen = job.reporters or context.default_reporters()
-    missing = [r for r in chosen if r not in have]
-    if job.plot_formats and "plots" in chosen and "plots" not in missing:  # the stored run's plots: SVG only
-        missing.append("plots")
-    result = load_run(out)
     written = list((outcome.summary or {}).get("written") or [])
-    if missing:
-        from ..api import write_reports
-
-        log.info("writing the reports the stored run lacks: %s", ", ".join(missing))
-        write_reports(result, out, reporters=missing, host=host, strict_plugins=strict_plugins,
-                      writer_options=writer_options(job))
-        written = list(dict.fromkeys([*written[:-1], *result.written]))  # summary.json stays last
-    result.written = written
+    result = context.write_missing_reports(job, context.stored(job), out, written)
+    if result is None:
+        result = load_run(out)
+        result.written = written
     return result, outcome
