@@ -95,13 +95,13 @@ def prepare_labels(layers: torch.Tensor, image_labels: torch.Tensor, category_of
     size = category_of.shape[0]
     # Label numbers outside the vocabulary (or of unselected categories) count as unlabelled: one lookup
     # in a table that keeps a concept's number and maps anything else to 0 (category_of[0] is -1).
-    numbers = torch.arange(size, device=device, dtype=layers.dtype)
-    keep = torch.where(category_of.to(device) >= 0, numbers, 0)
-    flat = layers.reshape(n, k, sh * sw)
-    flat = keep.index_select(0, torch.where((flat > 0) & (flat < size), flat, 0).view(-1)).view(n, k, sh * sw)
+    # The table has one more entry, 0, where clamping puts every number past the vocabulary (and the negative
+    # ones go to entry 0, itself 0): one clamp and one lookup per value.
+    numbers = torch.arange(size + 1, device=device, dtype=layers.dtype)
+    keep = torch.where(torch.cat([category_of, category_of.new_full((1,), -1)]).to(device) >= 0, numbers, 0)
+    flat = keep.index_select(0, layers.reshape(-1).clamp(0, size)).view(n, k, sh * sw)
     image_labels = image_labels.to(layers.dtype)
-    image_labels = keep.index_select(0, torch.where((image_labels > 0) & (image_labels < size), image_labels, 0)
-                                     .view(-1)).view(image_labels.shape)
+    image_labels = keep.index_select(0, image_labels.reshape(-1).clamp(0, size)).view(image_labels.shape)
     if semantics == "paper":
         # A pixel counts once for a label however many layers give it, and an image-level label
         # already covers every pixel.
@@ -115,12 +115,13 @@ def prepare_labels(layers: torch.Tensor, image_labels: torch.Tensor, category_of
             flat.masked_fill_(flat == level.view(n, 1, 1), 0)
 
     # Per image, how many pixels carry each label: the truth counts G and which categories it has.
-    image_of = torch.arange(n, device=device, dtype=torch.int64).view(n, 1) * size
-    per_image = torch.zeros(n * size, dtype=torch.int64, device=device)
-    keys = flat.reshape(n, -1) + image_of
+    # Keys (image, label) in the label maps' own integer type where they fit (int32 from the loader): half the
+    # bytes of int64, and bincount takes them.
+    key_type = flat.dtype if n * size < torch.iinfo(flat.dtype).max else torch.int64
+    image_of = torch.arange(n, device=device, dtype=key_type).view(n, 1) * size
+    per_image = torch.bincount((flat.reshape(n, -1) + image_of).view(-1), minlength=n * size)
     one = torch.ones(1, dtype=torch.int64, device=device)
-    per_image.scatter_add_(0, keys.view(-1), one.expand(keys.numel()))
-    levels = (image_labels + image_of).view(-1)
+    levels = (image_labels.to(torch.int64) + image_of.to(torch.int64)).view(-1)
     per_image.scatter_add_(0, levels, (one * (sh * sw)).expand(levels.numel()))
     per_image = per_image.view(n, size)
     per_image[:, 0] = 0

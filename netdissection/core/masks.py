@@ -58,17 +58,17 @@ def label_sets(flat: torch.Tensor, shape: tuple[int, int], size: int) -> LabelSe
     n, k, s = flat.shape
     device = flat.device
     image = torch.arange(n, device=device).repeat_interleave(s)
-    columns = flat.permute(0, 2, 1).reshape(n * s, k)
+    # Each layer's label numbers in (image, pixel) order, the order of the set ids below.
+    layer = [flat[:, j].reshape(-1) for j in range(k)]
     # The label numbers present, ranked: a small alphabet to build keys from.
-    present = torch.zeros(size, dtype=torch.int64, device=device)
-    present.scatter_(0, columns.reshape(-1).long(), 1)
+    present = torch.bincount(flat.reshape(-1), minlength=size)[:size] > 0
     rank = torch.cumsum(present, 0) - 1
     letters = int(rank[-1]) + 1
     # Fold the layers in one at a time: the key of (set so far, next label) numbered densely when the key
     # space is small (the usual case: a few hundred sets, tens of labels), else by sorting.
     ids, count = image, n
     for j in range(k):
-        key = ids * letters + rank.index_select(0, columns[:, j])
+        key = ids * letters + rank.index_select(0, layer[j])
         space = count * letters
         if space <= DENSE_KEYS:
             seen = torch.zeros(space, dtype=torch.int64, device=device)
@@ -79,8 +79,10 @@ def label_sets(flat: torch.Tensor, shape: tuple[int, int], size: int) -> LabelSe
             _, ids = torch.unique(key, return_inverse=True)
             count = int(ids.max()) + 1
     # Every pixel of a set writes the same labels: any one write is the set's.
-    labels = torch.zeros(count, k, dtype=flat.dtype, device=device)
-    labels.index_copy_(0, ids, columns)
+    labels = torch.zeros(k, count, dtype=flat.dtype, device=device)
+    for j in range(k):
+        labels[j].index_copy_(0, ids, layer[j])
+    labels = labels.T.contiguous()
     owner = torch.zeros(count, dtype=torch.int64, device=device)
     owner.scatter_(0, ids, image)
     return LabelSets(ids.view(n, *shape), labels, owner)
