@@ -64,3 +64,33 @@ def test_group_written() -> None:
         "": ["report.html", "report_files", "summary.json"],
         "a": ["b.csv"],
     }
+
+
+def test_unit_scores_follow_the_counts(small_run: SmallRun) -> None:
+    """The tally rows are scored once per layer result (the reports ask a dozen times), and again when a count
+    array is replaced: never the rows of other counts."""
+    import dataclasses
+
+    import numpy as np
+
+    from netdissection.core.scores import iou_matrix
+
+    layer = next(iter(small_run.result.layers.values()))
+    first = unit_scores(layer)
+    assert unit_scores(layer) == first
+    best = np.argsort(-iou_matrix(layer).max(axis=1), kind="stable")[0]
+    assert first[0].unit == best + 1
+    # Another result with the counts of one unit zeroed: its rows, not the first one's.
+    zeroed = layer.intersection.copy()
+    zeroed[best] = 0
+    changed = dataclasses.replace(layer, intersection=zeroed)
+    assert unit_scores(changed)[0].unit != first[0].unit
+    assert unit_scores(layer) == first
+    # The same result with a count array replaced is scored again.
+    original = layer.intersection
+    try:
+        layer.intersection = zeroed
+        assert unit_scores(layer) == unit_scores(changed)
+    finally:
+        layer.intersection = original
+    assert unit_scores(layer) == first

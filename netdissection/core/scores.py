@@ -78,8 +78,22 @@ def unit_labels(result: LayerResult, iou: np.ndarray | None = None) -> tuple[np.
     return best, iou[np.arange(result.units), best]
 
 
+#: Where a layer result keeps its tally rows, beside the counts they were scored from (compared by identity:
+#: counts are never changed in place, a new result or a reassigned field scores again). The reports ask for
+#: the rows a dozen times a run (tally, summary, plots, page), each time tens of ms for Broden's vocabulary.
+_SCORED = "_netdissection_unit_scores"
+
+
 def unit_scores(result: LayerResult) -> list[UnitScore]:
     """The tally rows of a layer, by descending score (ties by unit)."""
+    counts = (result.intersection, result.activation, result.truth, result.vocabulary)
+    saved = result.__dict__.get(_SCORED)
+    if saved is None or any(a is not b for a, b in zip(saved[0], counts, strict=True)):
+        saved = result.__dict__[_SCORED] = (counts, _unit_scores(result))
+    return list(saved[1])
+
+
+def _unit_scores(result: LayerResult) -> list[UnitScore]:
     iou = iou_matrix(result)
     labels, scores = unit_labels(result, iou)
     per_cat = best_per_category(result, iou)
