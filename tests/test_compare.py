@@ -278,6 +278,7 @@ def test_repeated_single_run_reads_the_store(run_cli: RunCli, concept_set: Path,
     code, stdout, err = run_cli(*common, "--out", tmp_path / "fourth", "--plot-format", "png")
     assert code == 0 and "from the results store" in stdout, err
     written = read_json(tmp_path / "fourth" / "summary.json")["written"]
+    assert set(first["written"]) <= set(written)  # the stored run's files, and the new copies
     for svg in svgs:
         png = svg.removesuffix(".svg") + ".png"
         assert png in written and Image.open(tmp_path / "fourth" / png).size[0] > 500, png

@@ -124,6 +124,7 @@ class ExecutionContext:
         if not missing:
             return None
         from ..api import write_reports
+        from ..core.reporting import rewrite_summary
         from ..core.results import load_run
 
         log.info("writing the reports the stored run lacks: %s", ", ".join(missing))
@@ -131,6 +132,7 @@ class ExecutionContext:
         write_reports(result, out, reporters=missing, host=self.host, strict_plugins=self.strict_plugins,
                       writer_options=writer_options(job))
         result.written = list(dict.fromkeys([*list(written)[:-1], *result.written]))  # summary.json stays last
+        rewrite_summary(result, out)  # listing the stored run's files too, not only the new reports'
         return result
 
     def begin(self, index: int, job: Job) -> tuple[Path, Path | None]:
