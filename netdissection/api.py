@@ -143,13 +143,18 @@ def dissect(
 
     options = BackendOptions(weights=weights, device=device, pretrained=pretrained, **dict(backend_options or {}))
     backend_name, model_backend = make_backend(host, model, backend, options, strict=strict, failures=relay.runtime)
-    concept_set = resolve_dataset(host, dataset, dataset_format, categories, dataset_options)
-    return run_dissection(model_backend, concept_set, rule, backend_name=backend_name, model_ref=model,
-                          layers=layers, writers=writers, compat=compat, out=out, batch_size=batch_size,
-                          device=device, workers=workers, top_k=top_k, skip_bad=skip_bad, cache=cache,
-                          cache_budget=cache_budget, progress=progress, events=relay, plugins=host.plugin_versions(),
-                          rotation=rotation, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
-                          explainer=explainer)
+    try:
+        concept_set = resolve_dataset(host, dataset, dataset_format, categories, dataset_options)
+        return run_dissection(model_backend, concept_set, rule, backend_name=backend_name, model_ref=model,
+                              layers=layers, writers=writers, compat=compat, out=out, batch_size=batch_size,
+                              device=device, workers=workers, top_k=top_k, skip_bad=skip_bad, cache=cache,
+                              cache_budget=cache_budget, progress=progress, events=relay,
+                              plugins=host.plugin_versions(), rotation=rotation, bootstrap=bootstrap,
+                              bootstrap_seed=bootstrap_seed, explainer=explainer)
+    finally:
+        release = getattr(model_backend, "release", None)  # optional: what the run changed in a caller's model
+        if callable(release):
+            release()
 
 
 def prepare(

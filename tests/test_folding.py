@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -184,3 +185,27 @@ def test_an_output_changed_in_place_later_is_captured_as_made(images: torch.Tens
     for layer in layers:
         assert torch.equal(maps[layer], expected[layer]), layer
     assert float(maps["layer1.0.bn1"].min()) < 0  # not the ReLU's output
+
+
+def test_a_callers_model_comes_back_as_it_was(tmp_path: Path) -> None:
+    """The Python API with a model object: the run folds its norms and puts it in eval mode while it runs, then
+    gives them back, so a model being trained is again in training (each module in its own mode), with its norm
+    modules and its weights bit for bit."""
+    import torchvision
+
+    import netdissection
+
+    from .random_broden import write_random_broden
+
+    torch.manual_seed(0)
+    model = trained_like(torchvision.models.resnet18()).train()
+    model.layer1.eval()  # a module in a mode of its own
+    norms = {name: module for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)}
+    before = copy.deepcopy(model.state_dict())
+    data = write_random_broden(tmp_path / "broden", images=8, image_size=32, label_size=16, seed=3)
+    result = netdissection.dissect(model, dataset=str(data), layers=["layer2"], out=tmp_path / "out", workers=0)
+    assert result.layers["layer2"].units == 128
+    assert model.training and not model.layer1.training and not model.layer1[0].bn1.training and model.layer2.training
+    assert {name: module for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)} == norms
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)

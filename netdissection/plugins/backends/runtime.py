@@ -118,6 +118,13 @@ class RuntimeForward:
 
     # ---- what the run records
 
+    def release(self) -> None:
+        """Put the model's folded norms back (the modules as they were): for a caller who keeps the model. A later
+        forward pass folds them again."""
+        if self._folding is not None:
+            self._folding.unfold()
+        self._folded_for = None
+
     def describe(self) -> dict[str, Any]:
         details: dict[str, Any] = {"runtime": self.chosen or self.requested}
         if self.requested != "torch":

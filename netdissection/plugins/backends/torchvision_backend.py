@@ -96,6 +96,8 @@ class TorchvisionBackend:
                         "pass a local file with --weights FILE") from None
         if options.weights:
             self.weights_sha256 = file_sha256(options.weights)
+        # Each module's mode as it came (a caller's model may be in training), given back by ``release``.
+        self._modes = {name: module.training for name, module in model.named_modules()}
         model.eval().to(self.device)
         # torchvision's VisionTransformer takes only its own image_size: batches are resized to it.
         size = model.image_size if isinstance(model, torchvision.models.VisionTransformer) else None
@@ -123,6 +125,16 @@ class TorchvisionBackend:
 
     def layers(self) -> list[LayerInfo]:
         return list(self.infos)
+
+    def release(self) -> None:
+        """The run is over: the model gets its batch norms back (folded into its convolutions for the run) and
+        each module its mode, so that a caller's model (one being trained, say) is as it was; its weights stay
+        on the run's device, in channels-last memory."""
+        self.runtime.release()
+        modules = dict(self.model.named_modules())
+        for name, training in self._modes.items():
+            if name in modules:
+                modules[name].training = training  # this module's own flag: each one is given back
 
     def select_layers(self, requested: Sequence[str] | None) -> list[str]:
         """The requested layers, checked (one-line errors); with none, the last stage."""
