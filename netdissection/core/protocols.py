@@ -26,6 +26,10 @@ class Backend(Protocol):
     onnxruntime, auto). A backend without it runs on its own runtime and ``--runtime`` is refused for it.
     ``describe()`` is asked again after the passes: a backend may record there what it decided while it ran
     (the runtime ``auto`` chose).
+
+    Optional: ``release()``, called once ``netdissection.dissect`` is done with the backend (whatever the
+    outcome): undo what the run did to a model the caller keeps (the torch backends unfold its batch norms and
+    give each module its mode back).
     """
 
     def layers(self) -> list[LayerInfo]:
