@@ -136,10 +136,15 @@ class ActivationCache:
         """Bytes written so far."""
         return self._end
 
+    @staticmethod
+    def most_record_bytes(units: int, h: int, w: int) -> int:
+        """The largest record of an image: its bitmask and every unit's map."""
+        return _mask_bytes(units) + 4 * units * h * w
+
     @property
     def _mask_bytes(self) -> int:
         assert self.record_shape is not None
-        return -(-self.record_shape[0] // 32) * 4  # the bitmask, padded so that the maps stay 4-byte aligned
+        return _mask_bytes(self.record_shape[0])
 
     @property
     def _map_bytes(self) -> int:
@@ -218,6 +223,11 @@ def _write_fully(fd: int, data: memoryview, offset: int) -> None:
         if written <= 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         data, offset = data[written:], offset + written
+
+
+def _mask_bytes(units: int) -> int:
+    """A record's bitmask of the units kept, padded so that the maps after it stay 4-byte aligned."""
+    return -(-units // 32) * 4
 
 
 def _runs(indices: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> list[tuple[int, int]]:

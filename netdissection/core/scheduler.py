@@ -389,9 +389,8 @@ class ShardRunner:
 
     def _open_cache(self, layers: Mapping[str, LayerActivations]) -> None:
         plan = self.plan
-        # At most: every map and the bitmask of the units kept (``ActivationCache``); usually about half.
-        record = sum(4 * layer.units * layer.map_shape[0] * layer.map_shape[1] + 4 * -(-layer.units // 32)
-                     for layer in layers.values())
+        # At most: every map and the bitmask of the units kept; usually about half.
+        record = sum(ActivationCache.most_record_bytes(layer.units, *layer.map_shape) for layer in layers.values())
         folder = plan.work_dir if plan.work_dir is not None else Path(tempfile.gettempdir())
         # What the results will take where the run writes them: refused now, not after the passes.
         vocabulary = plan.dataset.vocabulary
