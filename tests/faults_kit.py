@@ -34,10 +34,10 @@ from typing import Any
 from netdissection.core.volatile import without_volatile
 
 ZYGOTE = r'''
-import atexit, json, os, signal, sys, time
+import json, os, signal, sys, time
 
 sys.argv = ["dissect"]
-from netdissection.cli import console_main, main, RichProgress
+from netdissection.cli import _leave, console_main, main, RichProgress
 import torch, torchvision  # noqa: F401  (imported once, shared by every child)
 import matplotlib
 matplotlib.use("Agg")
@@ -79,19 +79,12 @@ def child(request):
     os.replace, os.rename = replaced, renamed
     for key, value in request.get("env", {}).items():
         os.environ[key] = value
-    code = 0
     try:
-        console_main(request["argv"])  # as the dissect command runs it
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        console_main(request["argv"])  # as the dissect command runs it: it ends the process itself
     except BaseException:
         import traceback
         traceback.print_exc()
-        code = 99
-    atexit._run_exitfuncs()  # what an interpreter does on its way out (temporary folders' finalizers)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        _leave(99)
 
 # One run here first, so that every child starts warm (kernels chosen, fonts found, plugins loaded). Torch
 # stays on one thread: a process that started its thread pool cannot fork safely.
