@@ -209,3 +209,53 @@ def test_a_callers_model_comes_back_as_it_was(tmp_path: Path) -> None:
     assert {name: module for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)} == norms
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_folds_overwrite_the_weights_in_place_and_undo_bit_for_bit(images: torch.Tensor) -> None:
+    """No second copy of the weights: each folded convolution keeps its parameter objects and their memory, and
+    the values it had come back from the temporary file exactly."""
+    backend, _ = resnet()
+    model = backend.model
+    before = copy.deepcopy(model.state_dict())
+    parameters = {name: (p, p.data_ptr()) for name, p in model.named_parameters()}
+    backend.activations(images, ["layer4"])
+    assert backend.describe()["batchnorms_folded"] == 20
+    for name, p in model.named_parameters():
+        if name in parameters:  # the folded convolutions of resnet18 also gained a bias
+            assert p is parameters[name][0] and p.data_ptr() == parameters[name][1], name
+    assert not torch.equal(model.conv1.weight, before["conv1.weight"])  # fused, in place
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    backend.release()
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert model.conv1.bias is None
+
+
+def test_tied_weights_are_not_folded() -> None:
+    """Two convolutions holding one weight: folding a norm into one would change the other."""
+    model = trained_like(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                       nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))).eval()
+    model[3].weight = model[0].weight
+    with watching_pairs(model) as pairs, torch.inference_mode():
+        model(torch.randn(1, 4, 8, 8))
+    assert pairs == [("0", "1"), ("3", "4")]
+    assert BatchNormFolding(model).fold(pairs) == 0
+    assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[4], nn.BatchNorm2d)
+
+
+def test_without_a_writable_temporary_folder_the_weights_wait_in_memory(
+        images: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    backend, reference = resnet()
+    before = copy.deepcopy(backend.model.state_dict())
+    with caplog.at_level(logging.DEBUG, logger="netdissection"):
+        maps = backend.activations(images, ["layer4"])
+    assert "batch-norm folding keeps the weights it replaces in memory" in caplog.text
+    assert backend.describe()["batchnorms_folded"] == 20
+    assert_close(maps["layer4"], eager_maps(reference, images, ["layer4"])["layer4"])
+    backend.release()
+    after = backend.model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)

@@ -6,6 +6,7 @@ and the partials travelling between processes (pickled).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 from pathlib import Path
@@ -26,7 +27,14 @@ from netdissection.core.partials import (
     settle_thresholds,
     split_shards,
 )
-from netdissection.core.scheduler import LITE_INPUT, Plan, ShardRunner, run_passes
+from netdissection.core.scheduler import (
+    CPU_FORWARD_CHUNK,
+    LITE_INPUT,
+    Plan,
+    ShardRunner,
+    forward_chunk,
+    run_passes,
+)
 from netdissection.core.types import BackendOptions, InputSpec, LayerResult
 from netdissection.plugins.backends.torchvision_backend import TorchvisionBackend
 from netdissection.plugins.datasets.broden import BrodenDataset
@@ -371,3 +379,47 @@ def test_layer_accumulators_see_every_map_and_merge(broden: Path) -> None:
         assert isinstance(diagnostics, PositiveCounts)
         assert diagnostics.counts.tolist() == (maps > 0).sum(axis=(0, 2, 3)).tolist()
         assert merged.layers[layer].values == maps.shape[0] * maps.shape[2] * maps.shape[3]
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_the_model_runs_a_batch_in_chunks_with_the_same_results(broden: Path, chunk: int) -> None:
+    """The model sees each batch ``forward_chunk`` images at a time (what a CPU run does to bound the model's
+    own memory): the chunks' maps are the batch's maps, so the results are those of one forward pass per batch,
+    byte for byte (a model whose maps do not depend on the batch), in every pass that runs the model."""
+    whole, _, _ = run_passes(*plan_for(elementwise_model(), broden, "paper", forward_chunk=BATCH, cache="recompute"))
+    plan, spec = plan_for(elementwise_model(), broden, "paper", forward_chunk=chunk, cache="recompute")
+    sizes: list[int] = []
+    activations = plan.backend.activations
+
+    def counted(images: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+        sizes.append(len(images))
+        return activations(images, layers)
+
+    plan.backend.activations = counted  # type: ignore[method-assign]
+    chunked, _, _ = run_passes(plan, spec)
+    assert_same_results(chunked, whole)
+    # Batches of 4 in chunks (3 and 1, or ones), in the activation pass, the IoU pass and any read between them.
+    assert max(sizes) == chunk and sum(sizes) % 20 == 0 and sum(sizes) >= 2 * 20
+
+
+def test_forward_chunks_by_device(broden: Path) -> None:
+    plan, _ = plan_for(tiny_model(), broden, "paper")
+    assert forward_chunk(plan) == CPU_FORWARD_CHUNK
+    assert forward_chunk(dataclasses.replace(plan, device="cuda:0")) == plan.batch_size  # a GPU: the whole batch
+    assert forward_chunk(dataclasses.replace(plan, forward_chunk=2)) == 2
+
+
+class RowsPerImage(nn.Module):
+    """A hostile model: the shape of its maps depends on how many images it runs at once."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :len(x)]
+
+
+def test_maps_that_depend_on_the_chunk_are_refused(broden: Path) -> None:
+    model = nn.Sequential(RowsPerImage(), nn.ReLU(), nn.Identity()).eval()
+    plan, spec = plan_for(model, broden, "paper", forward_chunk=3)
+    with pytest.raises(DissectionError) as caught:
+        run_passes(plan, spec)
+    assert str(caught.value) == ("layer '1': its maps have shape (16, 3, 3) for 3 images run at once and (16, 3, 1) "
+                                 "for 1; the model's maps must not depend on how many images it runs at once")

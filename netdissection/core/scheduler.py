@@ -99,6 +99,8 @@ class Plan:
     make_rule: Callable[[int, int], ThresholdRule]  # (units, values_per_unit) -> rule
     semantics: str = "paper"
     batch_size: int = 32
+    #: Images per forward pass of the model, the loader's batches split (None: by device, see ``forward_chunk``).
+    forward_chunk: int | None = None
     workers: int = field(default_factory=loading.default_workers)
     device: str = "cpu"
     top_k: int = 10
@@ -121,6 +123,24 @@ class Plan:
     #: still open: ``read(factory)`` is one more IoU pass counting into ``factory``'s accumulators, merged
     #: (``core.explain``). Its rows land in each ``LayerResult.explanations``.
     explain: Callable[[dict[str, LayerResult], Read], Mapping[str, Sequence[Explanation]]] | None = None
+
+
+#: On a CPU the model runs the loader's batches this many images at a time, so that the tensors of its forward
+#: pass (the bulk of a run's memory: at 224 px the output of resnet18's first convolution alone is 3.2 MB an
+#: image) are those of 8 images whatever ``--batch-size`` says. Measured on 2 cores with the ``dissect``
+#: command's allocator setting, 2,000 images, in alternation with whole batches of 32 (two rounds): peak RSS
+#: 1,177-1,204 against 1,323-1,344 MB for resnet18 (the activation pass 5-10% slower), 1,294-1,297 against
+#: 1,408-1,435 MB for vit_small_patch16_224 (about 6% slower), 1,389-1,426 against 1,862-2,193 MB for
+#: convnext_tiny (as fast or faster: 117.9 and 126.9 s against 165.6 and 123.8 s). 16 at a time: between the
+#: two. A GPU takes the whole batch: its throughput grows with the batch, and its memory is not the host's.
+CPU_FORWARD_CHUNK = 8
+
+
+def forward_chunk(plan: Plan) -> int:
+    """How many images of a batch the model sees at once (``Plan.forward_chunk``, or by device)."""
+    if plan.forward_chunk is not None:
+        return max(1, plan.forward_chunk)
+    return CPU_FORWARD_CHUNK if torch.device(plan.device).type == "cpu" else max(1, plan.batch_size)
 
 
 def preprocess(images: torch.Tensor, spec: InputSpec, device: str) -> torch.Tensor:
@@ -358,7 +378,27 @@ class ShardRunner:
             yield batch
 
     def _maps(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-        """One forward pass: each layer's float maps ``(N, U, h, w)``, transformed where the plan says."""
+        """One forward pass: each layer's float maps ``(N, U, h, w)``, transformed where the plan says. The
+        model sees the batch ``forward_chunk(plan)`` images at a time (see ``CPU_FORWARD_CHUNK``); the chunks'
+        maps are written into one batch of maps."""
+        chunk = forward_chunk(self.plan)
+        if len(images) <= chunk:
+            return self._chunk_maps(images, layers)
+        maps: dict[str, torch.Tensor] = {}
+        for start in range(0, len(images), chunk):
+            part = self._chunk_maps(images[start:start + chunk], layers)
+            for name, acts in part.items():
+                if name not in maps:
+                    maps[name] = acts.new_empty((len(images), *acts.shape[1:]))
+                elif acts.shape[1:] != maps[name].shape[1:]:
+                    raise DissectionError(
+                        f"layer {name!r}: its maps have shape {tuple(maps[name].shape[1:])} for {chunk} images run "
+                        f"at once and {tuple(acts.shape[1:])} for {len(acts)}; the model's maps must not depend on "
+                        "how many images it runs at once")
+                maps[name][start:start + len(acts)].copy_(acts)
+        return maps
+
+    def _chunk_maps(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         plan = self.plan
         x = preprocess(images, self.input_spec, plan.device)
         maps = {}

@@ -59,7 +59,9 @@ PER_WORKER_BYTES = 64 << 20
 class ImageSource:
     """Dataset images by index, decoded once and kept in an LRU bounded in bytes (top images repeat
     across units, and decoding is a good part of the work), with what every overlay of the image starts
-    from: the image dimmed, and that shrunk to its tile, computed once each."""
+    from: the image dimmed and shrunk to its tile, computed once. The dimmed image itself is not kept: a
+    strip needs it only inside its masks' boxes, where dimming those pixels is cheaper than keeping a
+    second full-size copy of every top image (the reports' share of a run's peak memory)."""
 
     def __init__(self, dataset: Any, budget_bytes: int = 256 << 20) -> None:
         self.dataset = dataset
@@ -94,13 +96,10 @@ class ImageSource:
     def __call__(self, index: int) -> np.ndarray:
         return self._entry(index)["image"]
 
-    def dimmed(self, index: int) -> np.ndarray:
-        """The image as the overlays show it outside a mask (:func:`~.overlay.dim`)."""
-        return self._derived(index, "dimmed", dim)
-
     def dimmed_shrunk(self, index: int, factor: int) -> np.ndarray:
-        """The dimmed image shrunk by an integer ``factor`` as a strip shrinks it (``reduce``)."""
-        return self._derived(index, ("dimmed", factor), lambda _image: shrink(self.dimmed(index), factor))
+        """The image as the overlays show it outside a mask (:func:`~.overlay.dim`), shrunk by an integer
+        ``factor`` as a strip shrinks it (``reduce``)."""
+        return self._derived(index, ("dimmed", factor), lambda image: shrink(dim(image), factor))
 
     def preload(self, indices: Iterable[int]) -> None:
         """Decode these images now (as many as the budget holds), before worker processes fork: they share
@@ -110,7 +109,7 @@ class ImageSource:
             if self._bytes >= self.budget:
                 break
             with suppress(DissectionError, OSError):
-                self.dimmed(index)
+                self(index)
         self.budget = min(self.budget, self._bytes + PER_WORKER_BYTES)
 
 
@@ -256,8 +255,7 @@ def render_strip(layer: LayerResult, unit: int, pictures: list[Picture], tile: i
     strip = _background(square, n * square + (n - 1) * GAP).copy()
     for i, (slot, index, image) in enumerate(pictures):
         view = strip[y0:y0 + height, i * (square + GAP) + x0:][:, :width]
-        dimmed = dim(image) if images is None else images.dimmed(index)
-        np.copyto(view, shrink(dimmed, factor) if images is None else images.dimmed_shrunk(index, factor))
+        np.copyto(view, shrink(dim(image), factor) if images is None else images.dimmed_shrunk(index, factor))
         boxed = boxed_mask(top.maps[unit, slot], threshold, image.shape[:2])
         if boxed is None:
             continue
@@ -269,7 +267,7 @@ def render_strip(layer: LayerResult, unit: int, pictures: list[Picture], tile: i
                box[1].start - cols.start:box[1].stop - cols.start] = in_box
         # The image inside the mask, dimmed outside: dimmed + (image − dimmed)·inside, which never wraps
         # (dimming only darkens), 3x faster than a copy with a broadcast mask.
-        base = dimmed[rows, cols]
+        base = dim(image[rows, cols])  # dimming is per pixel: the box's pixels alone
         drawn = np.subtract(image[rows, cols], base)
         drawn *= inside[..., None]
         drawn += base
@@ -307,10 +305,10 @@ def write_strips(jobs: Sequence[StripJob], images: Callable[[int], np.ndarray], 
     unit index, or the error (a :class:`DissectionError` or ``OSError``, e.g. an image gone bad) that stopped
     them: a layer's failure costs only that layer's strips.
 
-    The top images are decoded first, here (an :class:`ImageSource` keeps them, within its budget, with
-    their dimmed copies, for all the units that share them); then units go in chunks to worker processes,
-    one per core, all layers in one pool (:mod:`.parallel`). The workers inherit the decoded images, draw and
-    encode their strips, and send back only what the page needs of each. ``workers``: at most this many
+    The top images are decoded first, here (an :class:`ImageSource` keeps them, within its budget, for all
+    the units that share them); then units go in chunks to worker processes, one per core, all layers in one
+    pool (:mod:`.parallel`). The workers inherit the decoded images, dim and shrink each once, draw and encode
+    their strips, and send back only what the page needs of each. ``workers``: at most this many
     processes (1: all here).
     """
     from .parallel import run_tasks
