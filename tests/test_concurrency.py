@@ -100,7 +100,9 @@ def test_two_dissections_into_one_folder(concept_set: Path, tmp_path: Path) -> N
                str(concept_set), "--workers", "0", "--report", "tally", "--out", str(out), "--store", str(store)]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
-    while holder_of(out) is None:  # the first holds the folder (from before its model is built)
+    # The first holds the folder (from before its model is built) and has written who it is (a moment after
+    # taking the lock: stopped in between, the second's message could not name it).
+    while not (holder_of(out) or {}).get("pid"):
         assert first.poll() is None, first.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.01)
