@@ -42,12 +42,11 @@ FOLD_CHECK_IMAGES = 2
 
 @dataclass(frozen=True)
 class _Fold:
-    """A folded pair: where each module sits in the model, the norm as it was, and where the convolution's own
-    weights (and bias, None when it had none) were put aside."""
+    """A folded pair: the convolution (still in the model), where the norm sat and the norm as it was, and where
+    the convolution's own weights (and bias, None when it had none) were put aside."""
 
-    conv_name: str
-    norm_name: str
     conv: nn.Conv2d
+    norm_name: str
     norm: nn.Module
     weight: _Stashed
     bias: _Stashed | None
@@ -178,7 +177,7 @@ class BatchNormFolding:
                 else:
                     conv.bias = bias
             _replace(self.model, norm_name, nn.Identity() if type(norm) is nn.BatchNorm2d else AfterNorm(norm))
-            self.folds.append(_Fold(conv_name, norm_name, conv, norm, stashed_weight, stashed_bias))
+            self.folds.append(_Fold(conv, norm_name, norm, stashed_weight, stashed_bias))
             done += 1
         return done
 
