@@ -123,6 +123,20 @@ def test_strips_in_worker_processes_equal_strips_here(run_224: RunResult, tmp_pa
         assert Image.open(strip.path).size == (strip.width, strip.height)
 
 
+@pytest.mark.skipif(not can_fork(), reason="the preload is what forked workers share")
+def test_the_preload_keeps_the_images_most_units_show(run_224: RunResult, tmp_path: Path) -> None:
+    """With room for three images, the three shown by the most units are decoded before the workers fork."""
+    layer = run_224.layers["layer4"]
+    assert layer.top_images is not None
+    shown = np.bincount(layer.top_images.indices[layer.top_images.indices >= 0])
+    most = np.argsort(-shown, kind="stable")[:3]
+    assert shown[most[-1]] > np.sort(shown)[-4]  # the three are not tied with a fourth
+    source = ImageSource(run_224.dataset, budget_bytes=3 * 224 * 224 * 3)
+    (strips,) = write_strips([StripJob(layer, tmp_path)], source, tile=112, quality=72, top_k=None, workers=2)
+    assert not isinstance(strips, Exception) and len(strips) == layer.units
+    assert sorted(i for i in range(len(shown)) if i in source) == sorted(most.tolist())
+
+
 def test_a_layer_with_a_bad_image_costs_only_its_strips(run_224: RunResult, tmp_path: Path) -> None:
     layer = run_224.layers["layer4"]
     bad = int(layer.top_images.indices[5, 0])  # type: ignore[union-attr]
