@@ -146,7 +146,7 @@ def _collate(samples: list, *, dataset: ConceptDataset, prepare: Prepare | None 
 #: machine with few cores the model's threads and the counting are a run's critical path, while the workers
 #: decode a few batches ahead and can wait: run beside them at the same priority, a worker that takes a core
 #: in the middle of a parallel operation holds the whole operation up. Measured on 2 cores (resnet18
-#: layer4+layer3, 2,000 Broden-hard images, whole runs in alternation): the IoU pass 5.0 s against 6.0 s
+#: layer4+layer3, 2,000 Broden-hard images, whole runs in alternation): the IoU pass 4.9 s against 6.0 s
 #: (medians of 5 and 8 runs), the run 38.5 against 39.1 s; +19 and +5 measured alike. Only under
 #: contention does it matter: a worker with a core to itself runs as fast.
 LOADER_NICENESS = 10
