@@ -137,6 +137,29 @@ def test_the_preload_keeps_the_images_most_units_show(run_224: RunResult, tmp_pa
     assert sorted(i for i in range(len(shown)) if i in source) == sorted(most.tolist())
 
 
+def test_strips_drawn_past_the_budget_are_the_same_and_keep_the_preload(
+        run_224: RunResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drawn here with room for three images and no more: every other image (and every tile) is made again
+    where it is needed, the same strips come out, and the three most shown images stay kept throughout."""
+    from netdissection.plugins.reports import strips as strips_module
+
+    layer = run_224.layers["layer4"]
+    assert layer.top_images is not None
+    shown = np.bincount(layer.top_images.indices[layer.top_images.indices >= 0])
+    most = sorted(np.argsort(-shown, kind="stable")[:3].tolist())
+    (roomy,) = write_strips([StripJob(layer, tmp_path / "roomy")], ImageSource(run_224.dataset), tile=112,
+                            quality=72, top_k=None, workers=1)
+    monkeypatch.setattr(strips_module, "PER_WORKER_BYTES", 0)
+    source = ImageSource(run_224.dataset, budget_bytes=3 * 224 * 224 * 3)
+    (tight,) = write_strips([StripJob(layer, tmp_path / "tight")], source, tile=112, quality=72, top_k=None,
+                            workers=1)
+    assert not isinstance(roomy, Exception) and not isinstance(tight, Exception)
+    assert sorted(i for i in range(len(shown)) if i in source) == most
+    for unit, strip in roomy.items():
+        assert tight[unit].tiles == strip.tiles
+        assert tight[unit].path.read_bytes() == strip.path.read_bytes()
+
+
 def test_a_layer_with_a_bad_image_costs_only_its_strips(run_224: RunResult, tmp_path: Path) -> None:
     layer = run_224.layers["layer4"]
     bad = int(layer.top_images.indices[5, 0])  # type: ignore[union-attr]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -57,41 +57,48 @@ PER_WORKER_BYTES = 64 << 20
 
 
 class ImageSource:
-    """Dataset images by index, decoded once and kept in an LRU bounded in bytes (top images repeat
-    across units, and decoding is a good part of the work), with what every overlay of the image starts
-    from: the image dimmed and shrunk to its tile, computed once. The dimmed image itself is not kept: a
-    strip needs it only inside its masks' boxes, where dimming those pixels is cheaper than keeping a
-    second full-size copy of every top image (the reports' share of a run's peak memory)."""
+    """Dataset images by index, decoded once and kept within a budget in bytes (top images repeat across
+    units, and decoding is a good part of the work), with what every overlay of the image starts from: the
+    image dimmed and shrunk to its tile, computed once. The dimmed image itself is not kept: a strip needs it
+    only inside its masks' boxes, where dimming those pixels is cheaper than keeping a second full-size copy
+    of every top image (the reports' share of a run's peak memory).
+
+    Nothing kept is ever dropped: once the budget is spent, an image (or tile) not kept is made again where
+    it is needed. The images kept first — by :meth:`preload`, those most units show — are the ones worth
+    keeping; dropping the least recently used instead would throw those out for images one or two units show.
+    """
 
     def __init__(self, dataset: Any, budget_bytes: int = 128 << 20) -> None:
         self.dataset = dataset
         self.budget = budget_bytes
-        self._cache: OrderedDict[int, dict[object, np.ndarray]] = OrderedDict()
+        self._cache: dict[int, dict[object, np.ndarray]] = {}
         self._bytes = 0
 
     def _entry(self, index: int) -> dict[object, np.ndarray]:
         entry = self._cache.get(index)
         if entry is not None:
-            self._cache.move_to_end(index)
             return entry
         sample = self.dataset.load(index, image=True, labels=False)
         entry = {"image": np.ascontiguousarray(sample.image, dtype=np.uint8)}
-        self._cache[index] = entry
-        self._grow(entry["image"].nbytes)
+        if self._admit(entry["image"]):
+            self._cache[index] = entry
         return entry
 
     def _derived(self, index: int, key: object, make: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         entry = self._entry(index)
-        if key not in entry:
-            entry[key] = make(entry["image"])
-            self._grow(entry[key].nbytes)
-        return entry[key]
+        value = entry.get(key)
+        if value is None:
+            value = make(entry["image"])
+            if index in self._cache and self._admit(value):
+                entry[key] = value
+        return value
 
-    def _grow(self, nbytes: int) -> None:
-        self._bytes += nbytes
-        while self._bytes > self.budget and len(self._cache) > 1:
-            _, dropped = self._cache.popitem(last=False)
-            self._bytes -= sum(a.nbytes for a in dropped.values())
+    def _admit(self, array: np.ndarray) -> bool:
+        """Whether ``array`` fits in what is left of the budget (then counted in it)."""
+        if self._bytes + array.nbytes > self.budget:
+            return False
+        self._bytes += array.nbytes
+        return True
 
     def __call__(self, index: int) -> np.ndarray:
         return self._entry(index)["image"]
@@ -106,15 +113,18 @@ class ImageSource:
         return self._derived(index, ("dimmed", factor), lambda image: shrink(dim(image), factor))
 
     def preload(self, indices: Iterable[int]) -> None:
-        """Decode these images now (as many as the budget holds), before worker processes fork: they share
-        these pages. Each worker has its own copy of this cache, so from here on it may grow by only
-        ``PER_WORKER_BYTES`` more. An image that cannot be read is left for the strips that show it to report."""
+        """Decode these images now, in this order, as many as the budget holds, before worker processes fork:
+        they share these pages. Each worker has its own copy of this cache, which may then grow by
+        ``PER_WORKER_BYTES`` (the tiles of the images it draws, first). An image that cannot be read is left for
+        the strips that show it to report."""
         for index in indices:
-            if self._bytes >= self.budget:
-                break
+            if index in self._cache:
+                continue
             with suppress(DissectionError, OSError):
                 self(index)
-        self.budget = min(self.budget, self._bytes + PER_WORKER_BYTES)
+                if index not in self._cache:
+                    break  # the budget is spent
+        self.budget = self._bytes + PER_WORKER_BYTES
 
 
 def shrink(pixels: np.ndarray, factor: int) -> np.ndarray:
