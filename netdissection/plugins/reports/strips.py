@@ -357,7 +357,8 @@ def write_strips(jobs: Sequence[StripJob], images: Callable[[int], np.ndarray], 
         wanted = Counter(index for job in jobs for unit in range(job.layer.units)
                          for _slot, index in unit_tiles(job.layer, unit, top_k))
         source.preload(index for index, _units in wanted.most_common())
-        log.debug("strips: %d top images decoded in %.2f s", len(wanted), time.perf_counter() - started)
+        log.debug("strips: %d of the %d top images decoded in %.2f s", sum(index in source for index in wanted),
+                  len(wanted), time.perf_counter() - started)
     outcomes = run_tasks([lambda j=j, units=units: encode(jobs[j], units) for j, units in tasks], workers)
     results: list[dict[int, Strip] | Exception] = [{} for _ in jobs]
     for (j, _units), outcome in zip(tasks, outcomes, strict=True):
