@@ -229,11 +229,9 @@ def _shared_storages(model: nn.Module) -> set[int]:
     """The storages that more than one parameter slot of ``model``'s modules holds (tied weights)."""
     seen: set[int] = set()
     shared: set[int] = set()
-    for module in model.modules():
-        for parameter in module._parameters.values():
-            if parameter is not None:
-                pointer = parameter.untyped_storage().data_ptr()
-                (shared if pointer in seen else seen).add(pointer)
+    for _name, parameter in model.named_parameters(remove_duplicate=False):  # every slot, tied ones too
+        pointer = parameter.untyped_storage().data_ptr()
+        (shared if pointer in seen else seen).add(pointer)
     return shared
 
 
