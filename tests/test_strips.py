@@ -123,18 +123,29 @@ def test_strips_in_worker_processes_equal_strips_here(run_224: RunResult, tmp_pa
         assert Image.open(strip.path).size == (strip.width, strip.height)
 
 
-@pytest.mark.skipif(not can_fork(), reason="the preload is what forked workers share")
-def test_the_preload_keeps_the_images_most_units_show(run_224: RunResult, tmp_path: Path) -> None:
-    """With room for three images, the three shown by the most units are decoded before the workers fork."""
-    layer = run_224.layers["layer4"]
+def three_most_shown(layer: LayerResult) -> list[int]:
+    """The dataset indices of the three images the most units of ``layer`` show, ascending (checked untied)."""
     assert layer.top_images is not None
     shown = np.bincount(layer.top_images.indices[layer.top_images.indices >= 0])
     most = np.argsort(-shown, kind="stable")[:3]
     assert shown[most[-1]] > np.sort(shown)[-4]  # the three are not tied with a fourth
+    return sorted(most.tolist())
+
+
+def kept(source: ImageSource, run: RunResult) -> list[int]:
+    """The dataset indices of the images ``source`` keeps decoded."""
+    return [i for i in range(len(run.dataset)) if i in source]
+
+
+@pytest.mark.skipif(not can_fork(), reason="the preload is what forked workers share")
+def test_the_preload_keeps_the_images_most_units_show(run_224: RunResult, tmp_path: Path) -> None:
+    """With room for three images, the three shown by the most units are decoded before the workers fork."""
+    layer = run_224.layers["layer4"]
+    most = three_most_shown(layer)
     source = ImageSource(run_224.dataset, budget_bytes=3 * 224 * 224 * 3)
     (strips,) = write_strips([StripJob(layer, tmp_path)], source, tile=112, quality=72, top_k=None, workers=2)
     assert not isinstance(strips, Exception) and len(strips) == layer.units
-    assert sorted(i for i in range(len(shown)) if i in source) == sorted(most.tolist())
+    assert kept(source, run_224) == most
 
 
 def test_strips_drawn_past_the_budget_are_the_same_and_keep_the_preload(
@@ -144,9 +155,7 @@ def test_strips_drawn_past_the_budget_are_the_same_and_keep_the_preload(
     from netdissection.plugins.reports import strips as strips_module
 
     layer = run_224.layers["layer4"]
-    assert layer.top_images is not None
-    shown = np.bincount(layer.top_images.indices[layer.top_images.indices >= 0])
-    most = sorted(np.argsort(-shown, kind="stable")[:3].tolist())
+    most = three_most_shown(layer)
     (roomy,) = write_strips([StripJob(layer, tmp_path / "roomy")], ImageSource(run_224.dataset), tile=112,
                             quality=72, top_k=None, workers=1)
     monkeypatch.setattr(strips_module, "PER_WORKER_BYTES", 0)
@@ -154,7 +163,7 @@ def test_strips_drawn_past_the_budget_are_the_same_and_keep_the_preload(
     (tight,) = write_strips([StripJob(layer, tmp_path / "tight")], source, tile=112, quality=72, top_k=None,
                             workers=1)
     assert not isinstance(roomy, Exception) and not isinstance(tight, Exception)
-    assert sorted(i for i in range(len(shown)) if i in source) == most
+    assert kept(source, run_224) == most
     for unit, strip in roomy.items():
         assert tight[unit].tiles == strip.tiles
         assert tight[unit].path.read_bytes() == strip.path.read_bytes()
