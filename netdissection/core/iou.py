@@ -75,6 +75,14 @@ class LabelBatch:
         return LabelBatch(self.layers.pin_memory(), self.image_labels.pin_memory(), self.has_category.pin_memory(),
                           self.shape, truth=self.truth.pin_memory() if self.truth is not None else None, sets=sets)
 
+    def rows(self, keep: torch.Tensor) -> tuple[LabelBatch, torch.Tensor]:
+        """The labels of the images ``keep`` ``(N,)`` bool selects, and their truth counts G (their label sets
+        are made again when needed)."""
+        assert self.truth is not None
+        truth = self.truth[keep]
+        return (LabelBatch(self.layers[keep], self.image_labels[keep], self.has_category[keep], self.shape,
+                           truth=truth), truth.sum(dim=0))
+
     def cell_blocks(self, plan: CellPlan) -> torch.Tensor:
         """The set ids of every pixel, one block per source cell of ``plan`` (shared by layers of one size)."""
         assert self.sets is not None

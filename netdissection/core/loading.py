@@ -6,7 +6,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import DissectionError, first_line
+from .packing import packed, unpacked
 from .protocols import ConceptDataset
 
 log = logging.getLogger(__name__)
@@ -23,13 +24,15 @@ log = logging.getLogger(__name__)
 LABEL_MAX = 2**31 - 1
 
 #: ``prepare(layers, image_labels)``: work on a batch's labels done in the loader's worker processes,
-#: beside the main process's work (the IoU pass's label preparation); its result is ``Batch.prepared``.
+#: beside the main process's work (the IoU pass's label preparation); its result is ``Batch.prepared``, in
+#: place of the raw labels.
 Prepare = Callable[[torch.Tensor, torch.Tensor], Any]
 
 
 @dataclass
 class Batch:
-    """Consecutive samples of one size. ``indices`` are dataset positions."""
+    """Consecutive samples of one size. ``indices`` are dataset positions. Loaded with a ``prepare``, a batch
+    carries its labels as ``prepared`` only (``layers`` and ``image_labels`` None)."""
 
     indices: np.ndarray
     images: torch.Tensor | None  # (N, H, W, 3) uint8
@@ -49,6 +52,14 @@ class Batch:
         prepared = tuple(pin(v) for v in self.prepared) if isinstance(self.prepared, tuple) else pin(self.prepared)
         return replace(self, images=pin(self.images), layers=pin(self.layers), image_labels=pin(self.image_labels),
                        prepared=prepared)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # From a loader worker to the main process: every tensor in one shared block (see ``packing``).
+        return _unpacked_batch, packed({f.name: getattr(self, f.name) for f in fields(self)})
+
+
+def _unpacked_batch(payload: bytes, block: torch.Tensor, layout: Any) -> Batch:
+    return Batch(**unpacked(payload, block, layout))
 
 
 class _Failed:
@@ -138,8 +149,10 @@ def _collate(samples: list, *, dataset: ConceptDataset, prepare: Prepare | None 
         for i, s in enumerate(good):
             levels[i, : len(s.image_labels)] = s.image_labels
         image_labels = torch.from_numpy(levels)
-    prepared = prepare(layers, image_labels) if prepare is not None and layers is not None else None
-    return Batch(indices, images, layers, image_labels, shape, failures, failed, prepared)
+    if prepare is not None and layers is not None:
+        # The prepared labels replace the raw ones: the batch then carries its labels once.
+        return Batch(indices, images, None, None, shape, failures, failed, prepare(layers, image_labels))
+    return Batch(indices, images, layers, image_labels, shape, failures, failed)
 
 
 #: How much lower the loader's worker processes run than the process that runs the model (``os.nice``). On a
