@@ -123,8 +123,10 @@ def dissect(
     Returns the per-layer counts (thresholds, I, G, A, top images) and the provenance.
     Raises ``DissectionError`` (one line naming the thing and the fix) for any user mistake.
     """
+    from .core.loading import default_workers
     from .core.rotation import check_rotation
     from .core.run import run_dissection
+    from .core.scheduler import first_pass_batches
 
     rotation = check_rotation(rotate, rotate_seed)
     strict = strict_plugins_flag(strict_plugins)
@@ -136,25 +138,41 @@ def dissect(
                                      batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget,
                                      reporters=reporters if out is not None else (), bootstrap=bootstrap,
                                      bootstrap_seed=bootstrap_seed, explain=explain, explain_params=explain_params,
-                                     explain_units=explain_units)
+                                     explain_units=explain_units, workers=workers)
     explainer = choose_explainer(host, explain, explain_params, explain_units, compat=compat)
     writers = make_writers(writer_entries, relay, writer_options)
     relay.writers = writers
 
     options = BackendOptions(weights=weights, device=device, pretrained=pretrained, **dict(backend_options or {}))
-    backend_name, model_backend = make_backend(host, model, backend, options, strict=strict, failures=relay.runtime)
-    try:
+    workers = default_workers() if workers is None else workers
+    # A named dataset opens in a blink and its loader starts at once: the workers decode the first batches
+    # while the model is built (importing the model's library and reading its weights, on one core), and fork
+    # from a process without the model in it. The built-in set may have to be generated first: it waits for
+    # the model, whose name may be a typo that must fail at once.
+    concept_set = started = None
+    if dataset is not None or dataset_format is not None:
         concept_set = resolve_dataset(host, dataset, dataset_format, categories, dataset_options)
-        return run_dissection(model_backend, concept_set, rule, backend_name=backend_name, model_ref=model,
-                              layers=layers, writers=writers, compat=compat, out=out, batch_size=batch_size,
-                              device=device, workers=workers, top_k=top_k, skip_bad=skip_bad, cache=cache,
-                              cache_budget=cache_budget, progress=progress, events=relay,
-                              plugins=host.plugin_versions(), rotation=rotation, bootstrap=bootstrap,
-                              bootstrap_seed=bootstrap_seed, explainer=explainer)
+        started = first_pass_batches(concept_set, batch_size=batch_size, workers=workers, skip_bad=skip_bad,
+                                     device=device)
+    try:
+        backend_name, model_backend = make_backend(host, model, backend, options, strict=strict,
+                                                   failures=relay.runtime)
+        try:
+            if concept_set is None:
+                concept_set = resolve_dataset(host, dataset, dataset_format, categories, dataset_options)
+            return run_dissection(model_backend, concept_set, rule, backend_name=backend_name, model_ref=model,
+                                  layers=layers, writers=writers, compat=compat, out=out, batch_size=batch_size,
+                                  device=device, workers=workers, top_k=top_k, skip_bad=skip_bad, cache=cache,
+                                  cache_budget=cache_budget, progress=progress, events=relay,
+                                  plugins=host.plugin_versions(), rotation=rotation, bootstrap=bootstrap,
+                                  bootstrap_seed=bootstrap_seed, explainer=explainer, started=started)
+        finally:
+            release = getattr(model_backend, "release", None)  # optional: what the run changed in a caller's model
+            if callable(release):
+                release()
     finally:
-        release = getattr(model_backend, "release", None)  # optional: what the run changed in a caller's model
-        if callable(release):
-            release()
+        if started is not None:
+            started.close()  # a run that stopped before its first pass: the workers stop
 
 
 def prepare(
@@ -206,7 +224,7 @@ def prepare(
                         threshold_params=threshold_params, quantile=quantile, compat=compat, batch_size=batch_size,
                         device=device, cache=cache, cache_budget=cache_budget, reporters=(), bootstrap=bootstrap,
                         bootstrap_seed=bootstrap_seed, explain=explain, explain_params=explain_params,
-                        explain_units=explain_units)
+                        explain_units=explain_units, workers=workers)
     explainer = choose_explainer(host, explain, explain_params, explain_units, compat=compat)
     options = BackendOptions(weights=weights, device=device, pretrained=pretrained, **dict(backend_options or {}))
     backend_name, model_backend = make_backend(host, model, backend, options, strict=strict)
@@ -224,13 +242,14 @@ def check_run(host: Host, *, backend: str | None = None, dataset_format: str | N
               cache: str = "auto", cache_budget: str | int | None = None,
               reporters: Sequence[str] | None = None, make_rule: bool = True, bootstrap: int = 0,
               bootstrap_seed: int = 0, explain: str | None = None, explain_params: Mapping[str, Any] | None = None,
-              explain_units: Sequence[int] | str | None = None) -> tuple[ThresholdChoice, list[Any]]:
+              explain_units: Sequence[int] | str | None = None, workers: int | None = None
+              ) -> tuple[ThresholdChoice, list[Any]]:
     """Check a run's options and every name it uses before a model is built, a dataset opened or a pass run,
     so that a typo fails at once, in one line. Returns the threshold rule (made once, so its parameter
     values are checked too, unless ``make_rule`` is False: then no framework is imported) and the writers'
     catalog entries (``reporters=()``: none; ``None``: the default writers)."""
     check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget,
-                  bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
+                  bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, workers=workers)
     # Every name first, in a blink: a typo in a writer, rule or format fails before anything is imported.
     host.component("threshold", threshold or DEFAULT_THRESHOLD)
     entries = [host.component("reporter", name) for name in writer_names(host, reporters)] if reporters != () else []

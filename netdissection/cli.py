@@ -399,7 +399,7 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
               threshold_params=threshold_params, quantile=quantile, compat=compat, batch_size=batch_size,
               device=device, cache=cache, cache_budget=cache_budget, reporters=writers, make_rule=False,
               bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, explain=explain, explain_params=explain_params,
-              explain_units=explain_units)
+              explain_units=explain_units, workers=workers)
     check_rotation(rotate, rotate_seed)
     dataset_options = {k: v for k, v in dict(image_column=image_column, split=split, concepts=concepts,
                                               mask_columns=list(mask_columns) or None).items() if v is not None}

@@ -156,3 +156,9 @@ def test_device_errors(run_cli, data: Path) -> None:  # type: ignore[no-untyped-
         assert_one_line_error(code, err, "--device cuda", "no CUDA device")
     code, _, err = run_cli("resnet18", "--dataset", data, "--device", "tpu")
     assert_one_line_error(code, err, "--device", "'tpu'")
+
+
+def test_negative_workers(run_cli, data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_cli("resnet18", "--dataset", data, "--out", tmp_path / "o", "--workers", "-1")
+    assert_one_line_error(code, err, "--workers", "-1", "0 or more")
+    _no_results(tmp_path / "o")

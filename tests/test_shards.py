@@ -32,6 +32,7 @@ from netdissection.core.scheduler import (
     LITE_INPUT,
     Plan,
     ShardRunner,
+    first_pass_batches,
     forward_chunk,
     run_passes,
 )
@@ -423,3 +424,18 @@ def test_maps_that_depend_on_the_chunk_are_refused(broden: Path) -> None:
         run_passes(plan, spec)
     assert str(caught.value) == ("layer '1': its maps have shape (16, 3, 3) for 3 images run at once and (16, 3, 1) "
                                  "for 1; the model's maps must not depend on how many images it runs at once")
+
+
+def test_started_batches_serve_a_whole_run_and_only_that(broden: Path) -> None:
+    """The activation pass's batches started before the model was built (``Plan.started``) are read by a run
+    over the whole dataset; a run in shards reads its own, and the started ones stop. The results are the
+    same either way."""
+    expected, _, _ = run_passes(*plan_for(tiny_model(), broden, "paper", radix_layer=None))
+    for shards in (None, split_shards(20, 3, BATCH)):
+        plan, spec = plan_for(tiny_model(), broden, "paper", radix_layer=None)
+        plan.workers = 1
+        started = plan.started = first_pass_batches(plan.dataset, batch_size=plan.batch_size, workers=1,
+                                                    skip_bad=False, device="cpu")
+        got, _, _ = run_passes(plan, spec, shards=shards)
+        assert_same_results(got, expected)
+        assert plan.started is None and started.gi_frame is None  # taken and read to the end, or closed

@@ -130,7 +130,7 @@ def compare(
     rule, _ = check_run(host, backend=backend, dataset_format=dataset_format, threshold=threshold,
                         threshold_params=threshold_params, quantile=quantile, compat=compat, batch_size=batch_size,
                         device=device, cache=cache, cache_budget=cache_budget, reporters=reporters, make_rule=False,
-                        bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
+                        bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, workers=workers)
     alphas = _alphas(rotate, rotate_seed)
     runner = make_executor(host, executor, executor_options)
     tallies = _tallies(add_tallies)

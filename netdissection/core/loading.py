@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -182,11 +182,15 @@ def default_workers() -> int:
 
 def iterate(dataset: ConceptDataset, *, batch_size: int, workers: int, image: bool, labels: bool,
             skip_bad: bool, pin_memory: bool = False, indices: Sequence[int] | None = None,
-            log_skipped: bool = True, prepare: Prepare | None = None) -> Iterator[Batch]:
-    """Yield batches in dataset order (or of the dataset ``indices``, in their order). A sample that
+            log_skipped: bool = True, prepare: Prepare | None = None) -> Generator[Batch, None, None]:
+    """Batches in dataset order (or of the dataset ``indices``, in their order). A sample that
     fails to load stops the run with its message, unless ``skip_bad`` is set, when it is skipped,
     logged (unless not ``log_skipped``: a later pass over samples skipped already) and reported in
-    ``Batch.failures``. ``prepare`` runs on each batch's labels in the worker processes (``Batch.prepared``)."""
+    ``Batch.failures``. ``prepare`` runs on each batch's labels in the worker processes (``Batch.prepared``).
+
+    The worker processes start at once and decode ahead: a caller may start a pass's loader before it needs
+    the first batch (``dissect`` starts the activation pass's while it builds the model). Closing the
+    iterator, or dropping it, stops them."""
     loader = DataLoader(
         _Parts(dataset, image, labels),
         batch_size=batch_size,
@@ -198,7 +202,10 @@ def iterate(dataset: ConceptDataset, *, batch_size: int, workers: int, image: bo
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=lower_priority if workers > 0 else None,
     )
-    batches = iter(loader)
+    return _checked(iter(loader), skip_bad=skip_bad, log_skipped=log_skipped)
+
+
+def _checked(batches: Iterator[Batch], *, skip_bad: bool, log_skipped: bool) -> Generator[Batch, None, None]:
     while True:
         try:
             batch = next(batches)

@@ -11,7 +11,7 @@ import datetime as _dt
 import logging
 import platform
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,6 +24,7 @@ from .types import InputSpec, LayerInfo, LayerResult, RunResult, SkippedSample
 from .version import __version__
 
 if TYPE_CHECKING:  # the scheduler imports torch: only a run needs it
+    from .loading import Batch
     from .rotation import Rotation
     from .scheduler import Plan, Progress
 
@@ -119,7 +120,8 @@ class QuietEvents:
 
 
 def check_options(*, compat: str, batch_size: int, device: str, cache: str = "auto",
-                  cache_budget: str | int | None = None, bootstrap: int = 0, bootstrap_seed: int = 0) -> None:
+                  cache_budget: str | int | None = None, bootstrap: int = 0, bootstrap_seed: int = 0,
+                  workers: int | None = None) -> None:
     """The run options every backend and dataset share, checked before anything is built."""
     from .bootstrap import check_bootstrap
     from .cache import CACHE_MODES, parse_size
@@ -132,6 +134,8 @@ def check_options(*, compat: str, batch_size: int, device: str, cache: str = "au
         raise DissectionError(f"--compat must be one of {', '.join(COMPAT_MODES)}, not {compat!r}")
     if batch_size < 1:
         raise DissectionError(f"--batch-size must be at least 1, not {batch_size}")
+    if workers is not None and workers < 0:
+        raise DissectionError(f"--workers must be 0 or more (0: decode in this process), not {workers}")
     if device == "cpu":
         return
     if device.startswith("cuda"):
@@ -200,19 +204,21 @@ def prepare_run(
     bootstrap: int = 0,
     bootstrap_seed: int = 0,
     explainer: ExplainerChoice | None = None,
+    started: Generator[Batch, None, None] | None = None,
 ) -> PreparedRun:
     """Check the options, choose the layers, and build the plan and provenance of a run (no pass runs).
     ``work_dir``: where the activation cache goes (default: the temporary folder). ``rotation`` reads every
     dissected layer's units in a rotated basis (``core/rotation.py``). ``bootstrap`` resamples (0: none)
     with ``bootstrap_seed`` give each unit and count an interval (``core/bootstrap.py``). ``explainer``:
-    labels units otherwise too, after the IoU pass (``core.explain``)."""
+    labels units otherwise too, after the IoU pass (``core.explain``). ``started``: the activation pass's
+    batches, their decoding already under way (``scheduler.first_pass_batches``)."""
     from .bootstrap import BootstrapSpec
     from .cache import parse_size
     from .loading import default_workers
     from .scheduler import LITE_INPUT, Plan
 
     check_options(compat=compat, batch_size=batch_size, device=device, cache=cache, cache_budget=cache_budget,
-                  bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
+                  bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, workers=workers)
     budget = parse_size(cache_budget)
     resampling = BootstrapSpec(bootstrap, bootstrap_seed) if bootstrap else None
     description = backend.describe()
@@ -264,7 +270,8 @@ def prepare_run(
                 batch_size=batch_size, workers=default_workers() if workers is None else workers, device=device,
                 top_k=top_k, skip_bad=skip_bad, work_dir=Path(work_dir) if work_dir is not None else None,
                 cache=cache, cache_budget=budget, transforms=transforms, bootstrap=resampling,
-                explain=(lambda results, read: run_explainer(explainer, results, read)) if explainer else None)
+                explain=(lambda results, read: run_explainer(explainer, results, read)) if explainer else None,
+                started=started)
     return PreparedRun(plan, spec, provenance, resolved)
 
 
@@ -294,6 +301,7 @@ def run_dissection(
     bootstrap: int = 0,
     bootstrap_seed: int = 0,
     explainer: ExplainerChoice | None = None,
+    started: Generator[Batch, None, None] | None = None,
 ) -> RunResult:
     """Dissect the model behind ``backend`` on ``dataset``: both passes for every layer at once, then (with
     ``out``) the saved counts and ``summary.json``, then each writer, then ``summary.json`` again with every
@@ -301,7 +309,8 @@ def run_dissection(
     "recompute") and ``cache_budget`` (bytes, or a size like "20G") say where the reads after the first pass
     get the maps. ``rotation`` reads every dissected layer's units in a rotated basis (``core/rotation.py``).
     ``bootstrap`` resamples (0: none) with ``bootstrap_seed`` give each unit and count an interval
-    (``core/bootstrap.py``). ``explainer``: labels units otherwise too, after the IoU pass (``core.explain``)."""
+    (``core/bootstrap.py``). ``explainer``: labels units otherwise too, after the IoU pass (``core.explain``).
+    ``started``: the activation pass's batches, their decoding already under way (see ``api.dissect``)."""
     from .reporting import rewrite_summary, write_results
     from .scheduler import run_passes
 
@@ -309,7 +318,7 @@ def run_dissection(
                            compat=compat, batch_size=batch_size, device=device, workers=workers, top_k=top_k,
                            skip_bad=skip_bad, cache=cache, cache_budget=cache_budget, plugins=plugins, work_dir=out,
                            rotation=rotation, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
-                           explainer=explainer)
+                           explainer=explainer, started=started)
     plan, spec, provenance, resolved = prepared.plan, prepared.spec, prepared.provenance, prepared.modules
     events = events if events is not None else QuietEvents()
     events.run_start(provenance)

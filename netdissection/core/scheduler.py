@@ -27,7 +27,7 @@ import copy
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +124,9 @@ class Plan:
     #: still open: ``read(factory)`` is one more IoU pass counting into ``factory``'s accumulators, merged
     #: (``core.explain``). Its rows land in each ``LayerResult.explanations``.
     explain: Callable[[dict[str, LayerResult], Read], Mapping[str, Sequence[Explanation]]] | None = None
+    #: The activation pass's batches of the whole dataset, their decoding already under way
+    #: (``first_pass_batches``, started while the model was built); taken by the pass that reads them all.
+    started: Generator[loading.Batch, None, None] | None = field(default=None, repr=False)
 
 
 #: On a CPU the model runs the loader's batches this many images at a time, so that the tensors of its forward
@@ -142,6 +145,15 @@ def forward_chunk(plan: Plan) -> int:
     if plan.forward_chunk is not None:
         return max(1, plan.forward_chunk)
     return CPU_FORWARD_CHUNK if torch.device(plan.device).type == "cpu" else max(1, plan.batch_size)
+
+
+def first_pass_batches(dataset: ConceptDataset, *, batch_size: int, workers: int, skip_bad: bool, device: str,
+                       indices: Sequence[int] | np.ndarray | None = None) -> Generator[loading.Batch, None, None]:
+    """The activation pass's batches; the loader's workers start decoding at once. With ``skip_bad`` the
+    labels are read too: a sample whose labels cannot be read is then left out of every pass (thresholds,
+    top images, counts) as if the dataset did not hold it."""
+    return loading.iterate(dataset, batch_size=batch_size, workers=workers, image=True, labels=skip_bad,
+                           skip_bad=skip_bad, pin_memory=device.startswith("cuda"), indices=indices)
 
 
 def preprocess(images: torch.Tensor, spec: InputSpec, device: str) -> torch.Tensor:
@@ -232,9 +244,7 @@ class ShardRunner:
         failures: list[tuple[int, str]] = []
         self.progress.start("activations", len(self.indices))
         try:
-            # With --skip-bad the labels are read here too: a sample whose labels cannot be read is then left
-            # out of every pass (thresholds, top images, counts) as if the dataset did not hold it.
-            for batch in self._batches(image=True, labels=plan.skip_bad):
+            for batch in self._first_batches():
                 skipped += len(batch.failures)
                 failures.extend(zip(batch.failed, batch.failures, strict=True))
                 if batch.images is None:
@@ -389,6 +399,17 @@ class ShardRunner:
         if not later:
             return batches
         return self._read_before(batches)
+
+    def _first_batches(self) -> Iterator[loading.Batch]:
+        """The activation pass's batches: those the plan started, when this runner reads the whole dataset."""
+        plan = self.plan
+        started, plan.started = plan.started, None
+        if started is not None and self._sampler is None:
+            return started
+        if started is not None:
+            started.close()  # its workers stop
+        return first_pass_batches(plan.dataset, batch_size=plan.batch_size, workers=plan.workers,
+                                  skip_bad=plan.skip_bad, device=plan.device, indices=self._sampler)
 
     def _read_before(self, batches: Iterator[loading.Batch]) -> Iterator[loading.Batch]:
         for batch in batches:
