@@ -12,6 +12,7 @@ pass's critical path. :func:`packed` copies a structure's tensors into one share
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from typing import Any
 
@@ -35,7 +36,7 @@ def packed(value: Any) -> tuple[bytes, torch.Tensor, Layout]:
     size = 0
     for tensor in tensors:
         layout.append((tensor.dtype, tuple(tensor.shape), size))
-        size += -(-tensor.numel() * tensor.element_size() // ALIGNMENT) * ALIGNMENT
+        size += -(-_nbytes(tensor.dtype, tuple(tensor.shape)) // ALIGNMENT) * ALIGNMENT
     # In shared memory before it is filled: pickling then sends it as it is, without another copy.
     block = torch.empty(max(size, 1), dtype=torch.uint8).share_memory_()
     for tensor, view in zip(tensors, _views(block, layout), strict=True):
@@ -75,11 +76,9 @@ class _TensorsFromBlock(pickle.Unpickler):
         return self.views[pid]
 
 
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
 def _views(block: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
-    out = []
-    for dtype, shape, offset in layout:
-        count = 1
-        for extent in shape:
-            count *= extent
-        out.append(block[offset:offset + count * dtype.itemsize].view(dtype).view(shape))
-    return out
+    return [block[offset:offset + _nbytes(dtype, shape)].view(dtype).view(shape) for dtype, shape, offset in layout]
