@@ -290,6 +290,16 @@ class CliContext:
     def bootstrap_options(self, command: Callable[..., Any]) -> Callable[..., Any]:
         return _bootstrap_options(command)
 
+    def explain_options(self, command: Callable[..., Any]) -> Callable[..., Any]:
+        return _explain_options(command)
+
+    def explain_arguments(self, explain: str | None, explain_params: dict[str, Any], formula_length: int | None,
+                          beam: int | None, units: str | None) -> dict[str, Any]:
+        from .core.explain import parse_units
+
+        return {"explain": explain, "explain_params": _explain_params(explain_params, formula_length, beam),
+                "explain_units": parse_units(units)}
+
     def backend_options(self, input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
                         std: tuple[float, float, float] | None, bgr: bool) -> dict[str, Any]:
         return _backend_options(input_size, mean, std, bgr)

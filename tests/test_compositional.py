@@ -411,6 +411,27 @@ def test_cli_run_writes_explanations_and_reports_them(run_cli, tmp_path: Path) -
     assert not (tmp_path / "plain" / "layer1" / "explanations.csv").exists()
 
 
+def test_compare_explains_each_run_as_dissect_does(run_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`dissect compare --explain`: every run's explanations are those of the model's own `dissect` run with the
+    same options; an explainer's option without --explain is one line, exit 2, before any model runs."""
+    data = write_random_broden(tmp_path / "data", images=6, image_size=32, label_size=16, seed=2)
+    explain = ("--explain", "compositional", "--formula-length", "2", "--beam", "2", "--units", "1-3")
+    common = ("--layer", "layer1", "--dataset", data, "--workers", "0", "--no-store")
+    code, _, err = run_cli("resnet18", *common, *explain, "--out", tmp_path / "own")
+    assert code == 0, err
+    code, _, err = run_cli("compare", "resnet18", *common, *explain, "--out", tmp_path / "cmp")
+    assert code == 0, err
+    own, run = tmp_path / "own", tmp_path / "cmp" / "runs" / "resnet18"
+    expected = (own / "layer1" / "explanations.csv").read_bytes()
+    assert (run / "layer1" / "explanations.csv").read_bytes() == expected
+    assert [line.split(",")[0] for line in expected.decode().splitlines()[1:]] == ["1", "2", "3"]
+    explainer = json.loads((own / "summary.json").read_text())["provenance"]["explainer"]
+    assert json.loads((run / "summary.json").read_text())["provenance"]["explainer"] == explainer
+    code, _, err = run_cli("compare", "resnet18", *common, "--beam", "2", "--out", tmp_path / "bad")
+    assert_one_line_error(code, err, "--beam", "--explain")
+    assert not (tmp_path / "bad").exists()
+
+
 def _html(value: str) -> str:
     import html
 

@@ -102,9 +102,10 @@ def files_of(run: Path) -> dict[str, bytes]:
 
 
 def assert_same_run(got: Path, expected: Path) -> None:
-    """tally.csv and thresholds.csv byte for byte, and every array of counts.npz bit for bit."""
+    """tally.csv and thresholds.csv (and explanations.csv where there are) byte for byte, and every array of
+    counts.npz bit for bit."""
     files = files_of(expected)
-    assert len(files) == 4  # two layers, two files each
+    assert sum(name.endswith(("/tally.csv", "/thresholds.csv")) for name in files) == 4  # two layers, two each
     assert files_of(got) == files
     for npz in sorted(expected.glob("*/counts.npz")):
         with np.load(npz) as a, np.load(got / npz.relative_to(expected)) as b:
@@ -181,6 +182,31 @@ def test_bootstrap_on_shards_equals_the_unsharded_bootstrap(ray_cluster: Any, co
     layers = {name: json.loads((run / "summary.json").read_text())["layers"] for name, run in
               (("local", local), ("ray", sharded))}
     assert [layer["bootstrap"] for layer in layers["ray"]] == [layer["bootstrap"] for layer in layers["local"]]
+
+
+@pytest.mark.slow
+def test_explanations_on_shards_equal_the_unsharded_run(ray_cluster: Any, concept_set: Path, tmp_path: Path) -> None:
+    """--explain on 3 shards: every read of the formula search goes to each shard's worker (the explainer's
+    accumulators pickled to it) and is merged on the driver; explanations.csv equals the local run's byte for
+    byte, as do the counts, and the provenance records the explainer as a local run does."""
+    explained = {**options("paper"), "explain": "compositional",
+                 "explain_params": {"formula_length": 2, "beam": 3}, "explain_units": "1-40"}
+    with torch_threads(1):
+        netdissection.compare([MODEL], dataset=concept_set, store=False, out=tmp_path / "local", **explained)
+    netdissection.compare([MODEL], dataset=concept_set, store=False, out=tmp_path / "ray", executor="ray",
+                          executor_options={"shards": 3}, **explained)
+    local, sharded = tmp_path / "local" / "runs" / "test_resnet", tmp_path / "ray" / "runs" / "test_resnet"
+    assert_same_run(sharded, local)  # explanations.csv too
+    expected = sorted(local.glob("*/explanations.csv"))
+    assert len(expected) == 2
+    for path in expected:
+        rows = path.read_text().splitlines()[1:]
+        assert [int(row.split(",")[0]) for row in rows] == list(range(1, 41))
+        assert any(" AND " in row or " OR " in row for row in rows)  # formulas, not only single concepts
+        assert (sharded / path.relative_to(local)).read_bytes() == path.read_bytes()
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (local, sharded)]
+    assert summaries[1]["provenance"]["explainer"] == summaries[0]["provenance"]["explainer"]
+    assert summaries[1]["provenance"]["executor"]["shards"] == 3 and summaries[1]["seconds"]["explain"] > 0
 
 
 def kill_shard(ray: Any, shard: int, *, wait: bool) -> None:

@@ -105,6 +105,9 @@ def compare(
     rotate_seed: int = 0,
     bootstrap: int = 0,
     bootstrap_seed: int = 0,
+    explain: str | None = None,
+    explain_params: Mapping[str, Any] | None = None,
+    explain_units: Sequence[int] | str | None = None,
 ) -> CompareTable:
     """Dissect every model and compare them; returns the table (and writes it to ``out`` if given).
 
@@ -120,17 +123,22 @@ def compare(
     ``rotate``: one α or several (``[0, 0.2, ..., 1]``): every model is dissected once per α with its units
     read in the rotated basis Q^α (Q drawn from ``rotate_seed``; see ``netdissection.dissect``).
     ``plot_formats``: ``["png", "pdf"]`` for copies of every run's plots beside their SVG (the runs then draw
-    their plots, which a comparison leaves out by default).
+    their plots, which a comparison leaves out by default). ``explain``: an explainer that also labels every
+    run's units (``"compositional"``: formulas of concepts; ``explain_params``, ``explain_units`` as for
+    :func:`netdissection.dissect`), its rows in each run's ``<layer>/explanations.csv``.
     The other options are those of :func:`netdissection.dissect`, the same for every model.
     """
     from ..api import build_host, check_run
+    from ..core.explain import parse_units
 
     host = host or build_host()
+    units = parse_units(explain_units)
     # Every option and name before any model is looked for: a typo fails at once.
     rule, _ = check_run(host, backend=backend, dataset_format=dataset_format, threshold=threshold,
                         threshold_params=threshold_params, quantile=quantile, compat=compat, batch_size=batch_size,
                         device=device, cache=cache, cache_budget=cache_budget, reporters=reporters, make_rule=False,
-                        bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, workers=workers)
+                        bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, explain=explain,
+                        explain_params=explain_params, explain_units=units, workers=workers)
     alphas = _alphas(rotate, rotate_seed)
     runner = make_executor(host, executor, executor_options)
     tallies = _tallies(add_tallies)
@@ -155,7 +163,8 @@ def compare(
                 device=device, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, batch_size=batch_size,
                 workers=workers, reporters=tuple(reporters) if reporters else None, plot_formats=tuple(plot_formats),
                 cache=cache, cache_budget=cache_budget, name=s.name or _display(s), x=s.x,
-                labels={**common, **s.labels}, rotate=alpha, rotate_seed=rotate_seed if alpha is not None else 0)
+                labels={**common, **s.labels}, rotate=alpha, rotate_seed=rotate_seed if alpha is not None else 0,
+                explain=explain, explain_params=dict(explain_params or {}), explain_units=units)
             for s in specs for alpha in alphas]
     results_store = None if store is False or store is None else ResultsStore(None if store is True else store)
     out_dir = Path(out) if out is not None else None

@@ -120,6 +120,7 @@ def _dissect_options(function: Any, context: CommandContext) -> Any:
         click.option("--cache-budget", metavar="SIZE", help="Most disk an activation cache may take, e.g. 20G."),
         context.input_options,
         context.bootstrap_options,
+        context.explain_options,
         click.option("--image-column", help="Dataset image column (HuggingFace datasets)."),
         click.option("--mask-column", "mask_columns", multiple=True, help="Dataset mask column (repeatable)."),
         click.option("--split", help="Dataset split (HuggingFace datasets)."),
@@ -248,6 +249,8 @@ def run_compare(context: CommandContext, models: tuple[str, ...], patterns: tupl
         raise DissectionError("--store and --no-store contradict each other; pass one")
     backend_options = context.backend_options(options.pop("input_size"), options.pop("mean"), options.pop("std"),
                                               options.pop("bgr"))
+    explained = context.explain_arguments(options.pop("explain"), options.pop("explain_params"),
+                                          options.pop("formula_length"), options.pop("beam"), options.pop("units"))
     runtime = options.pop("runtime")
     if runtime is not None:
         backend_options["runtime"] = runtime
@@ -267,7 +270,7 @@ def run_compare(context: CommandContext, models: tuple[str, ...], patterns: tupl
                         reporters=context.split(options.pop("reporters")) or None,
                         plot_formats=list(options.pop("plot_formats")), backend_options=backend_options,
                         dataset_options=dataset_options, events=progress, host=context.host,
-                        strict_plugins=options.pop("strict_plugins") or None, **options)
+                        strict_plugins=options.pop("strict_plugins") or None, **explained, **options)
     out_console.print(comparison_table(table, out_console.width))
     computed = sum(not o.cached and o.status == "ok" for o in table.outcomes)
     cached = sum(o.cached for o in table.outcomes)

@@ -196,6 +196,13 @@ class ExecutionContext:
                                                     dict(job.dataset_options))
         return self._datasets[ident]
 
+    def explainer(self, job: Job) -> Any:
+        """The job's explainer, made by this host (None without ``--explain``)."""
+        from ..api import choose_explainer
+
+        return choose_explainer(self.host, job.explain, dict(job.explain_params), job.explain_units,
+                                compat=job.compat)
+
     @staticmethod
     def _dataset_ident(job: Job) -> tuple[Any, ...]:
         return (job.dataset, job.dataset_format, job.categories, tuple(sorted(

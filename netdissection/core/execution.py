@@ -119,6 +119,11 @@ class JobContext(Protocol):
         that runs the passes elsewhere needs it here too: its size, its vocabulary, and the reports' images)."""
         ...
 
+    def explainer(self, job: Job) -> Any:
+        """The job's explainer (``core.explain.ExplainerChoice``; None without ``--explain``): an executor that
+        runs the passes elsewhere runs it here, on the merged results, its reads sent to the shards."""
+        ...
+
 
 @runtime_checkable
 class Executor(Protocol):

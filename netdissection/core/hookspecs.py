@@ -100,6 +100,18 @@ class CommandContext(Protocol):
         """A click decorator adding ``--bootstrap B`` and ``--bootstrap-seed S`` (ints, default 0)."""
         ...
 
+    def explain_options(self, command: Callable[..., Any]) -> Callable[..., Any]:
+        """A click decorator adding ``--explain NAME``, ``--explain-param KEY=VALUE``, ``--formula-length``,
+        ``--beam`` and ``--units``, as ``dissect MODEL`` has them (see ``explain_arguments``)."""
+        ...
+
+    def explain_arguments(self, explain: str | None, explain_params: dict[str, Any], formula_length: int | None,
+                          beam: int | None, units: str | None) -> dict[str, Any]:
+        """The values of ``explain_options`` as ``dissect``'s ``explain``, ``explain_params`` and
+        ``explain_units``; raises ``DissectionError`` where the named options and ``--explain-param``
+        disagree, or the units do not parse."""
+        ...
+
     def backend_options(self, input_size: Any, mean: Any, std: Any, bgr: bool) -> dict[str, Any]:
         """The values of ``input_options`` as ``dissect(backend_options=...)``: only those the user set."""
         ...

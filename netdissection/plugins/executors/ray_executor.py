@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
     from ...core.execution import JobContext, JobOutcome
+    from ...core.explain import ExplainerChoice
     from ...core.jobkey import Job
     from ...core.protocols import ConceptDataset, ThresholdRule
     from ...core.scheduler import Progress
@@ -263,8 +264,12 @@ class ShardWorker:
         self._ready()
         return self.runner.threshold_round(states)
 
-    def iou_pass(self, thresholds: Mapping[str, np.ndarray]) -> Any:
+    def iou_pass(self, thresholds: Mapping[str, np.ndarray], accumulator: Callable[..., Any] | None = None,
+                 stage: str = "IoU") -> Any:
+        """The shard's counts; with an ``accumulator`` factory (an explainer's read), its partial instead."""
         self._ready()
+        if accumulator is not None:
+            return self.runner.iou_pass(thresholds, accumulator, stage)
         resampling = self.prepared.plan.bootstrap
         if resampling is None:
             return self.runner.iou_pass(thresholds)
@@ -327,8 +332,10 @@ class _Job:
     """One job driven from a thread of this process: its placement group, its shards' actors, the merges."""
 
     def __init__(self, executor: RayExecutor, cluster: Cluster, index: int, job: Job, dataset: ConceptDataset,
-                 shown: _Shown, started: Callable[[int], None], done: Callable[[_Done], None], token: str) -> None:
+                 shown: _Shown, started: Callable[[int], None], done: Callable[[_Done], None], token: str,
+                 explainer: Callable[[Job], ExplainerChoice | None] = lambda job: None) -> None:
         self.executor, self.cluster, self.index, self.job, self.dataset = executor, cluster, index, job, dataset
+        self.explainer = explainer
         self.shown, self.started, self.done, self.token = shown, started, done, token
         self.actors: list[Any] = []
         self.group: Any = None
@@ -356,9 +363,7 @@ class _Job:
         from ...core.types import RunResult
 
         job, total = self.job, len(self.dataset)
-        if job.explain is not None:
-            raise DissectionError(f"--explain {job.explain} runs with the local executor, not on Ray: drop "
-                                  "--executor ray or --explain")
+        explainer = self.explainer(job)  # before any worker starts: its parameters are checked here
         if total == 0:
             raise DissectionError("the concept dataset has no images")
         workers = job.workers if job.workers is not None else 0
@@ -410,9 +415,23 @@ class _Job:
         seconds["iou"] = time.perf_counter() - begun
         seconds["passes"] = seconds["activations"] + seconds["thresholds"] + seconds["iou"]
 
+        results = layer_results(activations, thresholds, counts, self.dataset.vocabulary)
+        if explainer is not None:
+            from ...core.explain import run_explainer
+
+            begun = time.perf_counter()
+            sent = ray.put(thresholds)
+
+            def again(factory: Callable[..., Any], stage: str = "explain") -> Any:
+                # Each read is the IoU pass again in every shard, into the explainer's accumulators (which
+                # travel to the workers pickled), their partials merged here as a local run merges its shards'.
+                return merge_all(self.gather("iou_pass", (sent, factory, stage), stage, sizes))
+
+            for name, rows in run_explainer(explainer, results, again).items():
+                results[name].explanations = list(rows)
+            seconds["explain"] = time.perf_counter() - begun
         about = self.gather("about", (), "", sizes)
         self.gather("close", (), "", sizes)
-        results = layer_results(activations, thresholds, counts, self.dataset.vocabulary)
         if job.bootstrap:
             from ...core.bootstrap import BootstrapSpec
 
@@ -542,7 +561,7 @@ class RayExecutor:
                     raise Stopped
 
         drivers = {index: _Job(self, cluster, index, jobs[index], context.dataset(jobs[index]), shown,
-                               job_started, finished.put, token) for index in pending}
+                               job_started, finished.put, token, context.explainer) for index in pending}
         for driver in drivers.values():
             threading.Thread(target=driver.run, name=f"ray-job-{driver.index}", daemon=True).start()
         announced: set[int] = set()
