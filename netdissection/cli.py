@@ -300,9 +300,13 @@ class CliContext:
         return {"explain": explain, "explain_params": _explain_params(explain_params, formula_length, beam),
                 "explain_units": parse_units(units)}
 
+    def runtime_option(self, command: Callable[..., Any]) -> Callable[..., Any]:
+        return _runtime_option(command)
+
     def backend_options(self, input_size: tuple[int, int] | None, mean: tuple[float, float, float] | None,
-                        std: tuple[float, float, float] | None, bgr: bool) -> dict[str, Any]:
-        return _backend_options(input_size, mean, std, bgr)
+                        std: tuple[float, float, float] | None, bgr: bool,
+                        runtime: str | None = None) -> dict[str, Any]:
+        return _backend_options(input_size, mean, std, bgr, runtime)
 
     def print_summary(self, result: Any, out_dir: Any, seconds: float | None = None) -> None:
         from .summary import print_summary

@@ -191,3 +191,42 @@ def test_listing_plugins_does_not_import_frameworks() -> None:
             "print(sorted(m for m in ('torch', 'timm', 'onnxruntime', 'datasets', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+class RunOptionsCommand:
+    """A plugin command made of the command context's decorators: the run options ``dissect MODEL`` has."""
+
+    __name__ = "run_options_command"
+
+    def __init__(self) -> None:
+        self.seen: dict[str, object] = {}
+
+    @netdissection.hookimpl
+    def dissect_register_commands(self, cli, context):  # type: ignore[no-untyped-def]
+        @cli.command("options")
+        @context.input_options
+        @context.runtime_option
+        @context.explain_options
+        def options(input_size, mean, std, bgr, runtime, explain, explain_params, formula_length, beam,  # type: ignore[no-untyped-def]
+                    units):
+            self.seen = {"backend_options": context.backend_options(input_size, mean, std, bgr, runtime),
+                         **context.explain_arguments(explain, explain_params, formula_length, beam, units)}
+
+
+def test_a_plugin_command_takes_the_run_options_from_the_context(run_cli) -> None:  # type: ignore[no-untyped-def]
+    """--runtime and the explainer's options come to a plugin's command as they come to `dissect MODEL`
+    (and to `dissect compare`, built the same way), parsed, checked and in `dissect()`'s terms."""
+    command = RunOptionsCommand()
+    code, _, err = run_cli("options", "--runtime", "auto", "--bgr", "--explain", "compositional", "--beam", "4",
+                           "--explain-param", "formula_length=2", "--units", "1-3,7", plugins=(command,))
+    assert code == 0, err
+    assert command.seen == {"backend_options": {"runtime": "auto", "bgr": True}, "explain": "compositional",
+                            "explain_params": {"formula_length": 2, "beam": 4}, "explain_units": (1, 2, 3, 7)}
+    code, _, err = run_cli("options", plugins=(command,))
+    assert code == 0, err
+    assert command.seen == {"backend_options": {}, "explain": None, "explain_params": {}, "explain_units": None}
+    code, _, err = run_cli("options", "--formula-length", "3", "--explain-param", "formula_length=2",
+                           plugins=(command,))
+    assert_one_line_error(code, err, "--formula-length 3", "--explain-param formula_length=2", "disagree")
+    code, _, err = run_cli("options", "--runtime", "fastest", plugins=(command,))
+    assert code == 2 and "'fastest' is not one of 'torch', 'onnxruntime', 'auto'" in err

@@ -17,7 +17,6 @@ import click
 
 from ..core.cache import format_size, parse_size
 from ..core.hookspecs import CommandContext, hookimpl
-from ..core.runtimes import RUNTIME_HELP, RUNTIMES
 from ..plugins.reports.plots import COPY_FORMATS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -119,6 +118,7 @@ def _dissect_options(function: Any, context: CommandContext) -> Any:
                      help="Where each run's later reads get the maps: a disk cache, or another forward pass."),
         click.option("--cache-budget", metavar="SIZE", help="Most disk an activation cache may take, e.g. 20G."),
         context.input_options,
+        context.runtime_option,
         context.bootstrap_options,
         context.explain_options,
         click.option("--image-column", help="Dataset image column (HuggingFace datasets)."),
@@ -213,7 +213,6 @@ def _compare_options(function: Any) -> Any:
         click.option("--store", "store_dir", type=click.Path(file_okay=False),
                      help="Results store folder (default: the cache folder; $NETDISSECTION_CACHE moves it)."),
         click.option("--no-store", is_flag=True, help="Compute every job, keep nothing in the store."),
-        click.option("--runtime", type=click.Choice(RUNTIMES), help=RUNTIME_HELP),
         click.option("--executor", default="local", show_default=True, help="How jobs run (see: dissect plugins)."),
         click.option("--address", help="Cluster address (executors that run on a cluster)."),
         click.option("--shards", type=int, help="Dataset shards per model (executors that shard)."),
@@ -248,12 +247,9 @@ def run_compare(context: CommandContext, models: tuple[str, ...], patterns: tupl
     if no_store and store_dir:
         raise DissectionError("--store and --no-store contradict each other; pass one")
     backend_options = context.backend_options(options.pop("input_size"), options.pop("mean"), options.pop("std"),
-                                              options.pop("bgr"))
+                                              options.pop("bgr"), options.pop("runtime"))
     explained = context.explain_arguments(options.pop("explain"), options.pop("explain_params"),
                                           options.pop("formula_length"), options.pop("beam"), options.pop("units"))
-    runtime = options.pop("runtime")
-    if runtime is not None:
-        backend_options["runtime"] = runtime
     dataset_options = {"image_column": options.pop("image_column"), "split": options.pop("split"),
                        "concepts": options.pop("concepts"), "mask_columns": list(options.pop("mask_columns")) or None}
     series, common = series_of(checkpoints, labels, click.get_current_context().meta.get(OPTION_ORDER, []))

@@ -112,8 +112,15 @@ class CommandContext(Protocol):
         disagree, or the units do not parse."""
         ...
 
-    def backend_options(self, input_size: Any, mean: Any, std: Any, bgr: bool) -> dict[str, Any]:
-        """The values of ``input_options`` as ``dissect(backend_options=...)``: only those the user set."""
+    def runtime_option(self, command: Callable[..., Any]) -> Callable[..., Any]:
+        """A click decorator adding ``--runtime torch|onnxruntime|auto`` (the ``runtime`` parameter, None when
+        not given), as ``dissect MODEL`` has it."""
+        ...
+
+    def backend_options(self, input_size: Any, mean: Any, std: Any, bgr: bool,
+                        runtime: str | None = None) -> dict[str, Any]:
+        """The values of ``input_options`` (and ``runtime_option``) as ``dissect(backend_options=...)``: only
+        those the user set."""
         ...
 
     def print_summary(self, result: RunResult, out_dir: Any, seconds: float | None = None) -> None:
