@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from netdissection.api import resolve_dataset
 from netdissection.core import loading
-from netdissection.core.iou import LabelBatch, LabelPreparation, prepare_labels
+from netdissection.core.iou import LabelBatch, LabelPreparation, TallyCounts, prepare_labels
 from netdissection.core.masks import LabelSets
 from netdissection.core.packing import ALIGNMENT, packed, unpacked
 from netdissection.core.scheduler import threads_beside
@@ -109,6 +110,14 @@ def test_a_workers_batch_is_the_batch_made_here_in_one_shared_block(tmp_path: Pa
         assert theirs.images.untyped_storage().is_shared()
         assert len({t.untyped_storage().data_ptr() for t in [theirs.images, *sent]}) == 1
 
+    # For the tally, whose counting reads only the label sets, the label layers stay in the worker.
+    prepare = replace(prepare, keep_layers=TallyCounts.needs_label_layers)
+    for ours, theirs in zip(here, batches(2), strict=True):
+        assert theirs.prepared[0].layers is None
+        mine, sent = _label_tensors(*ours.prepared)[1:], _label_tensors(*theirs.prepared)[1:]
+        for a, b in zip(mine, sent, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
 
 def test_the_rows_of_prepared_labels_are_those_rows_prepared() -> None:
     rng = np.random.default_rng(4)
@@ -127,6 +136,29 @@ def test_the_rows_of_prepared_labels_are_those_rows_prepared() -> None:
         sets, want_sets = rows.label_sets(7), expected.label_sets(7)
         assert isinstance(sets, LabelSets) and torch.equal(sets.ids, want_sets.ids)
         assert torch.equal(sets.labels, want_sets.labels) and torch.equal(sets.image, want_sets.image)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 3), st.integers(0, 2**16), st.sampled_from(["paper", "lite"]), st.data())
+def test_the_rows_of_labels_sent_without_their_layers_are_those_rows_prepared(
+        n: int, k: int, seed: int, semantics: str, data: st.DataObject) -> None:
+    """A batch prepared for the tally crosses with its label sets and without the label layers they were made
+    from; the rows of it that the activation pass read have the very sets of those rows prepared anew."""
+    rng = np.random.default_rng(seed)
+    layers = torch.from_numpy(rng.choice([0, 1, 2, 3, 5, 9], size=(n, k, 3, 4)).astype(np.int32))
+    levels = torch.from_numpy(rng.choice([0, 4, 5], size=(n, 2)).astype(np.int64))
+    keep = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n).filter(any)))
+    category_of = np.array([-1, 0, 0, 1, 1, 2, -1, -1, -1, 2], dtype=np.int64)
+    sent, _ = LabelPreparation(category_of, 3, semantics, keep_layers=False)(layers, levels)
+    assert sent.layers is None and sent.sets is not None
+    expected, expected_truth = prepare_labels(layers[keep], levels[keep], torch.from_numpy(category_of), 3, semantics)
+    rows, truth = sent.rows(keep)
+    assert torch.equal(truth, expected_truth) and torch.equal(rows.truth, expected.truth)
+    assert torch.equal(rows.image_labels, expected.image_labels)
+    assert torch.equal(rows.has_category, expected.has_category)
+    sets, want = rows.label_sets(len(category_of)), expected.label_sets(len(category_of))
+    assert sets.ids.dtype == want.ids.dtype and torch.equal(sets.ids, want.ids)
+    assert torch.equal(sets.labels, want.labels) and torch.equal(sets.image, want.image)
 
 
 def test_the_counting_leaves_the_loaders_workers_their_cores_for_a_while() -> None:

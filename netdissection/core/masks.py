@@ -47,6 +47,16 @@ class LabelSets:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> LabelSets:
         return LabelSets(*(t.to(device, non_blocking=non_blocking) for t in (self.ids, self.labels, self.image)))
 
+    def rows(self, keep: torch.Tensor) -> LabelSets:
+        """The sets of the images ``keep`` ``(N,)`` bool selects, numbered in the same order (a set belongs to
+        one image): what ``label_sets`` gives for those images' labels."""
+        keep = keep.to(self.image.device)
+        kept = keep.index_select(0, self.image)  # (M,) the sets of kept images
+        number = torch.cumsum(kept, 0) - 1  # a kept set's new id
+        position = torch.cumsum(keep, 0) - 1  # a kept image's new index
+        ids = number.index_select(0, self.ids[keep].reshape(-1).long()).view(-1, *self.ids.shape[1:])
+        return LabelSets(ids.to(self.ids.dtype), self.labels[kept], position.index_select(0, self.image[kept]))
+
 
 #: The most keys ``label_sets`` numbers with a dense table (a bool and an int64 each) before it sorts instead.
 DENSE_KEYS = 1 << 23

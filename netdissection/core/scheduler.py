@@ -347,7 +347,8 @@ class ShardRunner:
                           cache.maps_seen, format_size(cache.size))
         counts = accumulator(thresholds, vocabulary, plan.semantics, plan.device)
         # The loader's workers prepare each batch's labels (label sets included) beside this process's counting.
-        prepare = LabelPreparation(vocabulary.primary_category_index(), len(vocabulary.categories), plan.semantics)
+        prepare = LabelPreparation(vocabulary.primary_category_index(), len(vocabulary.categories), plan.semantics,
+                                   keep_layers=getattr(counts, "needs_label_layers", True))
         layers = list(thresholds)
         self.progress.start(stage, len(self.indices))
         try:
