@@ -20,6 +20,7 @@ from ..core.jobkey import Job, NotStorable, key_material, key_of
 from ..core.store import RUN, ResultsStore, StoredJob, materialise
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..core.explain import ExplainerChoice
     from ..core.run import PreparedRun
     from ..core.scheduler import Progress
     from ..core.types import RunResult
@@ -196,7 +197,7 @@ class ExecutionContext:
                                                     dict(job.dataset_options))
         return self._datasets[ident]
 
-    def explainer(self, job: Job) -> Any:
+    def explainer(self, job: Job) -> ExplainerChoice | None:
         """The job's explainer, made by this host (None without ``--explain``)."""
         from ..api import choose_explainer
 

@@ -34,6 +34,7 @@ from .errors import DissectionError
 from .jobkey import Job
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .explain import ExplainerChoice
     from .scheduler import Progress
     from .types import RunResult
 
@@ -119,9 +120,9 @@ class JobContext(Protocol):
         that runs the passes elsewhere needs it here too: its size, its vocabulary, and the reports' images)."""
         ...
 
-    def explainer(self, job: Job) -> Any:
-        """The job's explainer (``core.explain.ExplainerChoice``; None without ``--explain``): an executor that
-        runs the passes elsewhere runs it here, on the merged results, its reads sent to the shards."""
+    def explainer(self, job: Job) -> ExplainerChoice | None:
+        """The job's explainer (None without ``--explain``): an executor that runs the passes elsewhere runs it
+        here, on the merged results, its reads sent to the shards."""
         ...
 
 

@@ -333,7 +333,7 @@ class _Job:
 
     def __init__(self, executor: RayExecutor, cluster: Cluster, index: int, job: Job, dataset: ConceptDataset,
                  shown: _Shown, started: Callable[[int], None], done: Callable[[_Done], None], token: str,
-                 explainer: Callable[[Job], ExplainerChoice | None] = lambda job: None) -> None:
+                 explainer: Callable[[Job], ExplainerChoice | None]) -> None:
         self.executor, self.cluster, self.index, self.job, self.dataset = executor, cluster, index, job, dataset
         self.explainer = explainer
         self.shown, self.started, self.done, self.token = shown, started, done, token
@@ -411,7 +411,8 @@ class _Job:
         seconds["thresholds"] = time.perf_counter() - begun
 
         begun = time.perf_counter()
-        counts = merge_all(self.gather("iou_pass", (ray.put(thresholds),), "IoU", sizes))
+        sent = ray.put(thresholds)  # for the IoU pass and every read of an explainer's
+        counts = merge_all(self.gather("iou_pass", (sent,), "IoU", sizes))
         seconds["iou"] = time.perf_counter() - begun
         seconds["passes"] = seconds["activations"] + seconds["thresholds"] + seconds["iou"]
 
@@ -420,7 +421,6 @@ class _Job:
             from ...core.explain import run_explainer
 
             begun = time.perf_counter()
-            sent = ray.put(thresholds)
 
             def again(factory: Callable[..., Any], stage: str = "explain") -> Any:
                 # Each read is the IoU pass again in every shard, into the explainer's accumulators (which
