@@ -394,7 +394,6 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
     """
     from .api import announce_load_failures, check_run
     from .compare.execution import dissect_stored
-    from .core.explain import parse_units
     from .core.jobkey import Job
     from .core.locks import folder_lock
     from .core.rotation import check_rotation
@@ -405,8 +404,8 @@ def run_command(context: CliContext, model: str, backend: str | None, weights: s
     if no_store and store_dir:
         raise DissectionError("--store and --no-store contradict each other; pass one")
     writers = tuple(_split(reporters)) or None
-    explain_params = _explain_params(explain_params, formula_length, beam)
-    explain_units = parse_units(units)
+    explained = context.explain_arguments(explain, explain_params, formula_length, beam, units)
+    explain_params, explain_units = explained["explain_params"], explained["explain_units"]
     # Every name and option before the store is asked or a model built: a typo fails at once.
     announce_load_failures(context.host, strict_plugins_flag(strict_plugins or None))
     check_run(context.host, backend=backend, dataset_format=dataset_format, threshold=threshold,
