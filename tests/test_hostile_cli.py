@@ -7,10 +7,12 @@ and a worker killed outright. A few fuzzed examples run the whole command; the r
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +151,69 @@ def test_a_killed_worker_is_one_line(model: Path, broden: Path, tmp_path: Path) 
     dataset.how = "kill"
     with within(120), pytest.raises(DissectionError, match=r"a data loading worker process died .*--workers 0"):
         netdissection.dissect(str(model), dataset=dataset, workers=1, batch_size=2, out=tmp_path / "out")
+    no_results(tmp_path / "out")
+
+
+class SlowToDie(BrodenDataset):
+    """Its loader worker dies a second after it starts sample 2: by then the model is in its first batch."""
+
+    def load(self, index: int, *, image: bool = True, labels: bool = True) -> Any:
+        if index == 2:
+            time.sleep(1)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().load(index, image=image, labels=labels)
+
+
+class SlowFirstBatch(torch.nn.Module):
+    """A model whose first batch of two images takes three seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.waited = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 2 and not self.waited:
+            self.waited = True
+            time.sleep(3)
+        return self.conv(x)
+
+
+def test_a_worker_killed_while_the_model_runs_is_one_line(broden: Path, tmp_path: Path) -> None:
+    """A worker that dies while the main process is elsewhere (here in the forward pass, not in the loader):
+    before, torch's SIGCHLD handler raised its error right there, and it came out as a traceback (or, in the
+    middle of an import, as another error)."""
+    with within(120), pytest.raises(DissectionError, match=r"a data loading worker process died .*--workers 0"):
+        netdissection.dissect(SlowFirstBatch(), layers=["conv"], dataset=SlowToDie(broden), workers=1, batch_size=2,
+                              out=tmp_path / "out", reporters=["tally"])
+    no_results(tmp_path / "out")
+
+
+class KillsTheLoader(torch.nn.Module):
+    """A model that, in its first batch of two images, kills the loader's worker once the worker has sent the
+    next batches: the main process then fetches a batch from a worker that is going or gone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.killed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 2 and not self.killed:
+            self.killed = True
+            time.sleep(1)  # the worker sends the batches after this one meanwhile
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_worker_killed_with_batches_on_their_way_is_one_line(broden: Path, tmp_path: Path, attempt: int) -> None:
+    """Depending on how far the worker's death has gone when the next batch is fetched, torch finds it dead
+    or the batch's memory cannot be fetched from it (before: a ConnectionResetError traceback)."""
+    with within(120), pytest.raises(DissectionError, match=r"a data loading worker process died .*--workers 0"):
+        netdissection.dissect(KillsTheLoader(), layers=["conv"], dataset=BrodenDataset(broden), workers=1,
+                              batch_size=2, out=tmp_path / "out", reporters=["tally"])
     no_results(tmp_path / "out")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -202,21 +204,63 @@ def iterate(dataset: ConceptDataset, *, batch_size: int, workers: int, image: bo
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=lower_priority if workers > 0 else None,
     )
-    return _checked(iter(loader), skip_bad=skip_bad, log_skipped=log_skipped)
+    before = signal.getsignal(signal.SIGCHLD) if _may_set_signals(workers) else None
+    try:
+        batches = iter(loader)  # the workers start
+    except RuntimeError as exc:
+        error = worker_fault(exc, workers)
+        if error is None:
+            raise
+        raise error from None
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGCHLD, before)
+    return _checked(batches, skip_bad=skip_bad, log_skipped=log_skipped, workers=workers)
 
 
-def _checked(batches: Iterator[Batch], *, skip_bad: bool, log_skipped: bool) -> Generator[Batch, None, None]:
+def _may_set_signals(workers: int) -> bool:
+    """Whether the loader's start sets torch's SIGCHLD handler, which :func:`iterate` takes off again.
+
+    That handler raises the "DataLoader worker ... is killed" error asynchronously, wherever the main thread is
+    when a worker dies: in the middle of the forward pass, a cache write or an import — where a library may turn
+    it into something else (an import under way raises ImportError: "needs the package onnxruntime") or leave
+    its state half-changed. Without it the loader itself notices the death in ``next`` (it checks its workers
+    every few seconds while it waits), and :func:`_checked` says it in one line. torch sets no handler in a
+    thread other than the main one either."""
+    return (workers > 0 and hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGCHLD) is not None)
+
+
+def worker_fault(exc: BaseException, workers: int) -> DissectionError | None:
+    """The one-line error for a loader worker process that died — killed from outside (most often by the
+    kernel, out of memory) or crashed in native code — or None when ``exc`` is anything else.
+
+    torch says so with a ``RuntimeError`` naming the "DataLoader worker" when it finds the worker gone. A
+    worker that dies while the main process is fetching a batch it sent (a batch's memory comes by way of
+    the worker's own socket) shows instead as a broken connection, before torch can tell that the worker is
+    gone; with workers there is no other connection ``next`` could lose."""
+    if isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc):
+        what = first_line(exc)
+    elif workers > 0 and isinstance(exc, ConnectionError | EOFError):
+        what = f"a batch it sent could not be received: {type(exc).__name__}: {first_line(exc)}"
+    else:
+        return None
+    return DissectionError(f"a data loading worker process died ({what}); a sample may need more memory than is "
+                           "free: rerun with --workers 0 to see which")
+
+
+def _checked(batches: Iterator[Batch], *, skip_bad: bool, log_skipped: bool,
+             workers: int) -> Generator[Batch, None, None]:
     while True:
         try:
             batch = next(batches)
         except StopIteration:
             return
-        except RuntimeError as exc:
-            # A worker killed from outside (most often by the kernel, out of memory) or crashed in native code.
-            if "DataLoader worker" not in str(exc):
+        except (RuntimeError, ConnectionError, EOFError) as exc:
+            error = worker_fault(exc, workers)
+            if error is None:
                 raise
-            raise DissectionError(f"a data loading worker process died ({first_line(exc)}); a sample may need "
-                                  "more memory than is free: rerun with --workers 0 to see which") from None
+            raise error from None
         if batch.failures and not skip_bad:
             raise DissectionError(f"{batch.failures[0]} (pass --skip-bad to skip unreadable samples)")
         for message in batch.failures if log_skipped else ():
