@@ -209,6 +209,27 @@ def test_explanations_on_shards_equal_the_unsharded_run(ray_cluster: Any, concep
     assert summaries[1]["provenance"]["executor"]["shards"] == 3 and summaries[1]["seconds"]["explain"] > 0
 
 
+@pytest.mark.slow
+def test_runtime_auto_is_decided_once_for_every_shard(ray_cluster: Any, concept_set: Path, tmp_path: Path) -> None:
+    """--runtime auto on 3 shards: shard 0's backend decides on its first batch and every shard runs on its
+    choice (left to each shard's own timing, shards could differ, and the merged thresholds would mix two
+    runtimes' rounding); the run equals the unsharded run on that runtime byte for byte."""
+    auto = {**options("paper"), "backend_options": {"runtime": "auto"}}
+    netdissection.compare([MODEL], dataset=concept_set, store=False, out=tmp_path / "ray", executor="ray",
+                          executor_options={"shards": 3}, **auto)
+    sharded = tmp_path / "ray" / "runs" / "test_resnet"
+    provenance = json.loads((sharded / "summary.json").read_text())["provenance"]
+    details, executor = provenance["backend_details"], provenance["executor"]
+    chosen = details["runtime"]
+    assert details["runtime_requested"] == "auto" and set(details["runtime_seconds_per_batch"]) == {
+        "torch", "onnxruntime"}
+    assert executor["runtime_decided_by"] == "shard 0" and executor["shard_runtimes"] == [chosen] * 3
+    with torch_threads(1):
+        netdissection.compare([MODEL], dataset=concept_set, store=False, out=tmp_path / "local",
+                              **{**options("paper"), "backend_options": {"runtime": chosen}})
+    assert_same_run(sharded, tmp_path / "local" / "runs" / "test_resnet")
+
+
 def kill_shard(ray: Any, shard: int, *, wait: bool) -> None:
     """Kill the process of the worker of ``shard`` (``ray.kill``, restart allowed, as a crash would end it);
     with ``wait``, until Ray has restarted it."""

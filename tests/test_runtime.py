@@ -238,6 +238,30 @@ def test_auto_without_onnxruntime_runs_on_torch(monkeypatch: pytest.MonkeyPatch)
         TorchvisionBackend("resnet18", BackendOptions(runtime="onnxruntime"))
 
 
+@pytest.mark.parametrize("decided", ["onnxruntime", "torch"])
+def test_auto_runs_on_what_another_process_decided(monkeypatch: pytest.MonkeyPatch, decided: str) -> None:
+    """A sharded run decides ``auto`` once: a backend that adopts the decision times nothing (whatever this
+    process would have found faster), runs on that runtime with torch's maps and records who decided."""
+    monkeypatch.setattr(runtime_module, "AUTO_MARGIN", 1e9 if decided == "torch" else 0.0)  # its own pick: the other
+    measured = {"torch": 0.5, "onnxruntime": 0.25}
+    auto = TorchvisionBackend("resnet18", BackendOptions(runtime="auto"))
+    auto.adopt_runtime({"runtime": decided, "runtime_seconds_per_batch": measured}, "shard 0")
+    eager = TorchvisionBackend("resnet18", BackendOptions())
+    for n, seed in ((4, 0), (3, 1)):
+        x = images(n, seed=seed)
+        assert_same_maps(auto.activations(x, ["layer4"]), eager.activations(x, ["layer4"]))
+    details = auto.describe()
+    assert details["runtime"] == decided and details["runtime_requested"] == "auto"
+    assert details["runtime_seconds_per_batch"] == measured and details["runtime_decided_by"] == "shard 0"
+    assert bool(auto.runtime._graphs) == (decided == "onnxruntime")
+    # Asked for by name, a runtime is not another process's to change.
+    named = TorchvisionBackend("resnet18", BackendOptions(runtime="torch"))
+    named.adopt_runtime({"runtime": "onnxruntime"}, "shard 0")
+    assert named.describe()["runtime"] == "torch" and "runtime_decided_by" not in named.describe()
+    with pytest.raises(DissectionError, match="--runtime auto was decided as 'tensorrt' by shard 0"):
+        auto.adopt_runtime({"runtime": "tensorrt"}, "shard 0")
+
+
 def test_compare_takes_the_runtime(run_cli, tmp_path: Path, concept_set: Path) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run_cli("compare", "resnet18", "--dataset", concept_set, "--layer", "layer4", "--runtime",
                            "onnxruntime", "--batch-size", "12", "--workers", "0", "--store", tmp_path / "store",

@@ -25,7 +25,10 @@ class Backend(Protocol):
     Optional: ``runtimes``, the names ``--runtime`` may give it (``BackendOptions.runtime``; e.g. torch,
     onnxruntime, auto). A backend without it runs on its own runtime and ``--runtime`` is refused for it.
     ``describe()`` is asked again after the passes: a backend may record there what it decided while it ran
-    (the runtime ``auto`` chose).
+    (the runtime ``auto`` chose). With ``runtimes``, optional too: ``adopt_runtime(decided, by)``, which runs
+    ``auto`` on what another process decided (``decided``: the ``runtime`` and ``runtime_seconds_per_batch``
+    of that backend's ``describe()``; ``by``: where, recorded) instead of deciding here: a sharded run decides
+    once, on its first shard, so that every shard's maps have the same float rounding.
 
     Optional: ``release()``, called once ``netdissection.dissect`` is done with the backend (whatever the
     outcome): undo what the run did to a model the caller keeps (the torch backends unfold its batch norms and

@@ -278,6 +278,21 @@ class ShardRunner:
             self.progress.finish()
         return ActivationPartial(layers, images, skipped, tuple(sorted(failures)))
 
+    def first_forward(self) -> bool:
+        """One forward pass over the shard's first batch, its maps dropped: what a backend decides on its first
+        batch (``--runtime auto``) is decided now, before the activation pass, which runs that batch again.
+        False when none of the batch's images could be read (the activation pass says which)."""
+        plan = self.plan
+        first = self.indices[:plan.batch_size]
+        batches = loading.iterate(plan.dataset, batch_size=plan.batch_size, workers=0, image=True, labels=False,
+                                  skip_bad=True, indices=first, log_skipped=False)
+        batch = next(batches, None)
+        batches.close()
+        if batch is None or batch.images is None:
+            return False
+        self._maps(batch.images, plan.layers)
+        return True
+
     def _worth_keeping(self, name: str, rule: ThresholdRule, peaks: torch.Tensor) -> torch.Tensor | None:
         """``(N, units)``: which maps (by their ``peaks``) the cache must keep: all but those whose peak is below
         a bound the rule knows its threshold will reach (None: all). The largest bound used is kept, for

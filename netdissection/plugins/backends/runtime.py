@@ -25,7 +25,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -106,6 +106,7 @@ class RuntimeForward:
         #: the runtime in use: decided on the first batch under ``auto``
         self.chosen: str | None = None if self.requested == "auto" else self.requested
         self.measured: dict[str, float] = {}  # seconds a batch, per runtime, when ``auto`` timed them
+        self.decided_by: str | None = None  # where ``auto`` was decided, when not here (see ``adopt``)
         self._graphs: dict[tuple[str, ...], _Graph] = {}
         if self.requested == "onnxruntime":
             self._providers()  # a missing extra or CUDA provider is an error before any pass
@@ -115,6 +116,27 @@ class RuntimeForward:
             except DissectionError as exc:  # MissingExtraError too: auto then has one runtime to choose
                 log.info("%s: --runtime auto runs the forward pass on torch (%s)", model_name, exc)
                 self.chosen = "torch"
+
+    def adopt(self, decided: Mapping[str, Any], by: str) -> None:
+        """Under ``auto``: run on what another process decided (``decided``: the ``runtime`` and
+        ``runtime_seconds_per_batch`` of its ``describe()``) instead of timing a batch here. A sharded run
+        decides once, so that every shard's maps have the same float rounding; ``by`` says where (recorded).
+        Another runtime than ``auto`` was asked for: nothing to adopt."""
+        if self.requested != "auto":
+            return
+        chosen = decided.get("runtime")
+        if chosen not in ("torch", "onnxruntime"):
+            raise DissectionError(f"--runtime auto was decided as {chosen!r} by {by}, which no torch backend runs")
+        if chosen == "onnxruntime":
+            try:
+                self._providers()
+            except DissectionError as exc:
+                raise DissectionError(f"--runtime auto chose onnxruntime on {by}, but it cannot run here ({exc}); "
+                                      "install the same extras everywhere, or pass --runtime torch") from None
+        self.chosen, self.decided_by = chosen, by
+        self.measured = {str(k): float(v) for k, v in (decided.get("runtime_seconds_per_batch") or {}).items()}
+        if chosen == "torch":
+            self._graphs.clear()
 
     # ---- what the run records
 
@@ -131,6 +153,8 @@ class RuntimeForward:
             details["runtime_requested"] = self.requested
         if self.measured:
             details["runtime_seconds_per_batch"] = {k: round(v, 4) for k, v in self.measured.items()}
+        if self.decided_by is not None:
+            details["runtime_decided_by"] = self.decided_by
         if (self.chosen or self.requested) == "onnxruntime":
             import onnxruntime
 

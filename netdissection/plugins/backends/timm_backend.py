@@ -28,7 +28,7 @@ import os
 import socket
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -309,6 +309,10 @@ class TimmBackend:
         if self._channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.runtime(images, layers)
+
+    def adopt_runtime(self, decided: Mapping[str, Any], by: str) -> None:
+        """``--runtime auto`` as another process decided it (see ``Backend.adopt_runtime``)."""
+        self.runtime.adopt(decided, by)
 
     def _forward(self, images: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """The maps of ``layers`` from one forward pass (traceable: the onnxruntime runtime exports it)."""

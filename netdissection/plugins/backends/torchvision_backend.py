@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +125,10 @@ class TorchvisionBackend:
 
     def layers(self) -> list[LayerInfo]:
         return list(self.infos)
+
+    def adopt_runtime(self, decided: Mapping[str, Any], by: str) -> None:
+        """``--runtime auto`` as another process decided it (see ``Backend.adopt_runtime``)."""
+        self.runtime.adopt(decided, by)
 
     def release(self) -> None:
         """The run is over: the model gets its batch norms back (folded into its convolutions for the run) and

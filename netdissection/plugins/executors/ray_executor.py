@@ -246,28 +246,41 @@ class ShardWorker:
                                   "needs the same dataset at the same path")
         self.runner = ShardRunner(self.prepared.plan, self.prepared.spec, indices)
 
-    def _ready(self) -> None:
+    def _ready(self, runtime: Mapping[str, Any] | None) -> None:
         if self.error is not None:
             raise self.error
         if not self.read:  # a restarted worker: read the shard again before answering
-            self.runner.activation_pass()
-            self.read = True
+            self.activation_pass(runtime)
 
-    def activation_pass(self) -> Any:
+    def decide_runtime(self) -> dict[str, Any]:
+        """The first shard, under ``--runtime auto``: its backend decides on the shard's first batch, and what
+        it chose (its ``describe()``) goes to every shard's ``activation_pass``."""
         if self.error is not None:
             raise self.error
+        self.runner.first_forward()
+        return dict(self.prepared.plan.backend.describe())
+
+    def activation_pass(self, runtime: Mapping[str, Any] | None = None) -> Any:
+        """The shard's activation partial; ``runtime``: what :meth:`decide_runtime` answered, when the run
+        decides ``--runtime auto`` once (every call that may be a restarted worker's first carries it)."""
+        if self.error is not None:
+            raise self.error
+        adopt = getattr(self.prepared.plan.backend, "adopt_runtime", None)
+        if runtime is not None and callable(adopt):
+            adopt(runtime, "shard 0")
         partial = self.runner.activation_pass()
         self.read = True
         return partial
 
-    def threshold_round(self, states: Mapping[str, ThresholdRule]) -> dict[str, ThresholdRule]:
-        self._ready()
+    def threshold_round(self, states: Mapping[str, ThresholdRule],
+                        runtime: Mapping[str, Any] | None = None) -> dict[str, ThresholdRule]:
+        self._ready(runtime)
         return self.runner.threshold_round(states)
 
     def iou_pass(self, thresholds: Mapping[str, np.ndarray], accumulator: Callable[..., Any] | None = None,
-                 stage: str = "IoU") -> Any:
+                 stage: str = "IoU", runtime: Mapping[str, Any] | None = None) -> Any:
         """The shard's counts; with an ``accumulator`` factory (an explainer's read), its partial instead."""
-        self._ready()
+        self._ready(runtime)
         if accumulator is not None:
             return self.runner.iou_pass(thresholds, accumulator, stage)
         resampling = self.prepared.plan.bootstrap
@@ -397,7 +410,8 @@ class _Job:
         seconds: dict[str, float] = {"workers": time.perf_counter() - self.began}
 
         begun = time.perf_counter()
-        activations = merge_all(self.gather("activation_pass", (), "activations", sizes))
+        runtime = self.decide_runtime(sizes)
+        activations = merge_all(self.gather("activation_pass", (runtime,), "activations", sizes))
         seconds["activations"] = time.perf_counter() - begun
         if activations.images == 0:
             raise DissectionError("no image of the concept dataset could be loaded")
@@ -405,14 +419,14 @@ class _Job:
         begun = time.perf_counter()
 
         def read(states: dict[str, ThresholdRule]) -> list[dict[str, ThresholdRule]]:
-            return self.gather("threshold_round", (ray.put(states),), "thresholds", sizes)
+            return self.gather("threshold_round", (ray.put(states), runtime), "thresholds", sizes)
 
         thresholds = settle_thresholds(activations, read)
         seconds["thresholds"] = time.perf_counter() - begun
 
         begun = time.perf_counter()
         sent = ray.put(thresholds)  # for the IoU pass and every read of an explainer's
-        counts = merge_all(self.gather("iou_pass", (sent,), "IoU", sizes))
+        counts = merge_all(self.gather("iou_pass", (sent, None, "IoU", runtime), "IoU", sizes))
         seconds["iou"] = time.perf_counter() - begun
         seconds["passes"] = seconds["activations"] + seconds["thresholds"] + seconds["iou"]
 
@@ -425,7 +439,7 @@ class _Job:
             def again(factory: Callable[..., Any], stage: str = "explain") -> Any:
                 # Each read is the IoU pass again in every shard, into the explainer's accumulators (which
                 # travel to the workers pickled), their partials merged here as a local run merges its shards'.
-                return merge_all(self.gather("iou_pass", (sent, factory, stage), stage, sizes))
+                return merge_all(self.gather("iou_pass", (sent, factory, stage, runtime), stage, sizes))
 
             for name, rows in run_explainer(explainer, results, again).items():
                 results[name].explanations = list(rows)
@@ -452,8 +466,9 @@ class _Job:
             "cluster": {k: v for k, v in self.cluster.info.items() if k not in ("node_cpus", "node_gpus")},
             "shard_nodes": [a["node"] for a in about],
             "restarted_shards": [i for i, a in enumerate(about) if a["restarted"]],
-            # Each shard's backend decides --runtime auto for itself, on its own first batch.
+            # What each shard's backend ran on: under --runtime auto, what shard 0 decided on its first batch.
             "shard_runtimes": [(a["provenance"].get("backend_details") or {}).get("runtime") for a in about],
+            **({"runtime_decided_by": "shard 0"} if runtime is not None else {}),
         }
         from ...core.skipped import skipped_samples
 
@@ -461,12 +476,25 @@ class _Job:
                          dataset=self.dataset, plugin_errors=[],
                          skipped=skipped_samples(self.dataset, activations.failures))  # --skip-bad, all shards
 
-    def gather(self, method: str, args: tuple[Any, ...], shown: str, sizes: Sequence[int]) -> list[Any]:
-        """Call ``method`` on every shard's worker; their answers in shard order. The pass ``shown`` (if any)
-        counts each shard's images as its answer arrives; a shard's error is raised as the error it is."""
+    def decide_runtime(self, sizes: Sequence[int]) -> dict[str, Any] | None:
+        """Under ``--runtime auto`` on several shards: what the first shard's backend decides on its first batch
+        (its ``describe()``), for every shard to run on; None when each shard runs what was asked for. Left to
+        each shard, the choice could differ between them (it is timed), and the merged thresholds would then mix
+        two runtimes' float rounding."""
+        if len(self.actors) < 2 or (self.job.backend_options or {}).get("runtime") != "auto":
+            return None
+        return self.gather("decide_runtime", (), "", sizes, shards=[0])[0]
+
+    def gather(self, method: str, args: tuple[Any, ...], shown: str, sizes: Sequence[int],
+               shards: Sequence[int] | None = None) -> list[Any]:
+        """Call ``method`` on every shard's worker (or those of ``shards``); their answers in shard order. The
+        pass ``shown`` (if any) counts each shard's images as its answer arrives; a shard's error is raised as
+        the error it is."""
         import ray
 
-        calls = [getattr(actor, method).remote(*args) for actor in self.actors]
+        actors = self.actors if shards is None else [self.actors[i] for i in shards]
+        sizes = sizes if shards is None else [sizes[i] for i in shards]
+        calls = [getattr(actor, method).remote(*args) for actor in actors]
         if shown:
             self.shown.show(self.index, lambda progress: progress.start(shown, sum(sizes)))
         waiting = {ref: i for i, ref in enumerate(calls)}
