@@ -652,8 +652,13 @@ def main(argv: Sequence[str] | None = None, *, plugins: Sequence[Any] = ()) -> N
         err_console.print(INTERRUPTED)
         sys.exit(130)
     except OSError as exc:
+        from .core.descriptors import is_out_of_descriptors, out_of_descriptors
         from .core.space import is_disk_full
 
+        if is_out_of_descriptors(exc):  # wherever it happened (the workers' own say more: see core.loading)
+            err_console.print(f"[bold red]error:[/] {escape(str(out_of_descriptors('the run')))}", highlight=False,
+                              soft_wrap=True)
+            sys.exit(2)
         if not is_disk_full(exc):
             raise
         # Where the run did not say which folder filled up (each place that writes results does): still one line.

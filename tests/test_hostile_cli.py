@@ -271,3 +271,38 @@ def test_errors_through_the_installed_command(model: Path, broden: Path, tmp_pat
                               capture_output=True, text=True, timeout=300)
     assert_one_line_error(proc.returncode, proc.stderr, "img000_object.png", "decompression bomb")
     no_results(tmp_path / "out")
+
+
+def _open_files_limit(limit: int) -> Any:
+    """A ``preexec_fn``: the child process may open at most ``limit`` files (as ``ulimit -n`` says)."""
+    import resource
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return limited
+
+
+def test_running_out_of_file_descriptors_is_one_line_or_a_complete_run(model: Path, broden: Path,
+                                                                       tmp_path: Path) -> None:
+    """Under a low ``ulimit -n`` the loader's workers (each batch they hand over travels as a file descriptor)
+    or the run itself is refused a descriptor: one line naming the limit and the fix, and no results; before,
+    torch's or multiprocessing's tracebacks, from the workers' threads too. A limit the run fits in is a
+    complete run. (Without ``--no-store``, a run refused as its workers start may leave its staging folder
+    behind, which the next run removes, as it removes what a killed run left.)"""
+    outcomes = []
+    for limit in (12, 16, 20, 24, 32, 64):
+        out = tmp_path / f"out{limit}"
+        proc = subprocess.run([sys.executable, "-m", "netdissection.cli", str(model), "--dataset", str(broden),
+                               "--out", str(out), "--workers", "2", "--batch-size", "1", "--report", "tally",
+                               "--no-store"],
+                              capture_output=True, text=True, timeout=300, preexec_fn=_open_files_limit(limit))
+        if proc.returncode == 0:
+            assert (out / "summary.json").is_file(), proc.stderr
+            outcomes.append("ran")
+            continue
+        assert_one_line_error(proc.returncode, proc.stderr, "ran out of file descriptors",
+                              f"this process may have {limit} open files", "ulimit -n 4096")
+        no_results(out)
+        outcomes.append("refused")
+    assert outcomes[0] == "refused" and outcomes[-1] == "ran", outcomes

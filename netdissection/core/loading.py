@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .descriptors import RAISE_IT, is_out_of_descriptors, out_of_descriptors
 from .errors import DissectionError, first_line
 from .packing import packed, unpacked
 from .protocols import ConceptDataset
@@ -177,6 +178,25 @@ def lower_priority(_worker: int = 0) -> None:
             log.debug("loader worker left at its priority: %s", exc)
 
 
+def start_worker(_worker: int = 0) -> None:
+    """The DataLoader's ``worker_init_fn``: :func:`lower_priority`, and a batch that cannot be handed over
+    left for the main process to report (see :func:`worker_fault`).
+
+    Out of file descriptors, multiprocessing's sending threads in the worker print a traceback of their own
+    (its queue's feeder through ``Queue._on_queue_feeder_error``, its handle server through
+    ``sys.excepthook``) before the main process finds out; here they go to the debug log instead."""
+    import multiprocessing.queues
+    import sys
+
+    lower_priority()
+
+    def logged(exc: BaseException, _obj: object = None) -> None:
+        log.debug("a loader worker could not hand a batch over: %s", first_line(exc))
+
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(logged)  # type: ignore[method-assign]
+    sys.excepthook = lambda _type, value, _traceback: logged(value)
+
+
 def default_workers() -> int:
     """Worker processes for decoding: one fewer than the cores, at least one, at most four."""
     return max(1, min(4, (os.cpu_count() or 2) - 1))
@@ -202,15 +222,17 @@ def iterate(dataset: ConceptDataset, *, batch_size: int, workers: int, image: bo
         collate_fn=functools.partial(_collate, dataset=dataset, prepare=prepare),
         pin_memory=pin_memory,
         prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=lower_priority if workers > 0 else None,
+        worker_init_fn=start_worker if workers > 0 else None,
     )
     before = signal.getsignal(signal.SIGCHLD) if _may_set_signals(workers) else None
     try:
         batches = iter(loader)  # the workers start
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:  # OSError: no descriptor left for a worker's pipes
         error = worker_fault(exc, workers)
         if error is None:
             raise
+        # From the handler: the loader's half-started iterator stays with the original exception, whose
+        # end would run torch's clean-up of it, which fails on a half-built one with a traceback of its own.
         raise error from None
     finally:
         if before is not None:
@@ -233,12 +255,15 @@ def _may_set_signals(workers: int) -> bool:
 
 def worker_fault(exc: BaseException, workers: int) -> DissectionError | None:
     """The one-line error for a loader worker process that died — killed from outside (most often by the
-    kernel, out of memory) or crashed in native code — or None when ``exc`` is anything else.
+    kernel, out of memory) or crashed in native code — or that can no longer hand its batches over (the
+    process is out of file descriptors: torch's message says so), or None when ``exc`` is anything else.
 
     torch says so with a ``RuntimeError`` naming the "DataLoader worker" when it finds the worker gone. A
     worker that dies while the main process is fetching a batch it sent (a batch's memory comes by way of
     the worker's own socket) shows instead as a broken connection, before torch can tell that the worker is
     gone; with workers there is no other connection ``next`` could lose."""
+    if is_out_of_descriptors(exc):  # each batch a worker hands over travels as a file descriptor
+        return out_of_descriptors("the data loading workers", f"{RAISE_IT} or rerun with --workers 0")
     if isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc):
         what = first_line(exc)
     elif workers > 0 and isinstance(exc, ConnectionError | EOFError):
@@ -256,7 +281,7 @@ def _checked(batches: Iterator[Batch], *, skip_bad: bool, log_skipped: bool,
             batch = next(batches)
         except StopIteration:
             return
-        except (RuntimeError, ConnectionError, EOFError) as exc:
+        except (RuntimeError, OSError, EOFError) as exc:  # OSError: ConnectionError, EMFILE
             error = worker_fault(exc, workers)
             if error is None:
                 raise
