@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,19 +165,27 @@ class SlowToDie(BrodenDataset):
         return super().load(index, image=image, labels=labels)
 
 
-class SlowFirstBatch(torch.nn.Module):
-    """A model whose first batch of two images takes three seconds."""
+class OnFirstBatch(torch.nn.Module):
+    """A one-convolution model that, in its first batch of two images, first does ``action`` (once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, action: Callable[[], None]) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-        self.waited = False
+        self.action = action
+        self.done = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 2 and not self.waited:
-            self.waited = True
-            time.sleep(3)
+        if x.shape[0] == 2 and not self.done:
+            self.done = True
+            self.action()
         return self.conv(x)
+
+
+def kill_the_workers() -> None:
+    """Kill the loader's workers a second on: they send the batches after the one running meanwhile."""
+    time.sleep(1)
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
 
 
 def test_a_worker_killed_while_the_model_runs_is_one_line(broden: Path, tmp_path: Path) -> None:
@@ -184,35 +193,18 @@ def test_a_worker_killed_while_the_model_runs_is_one_line(broden: Path, tmp_path
     before, torch's SIGCHLD handler raised its error right there, and it came out as a traceback (or, in the
     middle of an import, as another error)."""
     with within(120), pytest.raises(DissectionError, match=r"a data loading worker process died .*--workers 0"):
-        netdissection.dissect(SlowFirstBatch(), layers=["conv"], dataset=SlowToDie(broden), workers=1, batch_size=2,
-                              out=tmp_path / "out", reporters=["tally"])
+        netdissection.dissect(OnFirstBatch(lambda: time.sleep(3)), layers=["conv"], dataset=SlowToDie(broden),
+                              workers=1, batch_size=2, out=tmp_path / "out", reporters=["tally"])
     no_results(tmp_path / "out")
-
-
-class KillsTheLoader(torch.nn.Module):
-    """A model that, in its first batch of two images, kills the loader's worker once the worker has sent the
-    next batches: the main process then fetches a batch from a worker that is going or gone."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-        self.killed = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 2 and not self.killed:
-            self.killed = True
-            time.sleep(1)  # the worker sends the batches after this one meanwhile
-            for child in multiprocessing.active_children():
-                os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        return self.conv(x)
 
 
 @pytest.mark.parametrize("attempt", range(3))
 def test_a_worker_killed_with_batches_on_their_way_is_one_line(broden: Path, tmp_path: Path, attempt: int) -> None:
-    """Depending on how far the worker's death has gone when the next batch is fetched, torch finds it dead
-    or the batch's memory cannot be fetched from it (before: a ConnectionResetError traceback)."""
+    """The model kills the loader's worker in its first batch, once the worker has sent the next batches:
+    depending on how far the worker's death has gone when the next batch is fetched, torch finds it dead or the
+    batch's memory cannot be fetched from it (before: a ConnectionResetError traceback)."""
     with within(120), pytest.raises(DissectionError, match=r"a data loading worker process died .*--workers 0"):
-        netdissection.dissect(KillsTheLoader(), layers=["conv"], dataset=BrodenDataset(broden), workers=1,
+        netdissection.dissect(OnFirstBatch(kill_the_workers), layers=["conv"], dataset=BrodenDataset(broden), workers=1,
                               batch_size=2, out=tmp_path / "out", reporters=["tally"])
     no_results(tmp_path / "out")
 
