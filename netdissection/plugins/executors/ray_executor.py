@@ -254,11 +254,12 @@ class ShardWorker:
 
     def decide_runtime(self) -> dict[str, Any]:
         """The first shard, under ``--runtime auto``: its backend decides on the shard's first batch, and what
-        it chose (its ``describe()``) goes to every shard's ``activation_pass``."""
+        it chose (of its ``describe()``, what ``adopt_runtime`` reads) goes to every shard's ``activation_pass``."""
         if self.error is not None:
             raise self.error
         self.runner.first_forward()
-        return dict(self.prepared.plan.backend.describe())
+        described = self.prepared.plan.backend.describe()
+        return {key: described[key] for key in ("runtime", "runtime_seconds_per_batch") if key in described}
 
     def activation_pass(self, runtime: Mapping[str, Any] | None = None) -> Any:
         """The shard's activation partial; ``runtime``: what :meth:`decide_runtime` answered, when the run
