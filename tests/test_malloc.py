@@ -50,3 +50,34 @@ def test_a_tuned_process_reuses_a_batch_sized_block() -> None:
 ])
 def test_the_users_own_setting_stands(environ: dict[str, str], tuned: bool) -> None:
     assert malloc.user_tuned(environ) is tuned
+
+
+# A tuned process frees 200 MB of small blocks (the heap keeps them, within its trim threshold); prints its
+# resident anonymous memory then, and after batches_done().
+GIVE_BACK = """
+import sys
+from netdissection.core import malloc
+def anon():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon")) >> 10
+assert malloc.tune_for_batches()
+blocks = [bytearray(b"x" * 100_000) for _ in range(2_000)]
+del blocks
+held = anon()
+assert malloc.batches_done()
+print(held, anon())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or malloc.user_tuned(), reason="glibc's allocator only")
+def test_after_the_batches_a_tuned_process_gives_its_free_pages_back() -> None:
+    out = subprocess.run([sys.executable, "-c", GIVE_BACK], capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin"})
+    held, after = map(int, out.stdout.split())
+    assert held - after >= 150, (held, after)  # MB
+
+
+def test_an_untuned_process_is_left_as_it_is() -> None:
+    # The library's callers own their processes: only the command that tuned its allocator trims it.
+    out = subprocess.run([sys.executable, "-c", "from netdissection.core import malloc; print(malloc.batches_done())"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

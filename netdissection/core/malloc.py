@@ -11,6 +11,10 @@ RSS 2–5% higher (the heap keeps what it once held).
 
 Only the ``dissect`` command sets it (the process is then ours); the library never does. Anything set by
 the user (``GLIBC_TUNABLES`` naming a malloc tunable, or a ``MALLOC_*_`` variable) is left as it is.
+
+Once the batches are over, what the heap kept for them is given back (:func:`batches_done`): the reports
+that follow allocate differently (decoded top images, Python objects of matplotlib's import in arenas of
+their own), and on top of a heap still holding the passes' free pages they would raise the run's peak.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ M_MMAP_MAX = -4
 
 #: Free bytes the heap may keep at its top before giving them back.
 TRIM_THRESHOLD = 256 * 2**20
+
+
+_tuned = False  # set by tune_for_batches in this process
 
 
 def user_tuned(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
@@ -49,4 +56,20 @@ def tune_for_batches() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     done = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     log.debug("glibc malloc: every block from the heap, %d MiB kept free: %s", TRIM_THRESHOLD >> 20, done)
+    global _tuned
+    _tuned = done
     return done
+
+
+def batches_done() -> bool:
+    """After the last batch of a process tuned by :func:`tune_for_batches`: give the free pages its heap kept
+    back to the kernel (``malloc_trim``), so that what runs next grows from the memory in use, not from the
+    passes' high-water mark. True when done; nothing in a process that was not tuned (the library's callers'
+    processes are theirs)."""
+    if not _tuned:
+        return False
+    trim = ctypes.CDLL(None).malloc_trim
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    released = trim(0) == 1
+    log.debug("glibc malloc: the heap's free pages given back after the batches: %s", released)
+    return True

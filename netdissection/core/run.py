@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import malloc
 from .errors import DissectionError, UnknownNameError
 from .explain import ExplainerChoice, check_explainer, check_units, run_explainer
 from .locks import locks_folder
@@ -341,6 +342,7 @@ def run_dissection(
                            dataset=dataset, plugin_errors=events.failures(), skipped=skipped)
         if out is not None:
             started = time.perf_counter()
+            malloc.batches_done()  # the reports grow from the memory in use, not from the passes' peak
             write_results(result, Path(out), writers, events)
             seconds["reports"] = time.perf_counter() - started
     except BaseException as exc:
