@@ -383,17 +383,24 @@ def test_layer_accumulators_see_every_map_and_merge(broden: Path) -> None:
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_the_model_runs_a_batch_in_chunks_with_the_same_results(broden: Path, chunk: int) -> None:
+@pytest.mark.parametrize("chunked_by", ["scheduler", "backend"])
+def test_the_model_runs_a_batch_in_chunks_with_the_same_results(broden: Path, chunk: int, chunked_by: str) -> None:
     """The model sees each batch ``forward_chunk`` images at a time (what a CPU run does to bound the model's
-    own memory): the chunks' maps are the batch's maps, so the results are those of one forward pass per batch,
-    byte for byte (a model whose maps do not depend on the batch), in every pass that runs the model."""
+    own memory), split by the scheduler or by a backend that takes whole batches: the chunks' maps are the
+    batch's maps, so the results are those of one forward pass per batch, byte for byte (a model whose maps do
+    not depend on the batch), in every pass that runs the model."""
     whole, _, _ = run_passes(*plan_for(elementwise_model(), broden, "paper", forward_chunk=BATCH, cache="recompute"))
-    plan, spec = plan_for(elementwise_model(), broden, "paper", forward_chunk=chunk, cache="recompute")
+    model = elementwise_model()
+    plan, spec = plan_for(model, broden, "paper", forward_chunk=chunk, cache="recompute")
+    if chunked_by == "scheduler":
+        plan.backend.take_whole_batches = lambda batch, chunk: False  # type: ignore[attr-defined]
     sizes: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: sizes.append(len(args[0])))
+    given: list[int] = []
     activations = plan.backend.activations
 
     def counted(images: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
-        sizes.append(len(images))
+        given.append(len(images))
         return activations(images, layers)
 
     plan.backend.activations = counted  # type: ignore[method-assign]
@@ -401,6 +408,7 @@ def test_the_model_runs_a_batch_in_chunks_with_the_same_results(broden: Path, ch
     assert_same_results(chunked, whole)
     # Batches of 4 in chunks (3 and 1, or ones), in the activation pass, the IoU pass and any read between them.
     assert max(sizes) == chunk and sum(sizes) % 20 == 0 and sum(sizes) >= 2 * 20
+    assert max(given) == (chunk if chunked_by == "scheduler" else BATCH)
 
 
 def test_forward_chunks_by_device(broden: Path) -> None:

@@ -30,6 +30,12 @@ class Backend(Protocol):
     of that backend's ``describe()``; ``by``: where, recorded) instead of deciding here: a sharded run decides
     once, on its first shard, so that every shard's maps have the same float rounding.
 
+    Optional: ``take_whole_batches(batch, chunk) -> bool``, asked once per run on a device where the scheduler
+    would split each batch (a CPU: ``chunk`` images at a time, to bound the forward pass's memory). A backend
+    that answers True is then given whole batches of up to ``batch`` images and bounds its memory itself, to that
+    of ``chunk`` images in its largest layers: free to run its later, smaller layers on the whole batch (the
+    torch backends do where that computes the same maps). Without it, or False: chunks.
+
     Optional: ``release()``, called once ``netdissection.dissect`` is done with the backend (whatever the
     outcome): undo what the run did to a model the caller keeps (the torch backends unfold its batch norms and
     give each module its mode back).

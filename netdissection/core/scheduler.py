@@ -226,6 +226,7 @@ class ShardRunner:
         self._cache_dir, self._cache_bytes = Path(tempfile.gettempdir()), 0  # where the cache goes, its size
         #: True when the reads after the activation pass recompute the maps (decided on its first batch).
         self.recompute = False
+        self._whole_batches: bool | None = None  # whether the backend takes whole batches (asked once)
 
     def __enter__(self) -> ShardRunner:
         return self
@@ -438,9 +439,10 @@ class ShardRunner:
     def _maps(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         """One forward pass: each layer's float maps ``(N, U, h, w)``, transformed where the plan says. The
         model sees the batch ``forward_chunk(plan)`` images at a time (see ``CPU_FORWARD_CHUNK``); the chunks'
-        maps are written into one batch of maps."""
+        maps are written into one batch of maps. A backend that takes whole batches chunks them itself (its late
+        layers may then run the whole batch at once)."""
         chunk = forward_chunk(self.plan)
-        if len(images) <= chunk:
+        if len(images) <= chunk or self._takes_whole_batches(chunk):
             return self._chunk_maps(images, layers)
         maps: dict[str, torch.Tensor] = {}
         for start in range(0, len(images), chunk):
@@ -455,6 +457,14 @@ class ShardRunner:
                         "how many images it runs at once")
                 maps[name][start:start + len(acts)].copy_(acts)
         return maps
+
+    def _takes_whole_batches(self, chunk: int) -> bool:
+        """Whether the backend bounds its forward pass's memory to ``chunk`` images itself and so takes whole
+        batches (``Backend.take_whole_batches``, optional; asked once)."""
+        if self._whole_batches is None:
+            take = getattr(self.plan.backend, "take_whole_batches", None)
+            self._whole_batches = callable(take) and bool(take(self.plan.batch_size, chunk))
+        return self._whole_batches
 
     def _chunk_maps(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         plan = self.plan

@@ -108,6 +108,9 @@ class RuntimeForward:
         self.measured: dict[str, float] = {}  # seconds a batch, per runtime, when ``auto`` timed them
         self.decided_by: str | None = None  # where ``auto`` was decided, when not here (see ``adopt``)
         self._graphs: dict[tuple[str, ...], _Graph] = {}
+        #: At most this many images at once on onnxruntime (set by a backend that takes whole batches; the
+        #: torch forward it was given chunks them itself).
+        self.chunk: int | None = None
         if self.requested == "onnxruntime":
             self._providers()  # a missing extra or CUDA provider is an error before any pass
         elif self.requested == "auto":
@@ -166,7 +169,15 @@ class RuntimeForward:
     # ---- the forward pass
 
     def __call__(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        from .late_layers import gathered
+
         names = tuple(dict.fromkeys(layers))
+        if self.chunk is not None and len(images) > self.chunk and self.chosen != "torch":
+            # onnxruntime, or auto still deciding: a chunk at a time (torch's forward chunks a batch itself)
+            return gathered((self._one(part, names) for part in images.split(self.chunk)), len(images))
+        return self._one(images, names)
+
+    def _one(self, images: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         if self.chosen == "torch":
             return self._torch(images, names)
         graph = self._graph(names, images)
@@ -187,7 +198,7 @@ class RuntimeForward:
             started = time.perf_counter()
             maps = self._run(graph, images, names)
             ort_seconds = time.perf_counter() - started
-            mismatch = _mismatch(maps, reference)
+            mismatch = maps_mismatch(maps, reference)
         except DissectionError as exc:
             mismatch = str(exc)
         if mismatch and graph.batch is None:  # a graph traced with the batch size as a constant: one per size
@@ -249,7 +260,7 @@ class RuntimeForward:
         if not self._folding.fold(pairs, keep=names):
             return self.forward(images, names)
         maps = self.forward(images, names)
-        mismatch = _mismatch({k: v[:len(few)] for k, v in maps.items()}, reference)
+        mismatch = maps_mismatch({k: v[:len(few)] for k, v in maps.items()}, reference)
         if not mismatch:
             log.debug("%s: %d batch norms folded into their convolutions", self.model_name,
                       len(self._folding.folds))
@@ -369,7 +380,7 @@ def _stdout_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _mismatch(maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str:
+def maps_mismatch(maps: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str:
     """Why two runs' maps are not the same maps up to float rounding ("" when they are): each within
     ``CHECK_TOLERANCE`` of its largest magnitude."""
     for name, expected in reference.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import warnings
 import zipfile
@@ -17,7 +18,11 @@ from torch import nn
 from ...core.errors import DissectionError, first_line
 from ...core.limits import check_inflation
 from ...core.types import LayerInfo
+from .late_layers import CHAIN_CHECK_IMAGES, Chain, Probe, find_chain, gathered, within
 from .layouts import ATTENTION_LAYOUT, VECTOR_LAYOUT, Layout, attention_probabilities, detect, token_hints
+from .runtime import maps_mismatch
+
+log = logging.getLogger(__name__)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -235,15 +240,22 @@ class HookedModel:
         #: modules whose output the model changes in place after it is made (``out += identity``, an in-place
         #: ReLU): a captured output of theirs is copied the moment it is made.
         self.changed_later: set[str] = set()
+        #: what the probe saw of every module (order, calls, sizes), for :mod:`.late_layers`
+        self.probe = Probe(calls=self.calls)
+        #: set by :meth:`run_in_chunks`: the batch the forward pass is given, and the images it runs at once
+        self.batch: int | None = None
+        self.chunk: int | None = None
+        self._chains: dict[tuple[str, ...], Chain | None] = {}
         self._probe(probe_input, layout_of or inferred_layout_of(model), on_output)
 
     def _probe(self, x: torch.Tensor, layout_of: LayoutOf, on_output: Callable[[str, Any], None] | None) -> None:
-        order: list[str] = []
+        order = self.probe.order
         outputs: dict[str, Any] = {}
         versions: dict[str, int] = {}  # a tensor's version counter as its module returned it
+        per_image = max(1, int(x.shape[0]))
 
         def hook(name: str):  # type: ignore[no-untyped-def]
-            def record(_m: nn.Module, _i: Any, out: Any) -> None:
+            def record(_m: nn.Module, inputs: Any, out: Any) -> None:
                 self.calls[name] = self.calls.get(name, 0) + 1
                 if name in outputs:
                     order.remove(name)
@@ -251,6 +263,8 @@ class HookedModel:
                 outputs[name] = out
                 if isinstance(out, torch.Tensor):
                     versions[name] = out._version
+                    if len(inputs) == 1 and isinstance(inputs[0], torch.Tensor):
+                        self.probe.sizes[name] = (inputs[0].numel() // per_image, out.numel() // per_image)
                 if on_output is not None:
                     on_output(name, out)
             return record
@@ -308,9 +322,90 @@ class HookedModel:
         return captured, result
 
     def forward(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The model's own forward, stopped once every requested layer has run; one map per layer."""
+        """The model's own forward, stopped once every requested layer has run; one map per layer. A batch
+        larger than the chunk (:meth:`run_in_chunks`) runs a chunk at a time, its late layers at once where
+        that is the same computation (:mod:`.late_layers`)."""
+        if self.chunk is None or len(x) <= self.chunk:
+            return self._plain(x, layers)
+        chain = self._chain(x, tuple(layers))
+        return self._in_chunks(x, layers) if chain is None else self._chained(x, layers, chain)
+
+    def run_in_chunks(self, batch: int, chunk: int) -> None:
+        """From now on take batches of up to ``batch`` images, holding the tensors of ``chunk`` at a time in the
+        early layers (see :mod:`.late_layers`)."""
+        self.batch, self.chunk = batch, chunk
+        self._chains.clear()
+
+    @property
+    def whole_batches_from(self) -> dict[str, str]:
+        """Per requested layers (joined by commas), the module from whose input the batch ran whole."""
+        return {",".join(layers): chain.start for layers, chain in self._chains.items() if chain is not None}
+
+    def _plain(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         captured, _ = self.capture(lambda: self.model(x), layers, stop_when_done=True)
         return self.maps(captured, (int(x.shape[-2]), int(x.shape[-1])))
+
+    def _in_chunks(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        assert self.chunk is not None
+        return gathered((self._plain(part, layers) for part in x.split(self.chunk)), len(x))
+
+    def _chained(self, x: torch.Tensor, layers: Sequence[str], chain: Chain) -> dict[str, torch.Tensor]:
+        """The chunks up to the chain's start (and the requested layers before it), then the chain at once."""
+        assert self.chunk is not None
+        input_hw = (int(x.shape[-2]), int(x.shape[-1]))
+        before = [layer for layer in layers if not any(within(layer, m) for m in chain.modules)]
+        inputs: list[torch.Tensor] = []
+
+        def head(part: torch.Tensor) -> dict[str, torch.Tensor]:
+            def stop(_m: nn.Module, args: Any) -> None:
+                inputs.append(args[0])
+                raise _Done
+
+            handle = self.model.get_submodule(chain.start).register_forward_pre_hook(stop)
+            try:
+                captured, _ = self.capture(lambda: self.model(part), before, stop_when_done=False)
+            finally:
+                handle.remove()
+            return self.maps(captured, input_hw)
+
+        early = gathered((head(part) for part in x.split(self.chunk)), len(x))
+        if len(inputs) * self.chunk < len(x):
+            raise DissectionError(f"module {chain.start!r} of {self.model_name} did not run in this forward pass")
+        start = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+        inputs.clear()
+
+        def run_chain() -> torch.Tensor:
+            out = start
+            for name in chain.modules:
+                out = self.model.get_submodule(name)(out)
+            return out
+
+        late, _ = self.capture(run_chain, [layer for layer in layers if layer not in early], stop_when_done=True)
+        late = self.maps(late, input_hw)
+        return {layer: early[layer] if layer in early else late[layer] for layer in layers}
+
+    def _chain(self, x: torch.Tensor, layers: tuple[str, ...]) -> Chain | None:
+        """The chain these layers' batches run at once (found and checked on the first batch), or None."""
+        if layers in self._chains:
+            return self._chains[layers]
+        assert self.chunk is not None and self.batch is not None
+        chain = find_chain(self.probe, list(self.modules), layers, batch=self.batch, chunk=self.chunk)
+        if chain is not None:
+            few = x[:min(CHAIN_CHECK_IMAGES, self.chunk)]
+            try:
+                mismatch = maps_mismatch(self._chained(few, layers, chain), self._plain(few, layers))
+            except Exception as exc:  # the chain does not even run as the model does: not the model's forward
+                mismatch = first_line(exc)
+            if mismatch:
+                log.info("%s: its modules from %s on run one after the other in the probe, but not as its forward "
+                         "runs them (%s); each batch runs %d images at a time", self.model_name, chain.start,
+                         mismatch, self.chunk)
+                chain = None
+            else:
+                log.debug("%s: %s; batches run %d images at a time up to %s, whole from there", self.model_name,
+                          ", ".join(layers), self.chunk, chain.start)
+        self._chains[layers] = chain
+        return chain
 
     def maps(self, captured: dict[str, torch.Tensor], input_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Captured outputs as ``(N, C, h, w)`` maps (a non-spatial output is passed on as it is)."""

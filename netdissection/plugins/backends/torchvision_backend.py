@@ -203,7 +203,23 @@ class TorchvisionBackend:
                 "weights_sha256": self.weights_sha256, "pretrained": self.options.pretrained,
                 "random_init_seed": self.random_init_seed,
                 "stages": {names[0]: m for m, names in zip(self.stages, stage_names(len(self.stages)), strict=True)},
-                "torch": torch.__version__, "torchvision": torchvision.__version__, **self.runtime.describe()}
+                "torch": torch.__version__, "torchvision": torchvision.__version__, **self.runtime.describe(),
+                **self._chunking()}
+
+    def take_whole_batches(self, batch: int, chunk: int) -> bool:
+        """Whole batches of up to ``batch`` images, ``chunk`` at a time in the early layers and at once in the late
+        ones where that computes the same maps (``Backend.take_whole_batches``, :mod:`.late_layers`)."""
+        self.hooked.run_in_chunks(batch, chunk)
+        self.runtime.chunk = chunk
+        return True
+
+    def _chunking(self) -> dict[str, Any]:
+        if self.hooked.chunk is None:
+            return {}
+        details: dict[str, Any] = {"forward_chunk": self.hooked.chunk}
+        if self.runtime.chosen == "torch" and self.hooked.whole_batches_from:
+            details["whole_batches_from"] = self.hooked.whole_batches_from
+        return details
 
 
 @hookimpl
