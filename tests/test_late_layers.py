@@ -129,17 +129,3 @@ def test_a_dissection_gives_the_same_results_with_the_late_layers_run_whole(brod
     assert details["whole_batches_from"] == {"layer4,layer3": "layer3"} and details["forward_chunk"] == CHUNK
     assert_same_results(got, expected)
 
-
-def test_a_backend_that_does_not_take_whole_batches_gets_chunks(broden: Path) -> None:
-    plan, spec = plan_of(broden, ["layer4"], takes_whole=False)
-    sizes: list[int] = []
-    activations = plan.backend.activations
-
-    def counted(x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
-        sizes.append(len(x))
-        return activations(x, layers)
-
-    plan.backend.activations = counted  # type: ignore[method-assign]
-    run_passes(plan, spec)
-    assert max(sizes) == CHUNK and sum(sizes) == 40
-    assert "whole_batches_from" not in plan.backend.describe()

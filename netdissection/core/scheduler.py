@@ -38,6 +38,7 @@ import torch
 
 from . import loading
 from .cache import ActivationCache, cache_prefix, choose_cache, format_size, remove_stale_caches
+from .chunks import gathered
 from .diagnostics import UnitStatistics
 from .errors import DissectionError
 from .explain import Read
@@ -444,19 +445,8 @@ class ShardRunner:
         chunk = forward_chunk(self.plan)
         if len(images) <= chunk or self._takes_whole_batches(chunk):
             return self._chunk_maps(images, layers)
-        maps: dict[str, torch.Tensor] = {}
-        for start in range(0, len(images), chunk):
-            part = self._chunk_maps(images[start:start + chunk], layers)
-            for name, acts in part.items():
-                if name not in maps:
-                    maps[name] = acts.new_empty((len(images), *acts.shape[1:]))
-                elif acts.shape[1:] != maps[name].shape[1:]:
-                    raise DissectionError(
-                        f"layer {name!r}: its maps have shape {tuple(maps[name].shape[1:])} for {chunk} images run "
-                        f"at once and {tuple(acts.shape[1:])} for {len(acts)}; the model's maps must not depend on "
-                        "how many images it runs at once")
-                maps[name][start:start + len(acts)].copy_(acts)
-        return maps
+        parts = (self._chunk_maps(images[start:start + chunk], layers) for start in range(0, len(images), chunk))
+        return gathered(parts, len(images))
 
     def _takes_whole_batches(self, chunk: int) -> bool:
         """Whether the backend bounds its forward pass's memory to ``chunk`` images itself and so takes whole

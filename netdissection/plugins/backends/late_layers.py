@@ -19,12 +19,8 @@ and a chain that differs is not used.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -117,26 +113,3 @@ def _fits(probe: Probe, names: Sequence[str], chain: list[str], layers: Sequence
     started = min((position[n] for n in inside if n in position), default=position[chain[0]])
     return all(any(within(layer, m) for m in chain) or position[layer] < started for layer in layers)
 
-
-def gathered(parts: Iterable[dict[str, torch.Tensor]], total: int) -> dict[str, torch.Tensor]:
-    """Chunks' outputs (per layer, chunk after chunk) as one batch's: written into one tensor per layer as they
-    come, never the chunks' and the batch's tensors all at once."""
-    from ...core.errors import DissectionError
-
-    whole: dict[str, torch.Tensor] = {}
-    first: dict[str, int] = {}  # images in the first chunk, per layer
-    at = 0
-    for part in parts:
-        size = 0
-        for name, out in part.items():
-            if name not in whole:
-                whole[name], first[name] = out.new_empty((total, *out.shape[1:])), len(out)
-            elif out.shape[1:] != whole[name].shape[1:]:
-                raise DissectionError(
-                    f"layer {name!r}: its maps have shape {tuple(whole[name].shape[1:])} for {first[name]} images run "
-                    f"at once and {tuple(out.shape[1:])} for {len(out)}; the model's maps must not depend on how "
-                    "many images it runs at once")
-            whole[name][at:at + len(out)].copy_(out)
-            size = len(out)
-        at += size
-    return whole

@@ -169,7 +169,7 @@ class RuntimeForward:
     # ---- the forward pass
 
     def __call__(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-        from .late_layers import gathered
+        from ...core.chunks import gathered
 
         names = tuple(dict.fromkeys(layers))
         if self.chunk is not None and len(images) > self.chunk and self.chosen != "torch":

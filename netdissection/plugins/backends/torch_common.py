@@ -15,10 +15,11 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ...core.chunks import gathered
 from ...core.errors import DissectionError, first_line
 from ...core.limits import check_inflation
 from ...core.types import LayerInfo
-from .late_layers import CHAIN_CHECK_IMAGES, Chain, Probe, find_chain, gathered, within
+from .late_layers import CHAIN_CHECK_IMAGES, Chain, Probe, find_chain, within
 from .layouts import ATTENTION_LAYOUT, VECTOR_LAYOUT, Layout, attention_probabilities, detect, token_hints
 from .runtime import maps_mismatch
 
