@@ -18,11 +18,8 @@ and a chain that differs is not used.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-log = logging.getLogger(__name__)
 
 #: The whole batch's tensors from the chain's start on may take at most this fraction of the largest tensor
 #: of a chunk: a late layer holds a few tensors at once (a residual block's input beside its branch), the
@@ -73,8 +70,7 @@ def find_chain(probe: Probe, names: Sequence[str], layers: Sequence[str], *, bat
     often), with one tensor in and out, in registration order; every requested layer outside the chain
     completed before it started.
     """
-    ran = [name for name in probe.order if name in probe.calls]
-    if not ran or not layers or batch <= chunk:
+    if not probe.order or not layers or batch <= chunk:
         return None
     position = {name: i for i, name in enumerate(probe.order)}
     if any(layer not in position for layer in layers):
@@ -112,4 +108,3 @@ def _fits(probe: Probe, names: Sequence[str], chain: list[str], layers: Sequence
     # first descendant completed (or the module itself, when it has none that ran).
     started = min((position[n] for n in inside if n in position), default=position[chain[0]])
     return all(any(within(layer, m) for m in chain) or position[layer] < started for layer in layers)
-

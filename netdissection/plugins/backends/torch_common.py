@@ -369,8 +369,9 @@ class HookedModel:
                 handle.remove()
             return self.maps(captured, input_hw)
 
-        early = gathered((head(part) for part in x.split(self.chunk)), len(x))
-        if len(inputs) * self.chunk < len(x):
+        parts = x.split(self.chunk)
+        early = gathered((head(part) for part in parts), len(x))
+        if len(inputs) != len(parts):  # a chunk ran the whole model without reaching the chain
             raise DissectionError(f"module {chain.start!r} of {self.model_name} did not run in this forward pass")
         start = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
         inputs.clear()
