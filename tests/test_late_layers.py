@@ -128,4 +128,3 @@ def test_a_dissection_gives_the_same_results_with_the_late_layers_run_whole(brod
     details = plan.backend.describe()
     assert details["whole_batches_from"] == {"layer4,layer3": "layer3"} and details["forward_chunk"] == CHUNK
     assert_same_results(got, expected)
-

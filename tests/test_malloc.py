@@ -55,7 +55,6 @@ def test_the_users_own_setting_stands(environ: dict[str, str], tuned: bool) -> N
 # A tuned process frees 200 MB of small blocks (the heap keeps them, within its trim threshold); prints its
 # resident anonymous memory then, and after batches_done().
 GIVE_BACK = """
-import sys
 from netdissection.core import malloc
 def anon():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon")) >> 10
